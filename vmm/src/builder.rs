@@ -1,0 +1,266 @@
+//! Boots a [`VmConfig`]: memory, kernel, boot structures, devices, vCPUs.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::elf::Elf;
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, InitrdPlacement};
+use crate::arch::x86_64::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, HIMEM_START, I8042_DATA_PORT,
+};
+use crate::arch::x86_64::mptable;
+use crate::config::{self, ConsoleOutput, VmConfig};
+use crate::devices::bus::{self, Bus};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialConsole;
+use crate::host::HostKind;
+use crate::vstate::vcpu::{self, StopReason, Vcpu};
+use crate::vstate::vm::{self, Vm};
+
+/// Kernel arguments every guest gets: serial console, reboot through the
+/// i8042 (the VMM's clean exit), no PCI/ACPI probing, no modules, quiet.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule \
+8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd i8042.nopnp quiet";
+
+/// Extra kernel arguments on a nested, emulated KVM host (see
+/// `guest-kernel/README.md`): keep XSAVE off, skip the slow read-only
+/// remapping, turn user SYSCALL into #UD that the nested kernel profile
+/// emulates, and tell the agent.
+pub const NESTED_CMDLINE: &str = "noxsave rodata=off little.syscall_ud=1 little.nested=1";
+
+/// Errors while booting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    /// The VM could not be created.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// A vCPU could not be created or failed while running.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    /// Guest memory could not be mapped.
+    #[error("failed to allocate {0} MiB of guest memory")]
+    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// The kernel file could not be opened.
+    #[error("cannot open kernel {0}")]
+    OpenKernel(String, #[source] std::io::Error),
+    /// The kernel file is not a loadable ELF vmlinux.
+    #[error(
+        "kernel {0} is not a loadable uncompressed ELF vmlinux (or does not fit in guest memory)"
+    )]
+    LoadKernel(String, #[source] linux_loader::loader::Error),
+    /// The initrd file could not be opened or read.
+    #[error("cannot read initrd {0}")]
+    Initrd(String, #[source] std::io::Error),
+    /// The initrd does not fit in guest memory above the kernel.
+    #[error("initrd {0} ({1} bytes) does not fit in guest memory above the kernel")]
+    InitrdTooLarge(String, u64),
+    /// The initrd could not be copied into guest memory.
+    #[error("failed to copy initrd {0} into guest memory")]
+    InitrdCopy(String, #[source] vm_memory::GuestMemoryError),
+    /// The kernel command line could not be built.
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line could not be written to guest memory.
+    #[error("failed to write the kernel command line into guest memory")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
+    /// The boot parameters could not be written.
+    #[error(transparent)]
+    BootParams(#[from] boot::Error),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    MpTable(#[from] mptable::Error),
+    /// The console file could not be created.
+    #[error("cannot create console file {0}")]
+    Console(String, #[source] std::io::Error),
+    /// A device could not be set up.
+    #[error("failed to set up {0}")]
+    Device(&'static str, #[source] std::io::Error),
+    /// Two devices claim the same addresses.
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    /// A vCPU thread could not be started.
+    #[error("failed to start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+    /// Every vCPU thread ended without a reason.
+    #[error("all vCPU threads ended unexpectedly")]
+    VcpusGone,
+}
+
+/// How a guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest rebooted (the agent's normal way to end).
+    Reset,
+    /// The guest powered off or halted for good.
+    PowerOff,
+}
+
+/// Builds the full kernel command line for `config` on `host`.
+pub fn build_cmdline(config: &VmConfig, host: HostKind) -> Result<Cmdline, Error> {
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
+    if !config.cmdline_replace {
+        cmdline
+            .insert_str(DEFAULT_CMDLINE)
+            .map_err(Error::Cmdline)?;
+        if host == HostKind::NestedEmulated {
+            cmdline.insert_str(NESTED_CMDLINE).map_err(Error::Cmdline)?;
+        }
+    }
+    if !config.cmdline_extra.trim().is_empty() {
+        cmdline
+            .insert_str(config.cmdline_extra.trim())
+            .map_err(Error::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+fn console_writer(console: ConsoleOutput) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match console {
+        ConsoleOutput::Stdout => Box::new(LineWriter::new(std::io::stdout())),
+        ConsoleOutput::Null => Box::new(std::io::sink()),
+        ConsoleOutput::File(path) => Box::new(LineWriter::new(
+            File::create(&path).map_err(|e| Error::Console(path.display().to_string(), e))?,
+        )),
+        ConsoleOutput::Writer(w) => w,
+    })
+}
+
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &str,
+    kernel_end: u64,
+) -> Result<InitrdPlacement, Error> {
+    let mut file = File::open(path).map_err(|e| Error::Initrd(path.into(), e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| Error::Initrd(path.into(), e))?
+        .len();
+    let addr = boot::initrd_address(mem, size, kernel_end)
+        .ok_or_else(|| Error::InitrdTooLarge(path.into(), size))?;
+    let len = usize::try_from(size).map_err(|_| Error::InitrdTooLarge(path.into(), size))?;
+    let slice = mem
+        .get_slice(addr, len)
+        .map_err(|e| Error::InitrdCopy(path.into(), e))?;
+    let mut done = 0;
+    while done < len {
+        let mut rest = slice
+            .subslice(done, len - done)
+            .map_err(|e| Error::InitrdCopy(path.into(), e.into()))?;
+        let n = file
+            .read_volatile(&mut rest)
+            .map_err(|e| Error::Initrd(path.into(), std::io::Error::other(e.to_string())))?;
+        if n == 0 {
+            return Err(Error::Initrd(
+                path.into(),
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        done += n;
+    }
+    Ok(InitrdPlacement { addr, size })
+}
+
+/// Boots `config` and runs the guest until it resets, powers off or fails.
+pub fn run(config: VmConfig) -> Result<GuestExit, Error> {
+    config.validate()?;
+    let host = HostKind::detect();
+    let kvm = vm::open_kvm()?;
+    let mem_bytes = config.mem_mib << 20;
+    let mem = GuestMemoryMmap::from_ranges(&boot::memory_ranges(mem_bytes))
+        .map_err(|e| Error::Memory(config.mem_mib, e))?;
+
+    let kernel_name = config.kernel.display().to_string();
+    let mut kernel =
+        File::open(&config.kernel).map_err(|e| Error::OpenKernel(kernel_name.clone(), e))?;
+    let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| Error::LoadKernel(kernel_name.clone(), e))?;
+    let entry = loaded.kernel_load.0;
+
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(
+            &mem,
+            &path.display().to_string(),
+            loaded.kernel_end,
+        )?),
+        None => None,
+    };
+
+    let cmdline = build_cmdline(&config, host)?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(Error::Cmdline)?
+        .as_bytes_with_nul()
+        .len();
+    load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).map_err(Error::WriteCmdline)?;
+    boot::write_boot_params(&mem, cmdline_len, initrd)?;
+    mptable::setup_mptable(&mem, config.vcpus)?;
+    tracing::debug!(
+        "kernel entry {entry:#x}, end {:#x}, {} MiB, cmdline {:?}",
+        loaded.kernel_end,
+        mem.last_addr().0 >> 20,
+        cmdline
+    );
+
+    let vm = Vm::new(kvm, mem)?;
+    let reset = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
+
+    let mut pio = Bus::new();
+    let serial_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device("the serial irqfd", e))?;
+    vm.fd.register_irqfd(&serial_irq, COM1_IRQ).map_err(|e| {
+        Error::Device(
+            "the serial irqfd",
+            std::io::Error::from_raw_os_error(e.errno()),
+        )
+    })?;
+    let serial = SerialConsole::new(serial_irq, console_writer(config.console)?);
+    pio.insert(Arc::new(Mutex::new(serial)), u64::from(COM1_PORT), 8)?;
+    let reset_flag = reset.clone();
+    let i8042 = I8042::new(Box::new(move || reset_flag.store(true, Ordering::Release)));
+    pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)?;
+    let mmio = Bus::new();
+
+    let mut vcpus = Vec::new();
+    for index in 0..config.vcpus {
+        vcpus.push(Vcpu::new(&vm, index, config.vcpus, entry, host)?);
+    }
+    let vm = Arc::new(vm);
+    for mut vcpu in vcpus {
+        let (pio, mmio, reset, tx) = (pio.clone(), mmio.clone(), reset.clone(), tx.clone());
+        // Each vCPU thread keeps the VM, and so the guest memory KVM maps,
+        // alive for as long as it may still enter the guest.
+        let vm = vm.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.index()))
+            .spawn(move || {
+                let r = vcpu.run(&pio, &mmio, &reset);
+                // A reset seen by one vCPU ends the VM for all of them.
+                if matches!(r, Ok(StopReason::Reset)) {
+                    reset.store(true, Ordering::Release);
+                }
+                let _ = tx.send(r);
+                drop(vm);
+            })
+            .map_err(Error::Thread)?;
+    }
+    drop(tx);
+    let outcome = match rx.recv() {
+        Ok(Ok(StopReason::Reset)) => Ok(GuestExit::Reset),
+        Ok(Ok(StopReason::PowerOff | StopReason::Stopped)) => Ok(GuestExit::PowerOff),
+        Ok(Err(e)) => Err(Error::Vcpu(e)),
+        Err(_) => Err(Error::VcpusGone),
+    };
+    outcome
+}

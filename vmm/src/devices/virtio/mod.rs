@@ -1,0 +1,117 @@
+//! Virtio devices and their MMIO transport.
+//!
+//! A device implements [`VirtioDevice`]; [`transport::mmio::MmioTransport`]
+//! exposes it to the guest as a virtio 1.x MMIO device announced on the
+//! kernel command line (`virtio_mmio.device=4K@<addr>:<irq>`).
+
+pub mod transport;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit every modern (virtio 1.x) device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt-status bit: a used ring was updated.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// Interrupt-status bit: the configuration changed (or the device needs reset).
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// A device's interrupt line: an irqfd plus the MMIO interrupt-status register.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt line that fires `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Sets `bits` in the interrupt status and raises the line.
+    pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// The current interrupt status.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the acknowledged `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Error a device returns when it cannot start with what the driver set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver configured a different number of queues than the device has.
+    #[error("device expects {expected} queues, the driver set up {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues the driver made ready.
+        got: usize,
+    },
+    /// A queue's rings are not valid in guest memory.
+    #[error("virtqueue {0} is not valid in guest memory")]
+    InvalidQueue(usize),
+    /// The device backend failed to start.
+    #[error("device backend failed to start")]
+    Backend(#[source] std::io::Error),
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The configured queues, in index order.
+    pub queues: Vec<Queue>,
+    /// One notification eventfd per queue (the guest's QueueNotify writes).
+    pub queue_events: Vec<EventFd>,
+    /// The device's interrupt line.
+    pub interrupt: std::sync::Arc<Interrupt>,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (1 = net, 2 = block, 19 = vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of the device's queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers.
+    fn avail_features(&self) -> u64;
+    /// Records the features the driver accepted (a subset of the offer).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the driver's queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops the device and drops its queues (driver wrote status 0).
+    fn reset(&mut self);
+}
+
+/// Copies the window `[offset, offset + data.len())` of `config` into `data`,
+/// zero-filling what lies outside: how devices answer config-space reads.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}

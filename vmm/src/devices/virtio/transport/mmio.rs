@@ -1,0 +1,325 @@
+//! Virtio 1.x over MMIO (virtio spec 1.2, section 4.2.2): the register file
+//! the guest driver programs, queue setup, and device activation.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::BusDevice;
+use crate::devices::virtio::{
+    ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG,
+};
+
+/// Size of one device's MMIO window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Offset of the QueueNotify register (where ioeventfds are attached).
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+const MAGIC_VALUE: u32 = 0x7472_6976;
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4c43_4c54; // "LTLC"
+const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 64;
+const STATUS_FAILED: u32 = 128;
+
+/// The MMIO transport around one device.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+/// Errors while creating a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A queue of an invalid maximum size (zero, or not a power of two).
+    #[error("virtqueue {index} has an invalid maximum size {size}")]
+    QueueSize {
+        /// Queue index.
+        index: usize,
+        /// The offending size.
+        size: u16,
+    },
+    /// Creating a queue-notification eventfd failed.
+    #[error("failed to create a queue notification eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `interrupt` is its line, `mem` the guest memory.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<Self, Error> {
+        let mut queues = Vec::new();
+        let mut queue_events = Vec::new();
+        for (index, &size) in device.queue_max_sizes().iter().enumerate() {
+            queues.push(Queue::new(size).map_err(|_| Error::QueueSize { index, size })?);
+            queue_events.push(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        }
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_events,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    /// The queue-notification eventfds, for registering as ioeventfds at
+    /// [`QUEUE_NOTIFY_OFFSET`] with the queue index as datamatch.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        let index = usize::try_from(self.queue_sel).ok()?;
+        self.queues.get_mut(index)
+    }
+
+    fn features_page(features: u64, page: u32) -> u32 {
+        match page {
+            0 => features as u32,
+            1 => (features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.activated = false;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    /// Marks the device broken and tells the driver (spec 2.1.2).
+    fn needs_reset(&mut self) {
+        self.status |= STATUS_NEEDS_RESET;
+        if self.status & STATUS_DRIVER_OK != 0 {
+            let _ = self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
+        }
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let new_bits = value & !self.status;
+        if new_bits & STATUS_FEATURES_OK != 0 {
+            let offered = self.device.avail_features();
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                // Leaving FEATURES_OK clear tells the driver the set is refused.
+                self.status = value & !STATUS_FEATURES_OK;
+                return;
+            }
+            self.device.set_acked_features(self.driver_features);
+        }
+        self.status = value;
+        if new_bits & STATUS_DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        if self.status & STATUS_FEATURES_OK == 0 || self.status & STATUS_FAILED != 0 {
+            self.needs_reset();
+            return;
+        }
+        if let Some(index) = self
+            .queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&self.mem))
+        {
+            tracing::warn!(
+                "virtio device {}: queue {index} invalid",
+                self.device.device_type()
+            );
+            self.needs_reset();
+            return;
+        }
+        let events: Result<Vec<EventFd>, _> =
+            self.queue_events.iter().map(EventFd::try_clone).collect();
+        let Ok(queue_events) = events else {
+            self.needs_reset();
+            return;
+        };
+        let queues: Result<Vec<Queue>, _> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
+        let Ok(queues) = queues else {
+            self.needs_reset();
+            return;
+        };
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            queue_events,
+            interrupt: self.interrupt.clone(),
+        };
+        match self.device.activate(ctx) {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                tracing::warn!(
+                    "virtio device {} failed to activate: {e}",
+                    self.device.device_type()
+                );
+                self.needs_reset();
+            }
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            0x00 => MAGIC_VALUE,
+            0x04 => MMIO_VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR_ID,
+            0x10 => Self::features_page(self.device.avail_features(), self.device_features_sel),
+            0x34 => {
+                let index = usize::try_from(self.queue_sel).unwrap_or(usize::MAX);
+                self.queues
+                    .get(index)
+                    .map_or(0, |q| u32::from(q.max_size()))
+            }
+            0x44 => {
+                let index = usize::try_from(self.queue_sel).unwrap_or(usize::MAX);
+                self.queues.get(index).map_or(0, |q| u32::from(q.ready()))
+            }
+            0x60 => self.interrupt.status(),
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            0x14 => self.device_features_sel = value,
+            0x20 => {
+                // Features are negotiated only before FEATURES_OK.
+                if self.status & STATUS_FEATURES_OK == 0 {
+                    let v = u64::from(value);
+                    match self.driver_features_sel {
+                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+                        1 => {
+                            self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            0x24 => self.driver_features_sel = value,
+            0x30 => self.queue_sel = value,
+            0x38 => {
+                let size = u16::try_from(value).unwrap_or(0);
+                if let Some(q) = self.selected_queue() {
+                    q.set_size(size);
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            0x50 => {
+                let index = usize::try_from(value).unwrap_or(usize::MAX);
+                if let Some(evt) = self.queue_events.get(index) {
+                    let _ = evt.write(1);
+                }
+            }
+            0x64 => self.interrupt.ack(value),
+            0x70 => self.set_status(value),
+            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
+            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
+            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
+            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
+            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            _ => tracing::debug!("virtio-mmio: write to unknown register {offset:#x}"),
+        }
+    }
+
+    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.selected_queue() {
+            f(q);
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        let v = self.read_register(offset);
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset % 4 != 0 {
+            return;
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+#[path = "mmio_tests.rs"]
+mod tests;

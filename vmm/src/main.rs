@@ -1,0 +1,112 @@
+//! `vmm`: boot one little.cloud microVM from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::builder::{self, GuestExit};
+use vmm::config::{ConsoleOutput, VmConfig};
+
+/// Boot a Linux microVM on KVM: an uncompressed vmlinux, an initramfs, a
+/// serial console. Exits 0 when the guest powers off or reboots.
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about, long_about = None)]
+struct Args {
+    /// Uncompressed ELF kernel image (vmlinux), e.g. from guest-kernel/build.sh.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initramfs (newc cpio) to boot as the root filesystem.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 128)]
+    mem: u64,
+
+    /// Number of vCPUs (1 is the tested default on nested KVM hosts).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u8,
+
+    /// Extra kernel command-line arguments, appended to the VMM's defaults.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
+    cmdline: String,
+
+    /// Use --cmdline as the whole kernel command line instead of appending it.
+    #[arg(long)]
+    cmdline_replace: bool,
+
+    /// Where the guest's serial console goes: `stdout`, `null`, or a file path.
+    #[arg(long, value_name = "stdout|null|PATH", default_value = "stdout")]
+    console: String,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `vmm=debug`);
+    /// `RUST_LOG` works too. Logs go to stderr.
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+fn init_logging(filter: Option<&str>) {
+    let filter = filter
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "warn".to_owned());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log.as_deref());
+    let console = match args.console.as_str() {
+        "stdout" => ConsoleOutput::Stdout,
+        "null" => ConsoleOutput::Null,
+        path => ConsoleOutput::File(PathBuf::from(path)),
+    };
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        mem_mib: args.mem,
+        vcpus: args.vcpus,
+        cmdline_extra: args.cmdline,
+        cmdline_replace: args.cmdline_replace,
+        console,
+    };
+    match builder::run(config) {
+        Ok(exit) => {
+            tracing::info!(
+                "guest {}",
+                match exit {
+                    GuestExit::Reset => "rebooted",
+                    GuestExit::PowerOff => "powered off",
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut msg = format!("vmm: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                // Some libraries repeat their cause in their own message.
+                if !msg.contains(&text) {
+                    msg.push_str(": ");
+                    msg.push_str(&text);
+                }
+                source = cause.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

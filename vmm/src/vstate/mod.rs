@@ -1,0 +1,4 @@
+//! KVM state: the VM and its vCPUs.
+
+pub mod vcpu;
+pub mod vm;
