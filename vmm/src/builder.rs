@@ -31,10 +31,13 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomod
 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd i8042.nopnp quiet";
 
 /// Extra kernel arguments on a nested, emulated KVM host (see
-/// `guest-kernel/README.md`): keep XSAVE off, skip the slow read-only
-/// remapping, turn user SYSCALL into #UD that the nested kernel profile
-/// emulates, and tell the agent.
-pub const NESTED_CMDLINE: &str = "noxsave rodata=off little.syscall_ud=1 little.nested=1";
+/// `guest-kernel/README.md`): keep XSAVE off and the features the emulator
+/// cannot run cleared (the kernel reads some CPUID bits in ways the vCPU's
+/// CPUID table does not cover on such hosts, so the mask is repeated here),
+/// skip the slow read-only remapping, turn user SYSCALL into #UD that the
+/// nested kernel profile emulates, and tell the agent.
+pub const NESTED_CMDLINE: &str = "noxsave clearcpuid=smap,popcnt,cx16,xsave,erms,fsrm \
+rodata=off syscall_via_ud little.nested=1";
 
 /// Errors while booting a VM.
 #[derive(Debug, thiserror::Error)]
@@ -171,8 +174,18 @@ fn load_initrd(
     Ok(InitrdPlacement { addr, size })
 }
 
-/// Boots `config` and runs the guest until it resets, powers off or fails.
-pub fn run(config: VmConfig) -> Result<GuestExit, Error> {
+/// A VM with kernel, boot structures, devices and vCPUs in place, not yet
+/// running: everything the VMM does before the first KVM_RUN.
+pub struct BuiltVm {
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    pio: Bus,
+    mmio: Bus,
+    reset: Arc<AtomicBool>,
+}
+
+/// Prepares `config` up to the first KVM_RUN.
+pub fn build(config: VmConfig) -> Result<BuiltVm, Error> {
     config.validate()?;
     let host = HostKind::detect();
     let kvm = vm::open_kvm()?;
@@ -214,8 +227,6 @@ pub fn run(config: VmConfig) -> Result<GuestExit, Error> {
 
     let vm = Vm::new(kvm, mem)?;
     let reset = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
-
     let mut pio = Bus::new();
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device("the serial irqfd", e))?;
@@ -232,35 +243,58 @@ pub fn run(config: VmConfig) -> Result<GuestExit, Error> {
     pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)?;
     let mmio = Bus::new();
 
-    let mut vcpus = Vec::new();
-    for index in 0..config.vcpus {
-        vcpus.push(Vcpu::new(&vm, index, config.vcpus, entry, host)?);
+    let vcpus = (0..config.vcpus)
+        .map(|index| Vcpu::new(&vm, index, config.vcpus, entry, host))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(BuiltVm {
+        vm,
+        vcpus,
+        pio,
+        mmio,
+        reset,
+    })
+}
+
+impl BuiltVm {
+    /// Starts one thread per vCPU and waits until the guest resets, powers
+    /// off or fails.
+    pub fn run(self) -> Result<GuestExit, Error> {
+        let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
+        let vm = Arc::new(self.vm);
+        for mut vcpu in self.vcpus {
+            let (pio, mmio, reset, tx) = (
+                self.pio.clone(),
+                self.mmio.clone(),
+                self.reset.clone(),
+                tx.clone(),
+            );
+            // Each vCPU thread keeps the VM, and so the guest memory KVM maps,
+            // alive for as long as it may still enter the guest.
+            let vm = vm.clone();
+            std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index()))
+                .spawn(move || {
+                    let r = vcpu.run(&pio, &mmio, &reset);
+                    // A reset seen by one vCPU ends the VM for all of them.
+                    if matches!(r, Ok(StopReason::Reset)) {
+                        reset.store(true, Ordering::Release);
+                    }
+                    let _ = tx.send(r);
+                    drop(vm);
+                })
+                .map_err(Error::Thread)?;
+        }
+        drop(tx);
+        match rx.recv() {
+            Ok(Ok(StopReason::Reset)) => Ok(GuestExit::Reset),
+            Ok(Ok(StopReason::PowerOff | StopReason::Stopped)) => Ok(GuestExit::PowerOff),
+            Ok(Err(e)) => Err(Error::Vcpu(e)),
+            Err(_) => Err(Error::VcpusGone),
+        }
     }
-    let vm = Arc::new(vm);
-    for mut vcpu in vcpus {
-        let (pio, mmio, reset, tx) = (pio.clone(), mmio.clone(), reset.clone(), tx.clone());
-        // Each vCPU thread keeps the VM, and so the guest memory KVM maps,
-        // alive for as long as it may still enter the guest.
-        let vm = vm.clone();
-        std::thread::Builder::new()
-            .name(format!("vcpu{}", vcpu.index()))
-            .spawn(move || {
-                let r = vcpu.run(&pio, &mmio, &reset);
-                // A reset seen by one vCPU ends the VM for all of them.
-                if matches!(r, Ok(StopReason::Reset)) {
-                    reset.store(true, Ordering::Release);
-                }
-                let _ = tx.send(r);
-                drop(vm);
-            })
-            .map_err(Error::Thread)?;
-    }
-    drop(tx);
-    let outcome = match rx.recv() {
-        Ok(Ok(StopReason::Reset)) => Ok(GuestExit::Reset),
-        Ok(Ok(StopReason::PowerOff | StopReason::Stopped)) => Ok(GuestExit::PowerOff),
-        Ok(Err(e)) => Err(Error::Vcpu(e)),
-        Err(_) => Err(Error::VcpusGone),
-    };
-    outcome
+}
+
+/// Boots `config` and runs the guest until it resets, powers off or fails.
+pub fn run(config: VmConfig) -> Result<GuestExit, Error> {
+    build(config)?.run()
 }
