@@ -44,7 +44,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # /init: one echo (a shell builtin), one fork for uname, then reboot -f,
-# which makes the kernel reset the machine (reboot=k: i8042 pulse).
+# which makes the kernel reset the machine (reboot=k: 0xfe to port 0x64).
+# microvm has no i8042 of its own: -device i8042 adds one, and with
+# -no-reboot qemu exits on that reset, as the little.cloud VMM does.
 cat >"$work/init" <<EOF
 #!/bin/busybox sh
 echo $MARKER
@@ -95,6 +97,7 @@ timeout "$timeout_s" qemu-system-x86_64 \
 	-M microvm,acpi=off,x-option-roms=off,pit=on,pic=on,rtc=off \
 	-enable-kvm -cpu "$cpu" -smp "$smp" -m 128 \
 	-nographic -no-reboot -nodefaults -serial stdio \
+	-device i8042 \
 	-kernel "$vmlinux" -initrd "$work/initramfs.cpio" -append "$append" \
 	</dev/null 2>&1 | while IFS= read -r line; do
 	printf '[%7.2f] %s\n' "$(echo "$(date +%s.%N) - $start" | bc)" "$line"
