@@ -77,12 +77,12 @@ with open(out, "wb") as f:
     entry(f, "TRAILER!!!", 0)
 EOF
 
-append="console=ttyS0 reboot=k panic=-1 rodata=off"
+append="console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd"
 cpu=host
 if [[ $profile == nested ]]; then
 	# What the nested host's instruction emulator cannot run (KVM-HOST.md):
 	# mask it in CPUID and in the kernel's view, and no hypercall PV features.
-	append+=" noxsave clearcpuid=smap,popcnt,cx16,xsave,erms,fsrm syscall_via_ud quiet"
+	append+=" rodata=off noxsave clearcpuid=smap,popcnt,cx16,xsave,erms,fsrm syscall_via_ud quiet"
 	cpu+=",-smap,-popcnt,-cx16,-xsave,-erms,-fsrm"
 	cpu+=",-kvm-pv-unhalt,-kvm-pv-ipi,-kvm-pv-sched-yield,-kvm-pv-tlb-flush"
 	cpu+=",-kvm-poll-control,-kvm-asyncpf,-kvm-asyncpf-int,-kvm-steal-time"
