@@ -1,0 +1,122 @@
+//! Waiting on the entrypoint: reaping, forwarding signals, and the final
+//! SIGTERM/SIGKILL round.
+
+use crate::console::Console;
+use crate::sys::{self, Errno, MaskHow, ECHILD, ESRCH};
+use guest_agent::report::Event;
+use guest_agent::signals::{action, Action, Scope, HANDLED, SIGKILL, SIGTERM};
+use guest_agent::status::ExitStatus;
+
+/// The agent's signal source.
+pub struct Signals {
+    fd: i32,
+}
+
+impl Signals {
+    /// Blocks the handled signals and opens a signalfd for them. Must run
+    /// before the entrypoint starts so that no SIGCHLD is lost.
+    pub fn open() -> sys::Result<Self> {
+        sys::sigprocmask(MaskHow::Block, HANDLED)?;
+        Ok(Self {
+            fd: sys::signalfd(HANDLED)?,
+        })
+    }
+}
+
+/// What one round of `wait4(-1, WNOHANG)` found.
+struct Reaped {
+    entrypoint: Option<ExitStatus>,
+    no_children: bool,
+}
+
+/// Collects every exited child; notes the entrypoint's status.
+fn reap(entrypoint: i32, console: Console) -> Reaped {
+    let mut reaped = Reaped {
+        entrypoint: None,
+        no_children: false,
+    };
+    loop {
+        match sys::wait4(-1, true) {
+            Ok(Some((pid, raw))) => {
+                if pid == entrypoint {
+                    reaped.entrypoint = ExitStatus::from_wait(raw);
+                }
+            }
+            Ok(None) => return reaped,
+            Err(ECHILD) => {
+                reaped.no_children = true;
+                return reaped;
+            }
+            Err(Errno(errno)) => {
+                let _ = console.report(Event::Skipped {
+                    what: "wait4",
+                    errno,
+                });
+                return reaped;
+            }
+        }
+    }
+}
+
+/// Runs until the entrypoint (`pid`) exits, forwarding termination
+/// signals to its process group and reaping every zombie on the way.
+pub fn wait_entrypoint(signals: &Signals, pid: i32, console: Console) -> sys::Result<ExitStatus> {
+    // A SIGCHLD raised before the signalfd read is still pending, but reap
+    // once anyway: it costs one call and covers an exec failure that ended
+    // the child while we were suspended in vfork.
+    if let Some(status) = reap(pid, console).entrypoint {
+        return Ok(status);
+    }
+    let mut batch = [0i32; 16];
+    loop {
+        let n = sys::read_signals(signals.fd, &mut batch)?;
+        for &signo in &batch[..n] {
+            match action(signo, Some(pid)) {
+                Action::Reap => {
+                    if let Some(status) = reap(pid, console).entrypoint {
+                        return Ok(status);
+                    }
+                }
+                Action::Forward { target } => {
+                    // The group is gone if the entrypoint moved its own
+                    // process elsewhere; fall back to the process.
+                    if sys::kill(target, signo) == Err(ESRCH) {
+                        let _ = sys::kill(pid, signo);
+                    }
+                }
+                Action::Ignore => {}
+            }
+        }
+    }
+}
+
+/// SIGTERM to `scope`, up to `grace_ms` for it to go, then SIGKILL.
+pub fn stop(signals: &Signals, scope: Scope, grace_ms: u32, console: Console) {
+    let target = scope.target();
+    if sys::kill(target, SIGTERM) == Err(ESRCH) {
+        // Nobody left to stop; still collect any zombie.
+        reap(0, console);
+        return;
+    }
+    let deadline = sys::monotonic_ms().saturating_add(u64::from(grace_ms));
+    let mut batch = [0i32; 16];
+    loop {
+        if reap(0, console).no_children {
+            return;
+        }
+        let now = sys::monotonic_ms();
+        if now >= deadline {
+            break;
+        }
+        if let Ok(true) = sys::poll_readable(signals.fd, deadline - now) {
+            // Drain so the next poll waits for new signals only.
+            let _ = sys::read_signals(signals.fd, &mut batch);
+        }
+    }
+    let _ = console.report(Event::Progress {
+        what: "grace period over, sending",
+        subject: b"SIGKILL",
+    });
+    let _ = sys::kill(target, SIGKILL);
+    reap(0, console);
+}
