@@ -70,7 +70,8 @@ impl Vm {
             unsafe { fd.set_user_memory_region(desc) }
                 .map_err(|e| Error::Kvm("register guest memory", e))?;
         }
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        let tss = usize::try_from(KVM_TSS_ADDRESS).map_err(|_| Error::RegionTooLarge)?;
+        fd.set_tss_address(tss)
             .map_err(|e| Error::Kvm("set the TSS address", e))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(|e| Error::Kvm("set the identity map address", e))?;

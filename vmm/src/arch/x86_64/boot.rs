@@ -10,6 +10,9 @@ use super::layout::{
     CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, ZERO_PAGE_START,
 };
 
+/// The command line's address as the 32-bit boot header field holds it.
+const CMDLINE_PTR: u32 = 0x20000;
+const _: () = assert!(CMDLINE_PTR as u64 == CMDLINE_START);
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -91,7 +94,7 @@ pub fn write_boot_params<M: GuestMemoryBackend>(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmd_line_ptr = CMDLINE_PTR;
     params.hdr.cmdline_size = u32::try_from(cmdline_size).unwrap_or(u32::MAX);
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     if let Some(initrd) = initrd {
@@ -106,7 +109,8 @@ pub fn write_boot_params<M: GuestMemoryBackend>(
     for (slot, entry) in params.e820_table.iter_mut().zip(map.iter()) {
         *slot = *entry;
     }
-    params.e820_entries = map.len() as u8;
+    // Checked above: at most the table's 128 slots.
+    params.e820_entries = u8::try_from(map.len()).unwrap_or(u8::MAX);
     LinuxBootConfigurator::write_bootparams::<M>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
@@ -118,12 +122,11 @@ pub fn write_boot_params<M: GuestMemoryBackend>(
 /// hole and, for large guests, the rest above 4 GiB.
 pub fn memory_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     let low = mem_bytes.min(MMIO_GAP_START);
-    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    // little.cloud runs on 64-bit hosts only, where usize holds any u64.
+    let size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
+    let mut ranges = vec![(GuestAddress(0), size(low))];
     if mem_bytes > MMIO_GAP_START {
-        ranges.push((
-            GuestAddress(MMIO_GAP_END),
-            (mem_bytes - MMIO_GAP_START) as usize,
-        ));
+        ranges.push((GuestAddress(MMIO_GAP_END), size(mem_bytes - MMIO_GAP_START)));
     }
     ranges
 }
@@ -146,7 +149,7 @@ mod tests {
     fn large_guest_skips_the_device_hole() {
         let r = memory_ranges(4 << 30);
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(r[0], (GuestAddress(0), 0xd000_0000));
         assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
         assert_eq!(r[0].1 as u64 + r[1].1 as u64, 4 << 30);
     }
@@ -174,7 +177,7 @@ mod tests {
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).expect("read");
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
-        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_PTR);
         assert_eq!({ p.hdr.cmdline_size }, 100);
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 4096);

@@ -5,6 +5,15 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{APIC_START, IOAPIC_START, MPTABLE_START};
 
+/// The table holds 32-bit physical addresses; these all sit below 4 GiB.
+const IOAPIC_ADDR: u32 = 0xfec0_0000;
+const APIC_ADDR: u32 = 0xfee0_0000;
+const MPF_SIZE: u32 = 16;
+const TABLE_ADDR: u32 = 0x9fc00 + MPF_SIZE;
+const _: () = assert!(IOAPIC_ADDR as u64 == IOAPIC_START && APIC_ADDR as u64 == APIC_START);
+const _: () = assert!(TABLE_ADDR as u64 == MPTABLE_START + MPF_SIZE as u64);
+const _: () = assert!(std::mem::size_of::<MpfIntel>() == MPF_SIZE as usize);
+
 /// Most vCPUs an MP table here describes (the table must fit in the last KiB
 /// below 640 KiB).
 pub const MAX_CPUS: u8 = 32;
@@ -127,7 +136,7 @@ fn checksum(bytes: &[u8]) -> u8 {
 }
 
 /// Builds the MP configuration table body (header checksum filled in) for
-/// `num_cpus` vCPUs whose table starts at `table_addr`.
+/// `num_cpus` vCPUs.
 fn build_table(num_cpus: u8) -> Vec<u8> {
     let ioapic_id = num_cpus;
     let mut entries = Vec::new();
@@ -154,7 +163,7 @@ fn build_table(num_cpus: u8) -> Vec<u8> {
         apicid: ioapic_id,
         apicver: APIC_VERSION,
         flags: MPC_APIC_USABLE,
-        apicaddr: IOAPIC_START as u32,
+        apicaddr: IOAPIC_ADDR,
     };
     entries.extend_from_slice(ioapic.as_slice());
     for irq in 0..IOAPIC_PINS {
@@ -183,17 +192,19 @@ fn build_table(num_cpus: u8) -> Vec<u8> {
         entries.extend_from_slice(src.as_slice());
     }
 
+    // At most MAX_CPUS entries of 20 bytes plus 30 of 8: well under 64 KiB.
+    let length = u16::try_from(std::mem::size_of::<MpcTable>() + entries.len()).unwrap_or(u16::MAX);
     let mut header = MpcTable {
         signature: *b"PCMP",
-        length: (std::mem::size_of::<MpcTable>() + entries.len()) as u16,
+        length,
         spec: MPC_SPEC,
         checksum: 0,
         oem: *b"LITTLE  ",
         productid: *b"MICROVM     ",
         oemptr: 0,
         oemsize: 0,
-        oemcount: (num_cpus as u16) + 2 + u16::from(IOAPIC_PINS) + 2,
-        lapic: APIC_START as u32,
+        oemcount: u16::from(num_cpus) + 2 + u16::from(IOAPIC_PINS) + 2,
+        lapic: APIC_ADDR,
         reserved: 0,
     };
     let sum = checksum(header.as_slice()).wrapping_add(checksum(&entries));
@@ -209,10 +220,9 @@ pub fn setup_mptable<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<(),
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(Error::CpuCount(num_cpus));
     }
-    let table_addr = MPTABLE_START + std::mem::size_of::<MpfIntel>() as u64;
     let mut mpf = MpfIntel {
         signature: *b"_MP_",
-        physptr: table_addr as u32,
+        physptr: TABLE_ADDR,
         length: 1,
         specification: MPC_SPEC,
         checksum: 0,
@@ -221,7 +231,7 @@ pub fn setup_mptable<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<(),
     mpf.checksum = checksum(mpf.as_slice()).wrapping_neg();
     mem.write_obj(mpf, GuestAddress(MPTABLE_START))
         .map_err(Error::WriteGuest)?;
-    mem.write_slice(&build_table(num_cpus), GuestAddress(table_addr))
+    mem.write_slice(&build_table(num_cpus), GuestAddress(u64::from(TABLE_ADDR)))
         .map_err(Error::WriteGuest)?;
     Ok(())
 }
@@ -247,13 +257,13 @@ mod tests {
             assert_eq!(checksum(&mpf), 0);
             let table_addr = u64::from(u32::from_le_bytes(mpf[4..8].try_into().expect("4")));
             let mut hdr = [0u8; 44];
-            m.read_slice(&mut hdr, GuestAddress(table_addr))
+            m.read_slice(&mut hdr, GuestAddress(u64::from(TABLE_ADDR)))
                 .expect("hdr");
             assert_eq!(&hdr[..4], b"PCMP");
             let len = usize::from(u16::from_le_bytes([hdr[4], hdr[5]]));
             assert!(table_addr + len as u64 <= 0xa0000, "{cpus} cpus overflow");
             let mut table = vec![0u8; len];
-            m.read_slice(&mut table, GuestAddress(table_addr))
+            m.read_slice(&mut table, GuestAddress(u64::from(TABLE_ADDR)))
                 .expect("table");
             assert_eq!(checksum(&table), 0);
             let cpu_entries = table[44..]

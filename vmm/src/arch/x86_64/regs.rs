@@ -16,6 +16,12 @@ const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
+/// Limit of the boot GDT (four 8-byte descriptors).
+const GDT_LIMIT: u16 = 4 * 8 - 1;
+const _: () = assert!(std::mem::size_of::<[u64; 4]>() == GDT_LIMIT as usize + 1);
+/// Limit of the empty boot IDT (one 8-byte slot).
+const IDT_LIMIT: u16 = 7;
+
 /// Page-table entry bits: present, writable.
 const PTE_PRESENT_RW: u64 = 0x03;
 /// Page-directory entry bits: present, writable, 2 MiB page.
@@ -68,9 +74,9 @@ pub fn boot_sregs<M: GuestMemoryBackend>(
     let tss = kvm_segment_from_gdt(BOOT_GDT[TSS_INDEX as usize], TSS_INDEX);
 
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = BOOT_IDT_START;
-    sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
+    sregs.idt.limit = IDT_LIMIT;
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;

@@ -108,11 +108,12 @@ impl MmioTransport {
     }
 
     fn features_page(features: u64, page: u32) -> u32 {
-        match page {
-            0 => features as u32,
-            1 => (features >> 32) as u32,
+        let half = match page {
+            0 => features & u64::from(u32::MAX),
+            1 => features >> 32,
             _ => 0,
-        }
+        };
+        u32::try_from(half).unwrap_or(0)
     }
 
     fn reset(&mut self) {
@@ -296,7 +297,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -313,7 +314,7 @@ impl BusDevice for MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

@@ -90,9 +90,13 @@ fn init_driver(t: &mut MmioTransport, features: u64) {
     w32(t, 0x70, STATUS_ACKNOWLEDGE);
     w32(t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
     w32(t, 0x24, 0);
-    w32(t, 0x20, features as u32);
+    w32(
+        t,
+        0x20,
+        u32::try_from(features & 0xffff_ffff).expect("low half"),
+    );
     w32(t, 0x24, 1);
-    w32(t, 0x20, (features >> 32) as u32);
+    w32(t, 0x20, u32::try_from(features >> 32).expect("high half"));
     w32(
         t,
         0x70,
