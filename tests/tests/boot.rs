@@ -103,6 +103,12 @@ fn exit_status_is_reported() {
 fn boots_with_two_vcpus() {
     let run = boot(2);
     assert!(run.status.is_some_and(|s| s.success()), "{run:?}");
-    assert!(run.stdout.contains("cpus=2"), "both vCPUs online: {}", run.stdout);
-    assert!(run.stdout.contains("little-agent: entrypoint exited status=3"));
+    assert!(
+        run.stdout.contains("cpus=2"),
+        "both vCPUs online: {}",
+        run.stdout
+    );
+    assert!(run
+        .stdout
+        .contains("little-agent: entrypoint exited status=3"));
 }

@@ -102,3 +102,31 @@ fn help_lists_every_flag() {
         assert!(run.stdout.contains(flag), "--help mentions {flag}");
     }
 }
+
+/// Without permission on /dev/kvm (an unprivileged user, where the test runs
+/// as root and /dev/kvm is not world-accessible): a clear hint, no panic.
+#[test]
+fn no_permission_on_dev_kvm() {
+    use std::os::unix::fs::PermissionsExt;
+    let kvm_mode = std::fs::metadata("/dev/kvm").map(|m| m.permissions().mode());
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || kvm_mode.map_or(true, |m| m & 0o006 != 0) {
+        eprintln!("skipped: needs root and a /dev/kvm closed to other users");
+        return;
+    }
+    let vmm = little_tests::release_bin("vmm");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&vmm)
+        .args(["--kernel", "/nonexistent"])
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("no permission to open /dev/kvm"),
+        "{stderr}"
+    );
+}

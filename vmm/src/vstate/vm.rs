@@ -41,7 +41,14 @@ pub struct Vm {
 
 /// Opens `/dev/kvm`, mapping the common failures to clear errors.
 pub fn open_kvm() -> Result<Kvm, Error> {
-    Kvm::new().map_err(|e| match e.errno() {
+    open_kvm_at("/dev/kvm")
+}
+
+/// Opens the KVM device at `path` (normally `/dev/kvm`).
+pub fn open_kvm_at(path: &str) -> Result<Kvm, Error> {
+    Kvm::new_with_path(std::ffi::CString::new(path).map_err(|_| Error::NoKvm)?).map_err(|e| match e
+        .errno()
+    {
         libc::ENOENT => Error::NoKvm,
         libc::EACCES | libc::EPERM => Error::KvmPermission,
         _ => Error::OpenKvm(e),
@@ -84,5 +91,17 @@ impl Vm {
         fd.create_pit2(pit)
             .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
         Ok(Self { kvm, fd, mem })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_kvm_device_is_a_clear_error() {
+        let e = open_kvm_at("/nonexistent/kvm").expect_err("no such device");
+        assert!(matches!(e, Error::NoKvm));
+        assert!(e.to_string().contains("/dev/kvm does not exist"));
     }
 }
