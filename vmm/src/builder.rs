@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -18,12 +19,16 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::mptable;
 use crate::config::{self, ConsoleOutput, VmConfig};
-use crate::devices::bus::{self, Bus};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialConsole;
+use crate::devices::manager::{self, DeviceManager};
+use crate::event_loop::{Event, EventHandler, EventLoop, Ops};
 use crate::host::HostKind;
 use crate::vstate::vcpu::{self, StopReason, Vcpu};
 use crate::vstate::vm::{self, Vm};
+
+/// Submission-queue size of the device event loop.
+const EVENT_LOOP_ENTRIES: u32 = 256;
 
 /// Kernel arguments every guest gets: serial console, reboot through the
 /// i8042 (the VMM's clean exit), no PCI/ACPI probing, no modules, quiet.
@@ -89,15 +94,18 @@ pub enum Error {
     /// A device could not be set up.
     #[error("failed to set up {0}")]
     Device(&'static str, #[source] std::io::Error),
-    /// Two devices claim the same addresses.
-    #[error(transparent)]
-    Bus(#[from] bus::Error),
     /// A vCPU thread could not be started.
     #[error("failed to start a vCPU thread")]
     Thread(#[source] std::io::Error),
     /// Every vCPU thread ended without a reason.
     #[error("all vCPU threads ended unexpectedly")]
     VcpusGone,
+    /// The device event loop failed.
+    #[error("device event loop failed")]
+    EventLoop(#[source] crate::event_loop::Error),
+    /// A device could not be attached.
+    #[error(transparent)]
+    Devices(#[from] manager::Error),
 }
 
 /// How a guest ended.
@@ -179,13 +187,13 @@ fn load_initrd(
 pub struct BuiltVm {
     vm: Vm,
     vcpus: Vec<Vcpu>,
-    pio: Bus,
-    mmio: Bus,
+    devices: DeviceManager,
+    event_loop: EventLoop,
     reset: Arc<AtomicBool>,
 }
 
 /// Prepares `config` up to the first KVM_RUN.
-pub fn build(config: VmConfig) -> Result<BuiltVm, Error> {
+pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
     config.validate()?;
     let host = HostKind::detect();
     let kvm = vm::open_kvm()?;
@@ -199,7 +207,6 @@ pub fn build(config: VmConfig) -> Result<BuiltVm, Error> {
     let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
         .map_err(|e| Error::LoadKernel(kernel_name.clone(), e))?;
     let entry = loaded.kernel_load.0;
-
     let initrd = match &config.initrd {
         Some(path) => Some(load_initrd(
             &mem,
@@ -209,25 +216,52 @@ pub fn build(config: VmConfig) -> Result<BuiltVm, Error> {
         None => None,
     };
 
-    let cmdline = build_cmdline(&config, host)?;
+    let vm = Vm::new(kvm, mem)?;
+    let event_loop = EventLoop::new(EVENT_LOOP_ENTRIES).map_err(Error::EventLoop)?;
+    let reset = Arc::new(AtomicBool::new(false));
+    let mut devices = DeviceManager::new(event_loop.handle());
+    let console = std::mem::replace(&mut config.console, ConsoleOutput::Null);
+    attach_legacy_devices(&vm, &mut devices, console, reset.clone())?;
+    // Virtio devices: each gets an MMIO window, an IRQ and a cmdline entry.
+    // (attach them here, before the command line is written)
+
+    let mut cmdline = build_cmdline(&config, host)?;
+    devices.announce(&mut cmdline)?;
     let cmdline_len = cmdline
         .as_cstring()
         .map_err(Error::Cmdline)?
         .as_bytes_with_nul()
         .len();
-    load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline).map_err(Error::WriteCmdline)?;
-    boot::write_boot_params(&mem, cmdline_len, initrd)?;
-    mptable::setup_mptable(&mem, config.vcpus)?;
+    load_cmdline(&vm.mem, GuestAddress(CMDLINE_START), &cmdline).map_err(Error::WriteCmdline)?;
+    boot::write_boot_params(&vm.mem, cmdline_len, initrd)?;
+    mptable::setup_mptable(&vm.mem, config.vcpus)?;
     tracing::debug!(
         "kernel entry {entry:#x}, end {:#x}, {} MiB, cmdline {:?}",
         loaded.kernel_end,
-        mem.last_addr().0 >> 20,
+        vm.mem.last_addr().0 >> 20,
         cmdline
     );
 
-    let vm = Vm::new(kvm, mem)?;
-    let reset = Arc::new(AtomicBool::new(false));
-    let mut pio = Bus::new();
+    let vcpus = (0..config.vcpus)
+        .map(|index| Vcpu::new(&vm, index, config.vcpus, entry, host))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(BuiltVm {
+        vm,
+        vcpus,
+        devices,
+        event_loop,
+        reset,
+    })
+}
+
+/// Serial console on COM1 (interrupt through an irqfd) and the i8042 whose
+/// reset command ends the VM.
+fn attach_legacy_devices(
+    vm: &Vm,
+    devices: &mut DeviceManager,
+    console: ConsoleOutput,
+    reset: Arc<AtomicBool>,
+) -> Result<(), Error> {
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device("the serial irqfd", e))?;
     vm.fd.register_irqfd(&serial_irq, COM1_IRQ).map_err(|e| {
@@ -236,38 +270,69 @@ pub fn build(config: VmConfig) -> Result<BuiltVm, Error> {
             std::io::Error::from_raw_os_error(e.errno()),
         )
     })?;
-    let serial = SerialConsole::new(serial_irq, console_writer(config.console)?);
-    pio.insert(Arc::new(Mutex::new(serial)), u64::from(COM1_PORT), 8)?;
-    let reset_flag = reset.clone();
-    let i8042 = I8042::new(Box::new(move || reset_flag.store(true, Ordering::Release)));
-    pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)?;
-    let mmio = Bus::new();
+    let serial = SerialConsole::new(serial_irq, console_writer(console)?);
+    devices.attach_pio(Arc::new(Mutex::new(serial)), COM1_PORT, 8)?;
+    let i8042 = I8042::new(Box::new(move || reset.store(true, Ordering::Release)));
+    devices.attach_pio(Arc::new(Mutex::new(i8042)), I8042_DATA_PORT, 5)?;
+    Ok(())
+}
 
-    let vcpus = (0..config.vcpus)
-        .map(|index| Vcpu::new(&vm, index, config.vcpus, entry, host))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(BuiltVm {
-        vm,
-        vcpus,
-        pio,
-        mmio,
-        reset,
-    })
+/// Collects the first vCPU outcome and ends the event loop with it.
+struct ExitWatcher {
+    wake: EventFd,
+    results: mpsc::Receiver<Result<StopReason, vcpu::Error>>,
+    outcome: Arc<Mutex<Option<Result<StopReason, vcpu::Error>>>>,
+}
+
+impl EventHandler for ExitWatcher {
+    fn start(&mut self, ops: &mut Ops<'_>) {
+        ops.watch(self.wake.as_raw_fd(), 0, libc::POLLIN as u32);
+    }
+
+    fn handle(&mut self, _event: Event, ops: &mut Ops<'_>) {
+        let _ = self.wake.read();
+        if let Ok(result) = self.results.try_recv() {
+            let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+            outcome.get_or_insert(result);
+            ops.stop_loop();
+        }
+    }
 }
 
 impl BuiltVm {
-    /// Starts one thread per vCPU and waits until the guest resets, powers
-    /// off or fails.
-    pub fn run(self) -> Result<GuestExit, Error> {
+    /// The buses and virtio devices (to attach more before running).
+    pub fn devices(&mut self) -> (&Vm, &mut DeviceManager) {
+        (&self.vm, &mut self.devices)
+    }
+
+    /// Starts one thread per vCPU, runs the device event loop on this
+    /// thread, and returns when the guest resets, powers off or fails.
+    pub fn run(mut self) -> Result<GuestExit, Error> {
         let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
+        let wake =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device("the exit eventfd", e))?;
+        let outcome = Arc::new(Mutex::new(None));
+        self.event_loop
+            .handle()
+            .add(Box::new(ExitWatcher {
+                wake: wake
+                    .try_clone()
+                    .map_err(|e| Error::Device("the exit eventfd", e))?,
+                results: rx,
+                outcome: outcome.clone(),
+            }))
+            .map_err(Error::EventLoop)?;
         let vm = Arc::new(self.vm);
         for mut vcpu in self.vcpus {
             let (pio, mmio, reset, tx) = (
-                self.pio.clone(),
-                self.mmio.clone(),
+                self.devices.pio.clone(),
+                self.devices.mmio.clone(),
                 self.reset.clone(),
                 tx.clone(),
             );
+            let wake = wake
+                .try_clone()
+                .map_err(|e| Error::Device("the exit eventfd", e))?;
             // Each vCPU thread keeps the VM, and so the guest memory KVM maps,
             // alive for as long as it may still enter the guest.
             let vm = vm.clone();
@@ -280,16 +345,19 @@ impl BuiltVm {
                         reset.store(true, Ordering::Release);
                     }
                     let _ = tx.send(r);
+                    let _ = wake.write(1);
                     drop(vm);
                 })
                 .map_err(Error::Thread)?;
         }
         drop(tx);
-        match rx.recv() {
-            Ok(Ok(StopReason::Reset)) => Ok(GuestExit::Reset),
-            Ok(Ok(StopReason::PowerOff | StopReason::Stopped)) => Ok(GuestExit::PowerOff),
-            Ok(Err(e)) => Err(Error::Vcpu(e)),
-            Err(_) => Err(Error::VcpusGone),
+        self.event_loop.run().map_err(Error::EventLoop)?;
+        let result = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match result {
+            Some(Ok(StopReason::Reset)) => Ok(GuestExit::Reset),
+            Some(Ok(StopReason::PowerOff | StopReason::Stopped)) => Ok(GuestExit::PowerOff),
+            Some(Err(e)) => Err(Error::Vcpu(e)),
+            None => Err(Error::VcpusGone),
         }
     }
 }

@@ -18,5 +18,6 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod event_loop;
 pub mod host;
 pub mod vstate;

@@ -81,6 +81,9 @@ pub struct ActivateContext {
     pub queue_events: Vec<EventFd>,
     /// The device's interrupt line.
     pub interrupt: std::sync::Arc<Interrupt>,
+    /// The VMM's event loop: the device adds its queue-processing handler
+    /// here and removes it on reset.
+    pub event_loop: crate::event_loop::LoopHandle,
 }
 
 /// A virtio device behind a transport.

@@ -11,6 +11,7 @@ use crate::devices::bus::BusDevice;
 use crate::devices::virtio::{
     ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG,
 };
+use crate::event_loop::LoopHandle;
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -32,6 +33,7 @@ pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
+    event_loop: LoopHandle,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
     status: u32,
@@ -60,11 +62,13 @@ pub enum Error {
 }
 
 impl MmioTransport {
-    /// Wraps `device`; `interrupt` is its line, `mem` the guest memory.
+    /// Wraps `device`; `interrupt` is its line, `mem` the guest memory,
+    /// `event_loop` where its runtime will live once activated.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
+        event_loop: LoopHandle,
     ) -> Result<Self, Error> {
         let mut queues = Vec::new();
         let mut queue_events = Vec::new();
@@ -76,6 +80,7 @@ impl MmioTransport {
             device,
             mem,
             interrupt,
+            event_loop,
             queues,
             queue_events,
             status: 0,
@@ -200,6 +205,7 @@ impl MmioTransport {
             queues,
             queue_events,
             interrupt: self.interrupt.clone(),
+            event_loop: self.event_loop.clone(),
         };
         match self.device.activate(ctx) {
             Ok(()) => self.activated = true,

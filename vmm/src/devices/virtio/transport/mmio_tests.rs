@@ -56,6 +56,13 @@ impl VirtioDevice for MockDevice {
     }
 }
 
+/// A loop handle for devices that never reach the loop in these tests.
+fn test_loop() -> crate::event_loop::LoopHandle {
+    crate::event_loop::EventLoop::new(4)
+        .expect("io_uring")
+        .handle()
+}
+
 struct Fixture {
     t: MmioTransport,
     record: Arc<Mutex<Record>>,
@@ -71,7 +78,7 @@ fn fixture(fail_activate: bool) -> Fixture {
         record: record.clone(),
         fail_activate,
     };
-    let t = MmioTransport::new(Box::new(dev), mem, interrupt).expect("valid queues");
+    let t = MmioTransport::new(Box::new(dev), mem, interrupt, test_loop()).expect("valid queues");
     Fixture { t, record, irq }
 }
 
@@ -298,6 +305,11 @@ fn invalid_queue_sizes_are_rejected_at_creation() {
     }
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("mmap");
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let r = MmioTransport::new(Box::new(Bad), mem, Arc::new(Interrupt::new(irq)));
+    let r = MmioTransport::new(
+        Box::new(Bad),
+        mem,
+        Arc::new(Interrupt::new(irq)),
+        test_loop(),
+    );
     assert!(matches!(r, Err(Error::QueueSize { index: 0, size: 0 })));
 }
