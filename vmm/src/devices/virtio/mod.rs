@@ -6,7 +6,7 @@
 
 pub mod transport;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -24,6 +24,7 @@ pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
 pub struct Interrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    needs_reset: AtomicBool,
 }
 
 impl Interrupt {
@@ -32,7 +33,27 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             irqfd,
+            needs_reset: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the device broken by the driver (a malformed descriptor chain,
+    /// say): the transport shows NEEDS_RESET in the status register and the
+    /// driver is told through a configuration interrupt (virtio 1.2, 2.1.2).
+    pub fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        let _ = self.trigger(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    /// Whether [`set_needs_reset`](Self::set_needs_reset) was called since the last reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Clears the status and the needs-reset mark (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     /// Sets `bits` in the interrupt status and raises the line.

@@ -134,7 +134,7 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.activated = false;
-        self.interrupt.ack(u32::MAX);
+        self.interrupt.reset();
     }
 
     /// Marks the device broken and tells the driver (spec 2.1.2).
@@ -237,7 +237,13 @@ impl MmioTransport {
                 self.queues.get(index).map_or(0, |q| u32::from(q.ready()))
             }
             0x60 => self.interrupt.status(),
-            0x70 => self.status,
+            0x70 => {
+                if self.interrupt.needs_reset() {
+                    self.status | STATUS_NEEDS_RESET
+                } else {
+                    self.status
+                }
+            }
             0xfc => self.config_generation,
             _ => 0,
         }

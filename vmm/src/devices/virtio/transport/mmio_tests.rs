@@ -7,7 +7,9 @@ use super::*;
 
 const STATUS_ACKNOWLEDGE: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
-use crate::devices::virtio::{read_config_bytes, ActivateError, VIRTIO_MMIO_INT_VRING};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
+};
 
 #[derive(Default)]
 struct Record {
@@ -204,6 +206,23 @@ fn queue_outside_guest_memory_needs_reset() {
     assert_ne!(r32(&mut f.t, 0x70) & STATUS_NEEDS_RESET, 0);
     assert_eq!(f.record.lock().expect("unpoisoned").activations, 0);
     assert!(f.irq.read().is_ok(), "config interrupt tells the driver");
+}
+
+#[test]
+fn runtime_errors_surface_as_needs_reset_until_reset() {
+    let mut f = fixture(false);
+    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    w32(
+        &mut f.t,
+        0x70,
+        STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    );
+    f.t.interrupt.set_needs_reset();
+    assert_ne!(r32(&mut f.t, 0x70) & STATUS_NEEDS_RESET, 0);
+    assert_ne!(r32(&mut f.t, 0x60) & VIRTIO_MMIO_INT_CONFIG, 0);
+    w32(&mut f.t, 0x70, 0);
+    assert_eq!(r32(&mut f.t, 0x70), 0);
+    assert_eq!(r32(&mut f.t, 0x60), 0);
 }
 
 #[test]
