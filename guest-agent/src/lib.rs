@@ -15,6 +15,7 @@ pub mod cmdline;
 pub mod config;
 pub mod env;
 pub mod mounts;
+pub mod protocol;
 pub mod report;
 pub mod signals;
 pub mod status;
