@@ -355,7 +355,7 @@ impl BuiltVm {
         let result = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
         match result {
             Some(Ok(StopReason::Reset)) => Ok(GuestExit::Reset),
-            Some(Ok(StopReason::PowerOff | StopReason::Stopped)) => Ok(GuestExit::PowerOff),
+            Some(Ok(StopReason::PowerOff | StopReason::Kicked)) => Ok(GuestExit::PowerOff),
             Some(Err(e)) => Err(Error::Vcpu(e)),
             None => Err(Error::VcpusGone),
         }

@@ -20,4 +20,5 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod host;
+pub mod snapshot;
 pub mod vstate;

@@ -63,8 +63,8 @@ pub enum StopReason {
     Reset,
     /// The guest powered off.
     PowerOff,
-    /// The VMM asked the vCPU to stop.
-    Stopped,
+    /// The VMM kicked the vCPU out of KVM_RUN (to pause it, say).
+    Kicked,
 }
 
 /// One vCPU.
@@ -122,6 +122,37 @@ impl Vcpu {
         self.index
     }
 
+    /// The KVM vCPU handle.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The vCPU's `kvm_run` page, for the kick handler.
+    pub fn kvm_run_ptr(&mut self) -> *mut kvm_bindings::kvm_run {
+        self.fd.get_kvm_run()
+    }
+
+    /// Re-enters KVM_RUN with `immediate_exit` set, so that KVM finishes the
+    /// instruction of the last port/MMIO exit and the saved registers are
+    /// consistent (KVM API, "immediate_exit").
+    pub fn complete_pending_io(&mut self) -> Result<(), Error> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = self.fd.run().map(|_| ()).or_else(|e| {
+            if e.errno() == libc::EINTR {
+                Ok(())
+            } else {
+                Err(Error::Kvm("complete pending I/O", e))
+            }
+        });
+        self.fd.set_kvm_immediate_exit(0);
+        r
+    }
+
+    /// Wraps an already configured (restored) vCPU fd.
+    pub fn from_fd(fd: VcpuFd, index: u8) -> Self {
+        Self { fd, index }
+    }
+
     /// Runs the guest until it resets, powers off or fails, or until a device
     /// sets `reset` (checked after every exit).
     pub fn run(&mut self, pio: &Bus, mmio: &Bus, reset: &AtomicBool) -> Result<StopReason, Error> {
@@ -172,11 +203,11 @@ impl Vcpu {
                         what: format!("{other:?}"),
                     })
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    if self.fd.get_kvm_run().immediate_exit != 0 {
-                        return Ok(StopReason::Stopped);
-                    }
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Ok(StopReason::Kicked);
                 }
+                Err(e) if e.errno() == libc::EAGAIN => {}
                 Err(e) => return Err(Error::Kvm("run the vCPU", e)),
             }
         }

@@ -1,0 +1,209 @@
+//! Guest memory in snapshot files: written sparsely (zero pages stay holes),
+//! mapped back `MAP_PRIVATE` so every restored guest shares the file's pages
+//! through the page cache and pays only for the pages it writes.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
+};
+
+use super::format::PAGE_SIZE;
+
+/// Most memory regions a snapshot may describe.
+pub const MAX_REGIONS: usize = 8;
+/// Bytes scanned and written per step.
+const CHUNK: usize = 1 << 20;
+
+/// One guest memory region as stored in a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionState {
+    /// Guest physical start.
+    pub guest_addr: u64,
+    /// Length in bytes (page multiple).
+    pub len: u64,
+}
+
+/// Errors while saving or mapping guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading guest memory failed.
+    #[error("failed to read guest memory")]
+    Read(#[source] vm_memory::GuestMemoryError),
+    /// Writing the image failed.
+    #[error("failed to write the memory image")]
+    Write(#[source] std::io::Error),
+    /// The snapshot's region list is unusable.
+    #[error("snapshot memory layout is invalid: {0}")]
+    Layout(&'static str),
+    /// mmap of the memory image failed.
+    #[error("failed to map the snapshot's memory image")]
+    Map(#[source] vm_memory::mmap::MmapRegionError),
+    /// The mapped regions do not form a valid guest memory.
+    #[error("snapshot memory regions overlap")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// The regions of `mem`, in order.
+pub fn regions(mem: &GuestMemoryMmap) -> Vec<RegionState> {
+    mem.iter()
+        .map(|r| RegionState {
+            guest_addr: r.start_addr().raw_value(),
+            len: r.len(),
+        })
+        .collect()
+}
+
+/// Writes every non-zero page of `mem` into `file` at `offset` onwards
+/// (regions back to back); zero pages are left as holes. Returns the bytes
+/// written.
+pub fn write_sparse(mem: &GuestMemoryMmap, file: &File, offset: u64) -> Result<u64, Error> {
+    let mut buf = vec![0u8; CHUNK];
+    let page = PAGE_SIZE as usize;
+    let mut file_pos = offset;
+    let mut written = 0;
+    for region in mem.iter() {
+        let len = region.len();
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from((len - done).min(CHUNK as u64))
+                .map_err(|_| Error::Layout("region"))?;
+            let chunk = &mut buf[..n];
+            region
+                .read_slice(chunk, MemoryRegionAddress(done))
+                .map_err(Error::Read)?;
+            // Coalesce runs of non-zero pages into one write each.
+            let mut run_start: Option<usize> = None;
+            for (i, p) in chunk.chunks(page).enumerate() {
+                let zero = p.iter().all(|&b| b == 0);
+                match (zero, run_start) {
+                    (false, None) => run_start = Some(i * page),
+                    (true, Some(start)) => {
+                        file.write_all_at(&chunk[start..i * page], file_pos + start as u64)
+                            .map_err(Error::Write)?;
+                        written += (i * page - start) as u64;
+                        run_start = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(start) = run_start {
+                file.write_all_at(&chunk[start..], file_pos + start as u64)
+                    .map_err(Error::Write)?;
+                written += (n - start) as u64;
+            }
+            done += n as u64;
+            file_pos += n as u64;
+        }
+    }
+    Ok(written)
+}
+
+/// Checks a snapshot's region list against the image length and limits.
+pub fn validate(regions: &[RegionState], mem_len: u64, max_bytes: u64) -> Result<(), Error> {
+    if regions.is_empty() || regions.len() > MAX_REGIONS {
+        return Err(Error::Layout("region count"));
+    }
+    let mut total = 0u64;
+    for r in regions {
+        if r.len == 0 || r.len % PAGE_SIZE != 0 || r.guest_addr % PAGE_SIZE != 0 {
+            return Err(Error::Layout("region alignment"));
+        }
+        r.guest_addr
+            .checked_add(r.len)
+            .ok_or(Error::Layout("region end"))?;
+        total = total
+            .checked_add(r.len)
+            .ok_or(Error::Layout("total size"))?;
+    }
+    if total != mem_len || total > max_bytes {
+        return Err(Error::Layout("total size"));
+    }
+    Ok(())
+}
+
+/// Maps the memory image of `file` (at `offset`) as guest memory, private
+/// copy-on-write: reads come from the shared page cache, writes stay local.
+pub fn map_private(
+    file: Arc<File>,
+    offset: u64,
+    regions: &[RegionState],
+) -> Result<GuestMemoryMmap, Error> {
+    let mut mapped = Vec::with_capacity(regions.len());
+    let mut file_pos = offset;
+    for r in regions {
+        let size = usize::try_from(r.len).map_err(|_| Error::Layout("region size"))?;
+        let mapping = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::from_arc(file.clone(), file_pos))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(Error::Map)?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+            .ok_or(Error::Layout("region end"))?;
+        mapped.push(region);
+        file_pos += r.len;
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(Error::Regions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_image_round_trips_and_restores_privately() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("mmap");
+        mem.write_slice(b"first page", GuestAddress(0))
+            .expect("write");
+        mem.write_slice(b"far page", GuestAddress(3 << 20))
+            .expect("write");
+        let file = tempfile::tempfile().expect("tempfile");
+        file.set_len(4096 + (4 << 20)).expect("len");
+        let written = write_sparse(&mem, &file, 4096).expect("dump");
+        assert_eq!(written, 2 * PAGE_SIZE, "only the two non-zero pages");
+
+        let file = Arc::new(file);
+        let regions = regions(&mem);
+        validate(&regions, 4 << 20, 1 << 30).expect("valid");
+        let a = map_private(file.clone(), 4096, &regions).expect("map");
+        let b = map_private(file.clone(), 4096, &regions).expect("map");
+        let mut buf = [0u8; 10];
+        a.read_slice(&mut buf, GuestAddress(0)).expect("read");
+        assert_eq!(&buf, b"first page");
+        a.write_slice(b"changed!!!", GuestAddress(0))
+            .expect("write");
+        b.read_slice(&mut buf, GuestAddress(0)).expect("read");
+        assert_eq!(&buf, b"first page", "clones do not see each other's writes");
+        let mut on_disk = [0u8; 10];
+        file.read_exact_at(&mut on_disk, 4096).expect("read");
+        assert_eq!(&on_disk, b"first page", "the file is never written");
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        let r = |guest_addr, len| RegionState { guest_addr, len };
+        assert!(validate(&[], 0, 1 << 30).is_err());
+        assert!(validate(&[r(0, 100)], 100, 1 << 30).is_err(), "unaligned");
+        assert!(
+            validate(&[r(0, 4096)], 8192, 1 << 30).is_err(),
+            "size mismatch"
+        );
+        assert!(
+            validate(&[r(u64::MAX & !0xfff, 8192)], 8192, 1 << 30).is_err(),
+            "overflow"
+        );
+        assert!(
+            validate(&[r(0, 1 << 31)], 1 << 31, 1 << 30).is_err(),
+            "over the cap"
+        );
+        assert!(validate(&vec![r(0, 4096); MAX_REGIONS + 1], 4096 * 9, 1 << 30).is_err());
+        validate(&[r(0, 4096), r(1 << 32, 4096)], 8192, 1 << 30).expect("two regions");
+    }
+}

@@ -1,0 +1,196 @@
+//! One thread per vCPU, which the VMM can pause (saving the vCPU's state),
+//! resume, or let run until the guest ends.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::Kvm;
+
+use crate::devices::bus::Bus;
+use crate::vstate::kick;
+use crate::vstate::persist::{self, VcpuState};
+use crate::vstate::vcpu::{self, StopReason, Vcpu};
+
+/// Errors while controlling a vCPU thread.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The thread could not be started or the kick handler installed.
+    #[error("failed to start a vCPU thread")]
+    Spawn(#[source] std::io::Error),
+    /// The kick signal could not be sent.
+    #[error("failed to kick a vCPU thread")]
+    Kick(#[source] std::io::Error),
+    /// The vCPU ended (guest exit or failure) before it could pause.
+    #[error("the vCPU thread has ended")]
+    Gone,
+    /// Saving the vCPU's state failed.
+    #[error("failed to save vCPU state")]
+    Save(#[source] persist::Error),
+    /// Completing the pending I/O before a save failed.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause { save: bool },
+}
+
+struct Ctl {
+    request: Request,
+    paused: bool,
+    ended: bool,
+    saved: Option<Result<VcpuState, Error>>,
+}
+
+struct Shared {
+    ctl: Mutex<Ctl>,
+    cond: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Everything a vCPU thread runs with.
+pub struct VcpuContext {
+    /// Port I/O bus.
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// Set by the i8042 (or another vCPU) when the guest resets.
+    pub reset: Arc<AtomicBool>,
+    /// KVM system handle (capabilities for saving).
+    pub kvm: Arc<Kvm>,
+    /// MSRs to save.
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    shared: Arc<Shared>,
+    pthread: libc::pthread_t,
+    join: Option<JoinHandle<()>>,
+}
+
+impl VcpuThread {
+    /// Starts `vcpu` on its own thread; `on_exit` gets the final outcome
+    /// when the guest resets, powers off or fails.
+    pub fn spawn(
+        mut vcpu: Vcpu,
+        ctx: VcpuContext,
+        on_exit: impl FnOnce(Result<StopReason, vcpu::Error>) + Send + 'static,
+    ) -> Result<Self, Error> {
+        kick::install_handler().map_err(Error::Spawn)?;
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Ctl {
+                request: Request::Run,
+                paused: false,
+                ended: false,
+                saved: None,
+            }),
+            cond: Condvar::new(),
+        });
+        let thread_shared = shared.clone();
+        let join = std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.index()))
+            .spawn(move || {
+                kick::register_current(vcpu.kvm_run_ptr());
+                let outcome = run_loop(&mut vcpu, &ctx, &thread_shared);
+                kick::unregister_current();
+                {
+                    let mut ctl = thread_shared.lock();
+                    ctl.ended = true;
+                    thread_shared.cond.notify_all();
+                }
+                on_exit(outcome);
+            })
+            .map_err(Error::Spawn)?;
+        use std::os::unix::thread::JoinHandleExt;
+        let pthread = join.as_pthread_t();
+        Ok(Self {
+            shared,
+            pthread,
+            join: Some(join),
+        })
+    }
+
+    /// Stops the vCPU outside KVM_RUN; with `save`, returns its state.
+    pub fn pause(&self, save: bool) -> Result<Option<VcpuState>, Error> {
+        let mut ctl = self.shared.lock();
+        if ctl.ended {
+            return Err(Error::Gone);
+        }
+        ctl.request = Request::Pause { save };
+        ctl.saved = None;
+        drop(ctl);
+        kick::kick(self.pthread).map_err(Error::Kick)?;
+        let mut ctl = self.shared.lock();
+        while !ctl.paused && !ctl.ended {
+            ctl = self
+                .shared
+                .cond
+                .wait(ctl)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        if !ctl.paused {
+            return Err(Error::Gone);
+        }
+        ctl.saved.take().transpose()
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        let mut ctl = self.shared.lock();
+        ctl.request = Request::Run;
+        self.shared.cond.notify_all();
+    }
+}
+
+impl Drop for VcpuThread {
+    fn drop(&mut self) {
+        // The thread owns its vCPU; it ends with the guest or the process.
+        drop(self.join.take());
+    }
+}
+
+fn run_loop(
+    vcpu: &mut Vcpu,
+    ctx: &VcpuContext,
+    shared: &Shared,
+) -> Result<StopReason, vcpu::Error> {
+    loop {
+        let request = shared.lock().request;
+        if let Request::Pause { save } = request {
+            let saved = if save {
+                Some(
+                    vcpu.complete_pending_io()
+                        .map_err(Error::from)
+                        .and_then(|()| {
+                            persist::save_vcpu(&ctx.kvm, vcpu.fd(), &ctx.msr_indices)
+                                .map_err(Error::Save)
+                        }),
+                )
+            } else {
+                None
+            };
+            let mut ctl = shared.lock();
+            ctl.saved = saved;
+            ctl.paused = true;
+            shared.cond.notify_all();
+            while matches!(ctl.request, Request::Pause { .. }) {
+                ctl = shared.cond.wait(ctl).unwrap_or_else(|e| e.into_inner());
+            }
+            ctl.paused = false;
+            continue;
+        }
+        match vcpu.run(&ctx.pio, &ctx.mmio, &ctx.reset) {
+            Ok(StopReason::Kicked) => continue,
+            other => return other,
+        }
+    }
+}
