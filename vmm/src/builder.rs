@@ -2,9 +2,7 @@
 
 use std::fs::File;
 use std::io::{LineWriter, Write};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use linux_loader::cmdline::Cmdline;
@@ -22,13 +20,14 @@ use crate::config::{self, ConsoleOutput, VmConfig};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::manager::{self, DeviceManager};
-use crate::event_loop::{Event, EventHandler, EventLoop, Ops};
+use crate::event_loop::EventLoop;
 use crate::host::HostKind;
-use crate::vstate::vcpu::{self, StopReason, Vcpu};
+use crate::runtime::{self, LegacyDevices, LegacyState, RunOptions};
+use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::{self, Vm};
 
 /// Submission-queue size of the device event loop.
-const EVENT_LOOP_ENTRIES: u32 = 256;
+pub(crate) const EVENT_LOOP_ENTRIES: u32 = 256;
 
 /// Kernel arguments every guest gets: serial console, reboot through the
 /// i8042 (the VMM's clean exit), no PCI/ACPI probing, no modules, quiet.
@@ -94,12 +93,21 @@ pub enum Error {
     /// A device could not be set up.
     #[error("failed to set up {0}")]
     Device(&'static str, #[source] std::io::Error),
-    /// A vCPU thread could not be started.
-    #[error("failed to start a vCPU thread")]
-    Thread(#[source] std::io::Error),
     /// Every vCPU thread ended without a reason.
     #[error("all vCPU threads ended unexpectedly")]
     VcpusGone,
+    /// A vCPU thread could not be started or controlled.
+    #[error(transparent)]
+    VcpuThread(#[from] crate::vstate::vcpu_thread::Error),
+    /// KVM state could not be read or restored.
+    #[error(transparent)]
+    Persist(#[from] crate::vstate::persist::Error),
+    /// A snapshot could not be read or restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
+    /// The control socket could not be set up.
+    #[error("cannot listen on control socket {0}")]
+    ApiSocket(String, #[source] std::io::Error),
     /// The device event loop failed.
     #[error("device event loop failed")]
     EventLoop(#[source] crate::event_loop::Error),
@@ -115,6 +123,8 @@ pub enum GuestExit {
     Reset,
     /// The guest powered off or halted for good.
     PowerOff,
+    /// The control socket asked the VMM to quit.
+    Quit,
 }
 
 /// Builds the full kernel command line for `config` on `host`.
@@ -185,11 +195,12 @@ fn load_initrd(
 /// A VM with kernel, boot structures, devices and vCPUs in place, not yet
 /// running: everything the VMM does before the first KVM_RUN.
 pub struct BuiltVm {
-    vm: Vm,
-    vcpus: Vec<Vcpu>,
-    devices: DeviceManager,
-    event_loop: EventLoop,
-    reset: Arc<AtomicBool>,
+    pub(crate) vm: Vm,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) devices: DeviceManager,
+    pub(crate) event_loop: EventLoop,
+    pub(crate) reset: Arc<AtomicBool>,
+    pub(crate) legacy: LegacyDevices,
 }
 
 /// Prepares `config` up to the first KVM_RUN.
@@ -221,7 +232,7 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
     let reset = Arc::new(AtomicBool::new(false));
     let mut devices = DeviceManager::new(event_loop.handle());
     let console = std::mem::replace(&mut config.console, ConsoleOutput::Null);
-    attach_legacy_devices(&vm, &mut devices, console, reset.clone())?;
+    let legacy = attach_legacy_devices(&vm, &mut devices, console, reset.clone(), None)?;
     // Virtio devices: each gets an MMIO window, an IRQ and a cmdline entry.
     // (attach them here, before the command line is written)
 
@@ -251,17 +262,19 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
         devices,
         event_loop,
         reset,
+        legacy,
     })
 }
 
 /// Serial console on COM1 (interrupt through an irqfd) and the i8042 whose
-/// reset command ends the VM.
-fn attach_legacy_devices(
+/// reset command ends the VM; restored from `state` when given.
+pub(crate) fn attach_legacy_devices(
     vm: &Vm,
     devices: &mut DeviceManager,
     console: ConsoleOutput,
     reset: Arc<AtomicBool>,
-) -> Result<(), Error> {
+    state: Option<&LegacyState>,
+) -> Result<LegacyDevices, Error> {
     let serial_irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device("the serial irqfd", e))?;
     vm.fd.register_irqfd(&serial_irq, COM1_IRQ).map_err(|e| {
@@ -270,99 +283,38 @@ fn attach_legacy_devices(
             std::io::Error::from_raw_os_error(e.errno()),
         )
     })?;
-    let serial = SerialConsole::new(serial_irq, console_writer(console)?);
-    devices.attach_pio(Arc::new(Mutex::new(serial)), COM1_PORT, 8)?;
-    let i8042 = I8042::new(Box::new(move || reset.store(true, Ordering::Release)));
-    devices.attach_pio(Arc::new(Mutex::new(i8042)), I8042_DATA_PORT, 5)?;
-    Ok(())
-}
-
-/// Collects the first vCPU outcome and ends the event loop with it.
-struct ExitWatcher {
-    wake: EventFd,
-    results: mpsc::Receiver<Result<StopReason, vcpu::Error>>,
-    outcome: Arc<Mutex<Option<Result<StopReason, vcpu::Error>>>>,
-}
-
-impl EventHandler for ExitWatcher {
-    fn start(&mut self, ops: &mut Ops<'_>) {
-        ops.watch(self.wake.as_raw_fd(), 0, libc::POLLIN as u32);
-    }
-
-    fn handle(&mut self, _event: Event, ops: &mut Ops<'_>) {
-        let _ = self.wake.read();
-        if let Ok(result) = self.results.try_recv() {
-            let mut outcome = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-            outcome.get_or_insert(result);
-            ops.stop_loop();
-        }
-    }
+    let out = console_writer(console)?;
+    let on_reset = Box::new(move || reset.store(true, Ordering::Release));
+    let (serial, i8042) = match state {
+        Some(s) => (
+            SerialConsole::restore(&s.serial, serial_irq, out)
+                .map_err(|e| Error::Device("the serial console", std::io::Error::other(e)))?,
+            I8042::restore(&s.i8042, on_reset),
+        ),
+        None => (SerialConsole::new(serial_irq, out), I8042::new(on_reset)),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let i8042 = Arc::new(Mutex::new(i8042));
+    devices.attach_pio(serial.clone(), COM1_PORT, 8)?;
+    devices.attach_pio(i8042.clone(), I8042_DATA_PORT, 5)?;
+    Ok(LegacyDevices { serial, i8042 })
 }
 
 impl BuiltVm {
-    /// The buses and virtio devices (to attach more before running).
+    /// The VM and its device manager (to attach more devices before running).
     pub fn devices(&mut self) -> (&Vm, &mut DeviceManager) {
         (&self.vm, &mut self.devices)
     }
 
     /// Starts one thread per vCPU, runs the device event loop on this
-    /// thread, and returns when the guest resets, powers off or fails.
-    pub fn run(mut self) -> Result<GuestExit, Error> {
-        let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
-        let wake =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device("the exit eventfd", e))?;
-        let outcome = Arc::new(Mutex::new(None));
-        self.event_loop
-            .handle()
-            .add(Box::new(ExitWatcher {
-                wake: wake
-                    .try_clone()
-                    .map_err(|e| Error::Device("the exit eventfd", e))?,
-                results: rx,
-                outcome: outcome.clone(),
-            }))
-            .map_err(Error::EventLoop)?;
-        let vm = Arc::new(self.vm);
-        for mut vcpu in self.vcpus {
-            let (pio, mmio, reset, tx) = (
-                self.devices.pio.clone(),
-                self.devices.mmio.clone(),
-                self.reset.clone(),
-                tx.clone(),
-            );
-            let wake = wake
-                .try_clone()
-                .map_err(|e| Error::Device("the exit eventfd", e))?;
-            // Each vCPU thread keeps the VM, and so the guest memory KVM maps,
-            // alive for as long as it may still enter the guest.
-            let vm = vm.clone();
-            std::thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.index()))
-                .spawn(move || {
-                    let r = vcpu.run(&pio, &mmio, &reset);
-                    // A reset seen by one vCPU ends the VM for all of them.
-                    if matches!(r, Ok(StopReason::Reset)) {
-                        reset.store(true, Ordering::Release);
-                    }
-                    let _ = tx.send(r);
-                    let _ = wake.write(1);
-                    drop(vm);
-                })
-                .map_err(Error::Thread)?;
-        }
-        drop(tx);
-        self.event_loop.run().map_err(Error::EventLoop)?;
-        let result = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match result {
-            Some(Ok(StopReason::Reset)) => Ok(GuestExit::Reset),
-            Some(Ok(StopReason::PowerOff | StopReason::Kicked)) => Ok(GuestExit::PowerOff),
-            Some(Err(e)) => Err(Error::Vcpu(e)),
-            None => Err(Error::VcpusGone),
-        }
+    /// thread, and returns when the guest resets, powers off or fails, or
+    /// the control socket asks the VMM to quit.
+    pub fn run(self, options: RunOptions) -> Result<GuestExit, Error> {
+        runtime::run(self, options)
     }
 }
 
 /// Boots `config` and runs the guest until it resets, powers off or fails.
 pub fn run(config: VmConfig) -> Result<GuestExit, Error> {
-    build(config)?.run()
+    build(config)?.run(RunOptions::default())
 }

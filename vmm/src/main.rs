@@ -4,8 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::time::Instant;
+
 use vmm::builder::{self, GuestExit};
 use vmm::config::{ConsoleOutput, VmConfig};
+use vmm::runtime::RunOptions;
+use vmm::snapshot::restore::{self, RestoreConfig};
 
 /// Boot a Linux microVM on KVM: an uncompressed vmlinux, an initramfs, a
 /// serial console. Exits 0 when the guest powers off or reboots.
@@ -13,8 +17,22 @@ use vmm::config::{ConsoleOutput, VmConfig};
 #[command(name = "vmm", version, about, long_about = None)]
 struct Args {
     /// Uncompressed ELF kernel image (vmlinux), e.g. from guest-kernel/build.sh.
+    #[arg(long, value_name = "PATH", required_unless_present = "snapshot")]
+    kernel: Option<PathBuf>,
+
+    /// Restore the microVM saved in this snapshot file instead of booting
+    /// (its memory is mapped copy-on-write: clones share it).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initrd", "mem", "vcpus", "cmdline"])]
+    snapshot: Option<PathBuf>,
+
+    /// Control socket: accepts `ping`, `pause`, `resume`, `snapshot <path>`,
+    /// `quit`, one per line.
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    api_sock: Option<PathBuf>,
+
+    /// Forward this process's stdin to the guest's serial console.
+    #[arg(long)]
+    console_input: bool,
 
     /// Initramfs (newc cpio) to boot as the root filesystem.
     #[arg(long, value_name = "PATH")]
@@ -66,6 +84,7 @@ fn init_logging(filter: Option<&str>) {
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     let args = Args::parse();
     init_logging(args.log.as_deref());
     let console = match args.console.as_str() {
@@ -73,22 +92,33 @@ fn main() -> ExitCode {
         "null" => ConsoleOutput::Null,
         path => ConsoleOutput::File(PathBuf::from(path)),
     };
-    let config = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        mem_mib: args.mem,
-        vcpus: args.vcpus,
-        cmdline_extra: args.cmdline,
-        cmdline_replace: args.cmdline_replace,
-        console,
+    let options = RunOptions {
+        api_sock: args.api_sock,
+        console_input: args.console_input,
+        started: Some(started),
     };
-    match builder::run(config) {
+    let built = match (args.snapshot, args.kernel) {
+        (Some(snapshot), _) => restore::restore(RestoreConfig { snapshot, console }),
+        (None, Some(kernel)) => builder::build(VmConfig {
+            kernel,
+            initrd: args.initrd,
+            mem_mib: args.mem,
+            vcpus: args.vcpus,
+            cmdline_extra: args.cmdline,
+            cmdline_replace: args.cmdline_replace,
+            console,
+        }),
+        // clap requires --kernel unless --snapshot is given.
+        (None, None) => return ExitCode::from(2),
+    };
+    match built.and_then(|vm| vm.run(options)) {
         Ok(exit) => {
             tracing::info!(
                 "guest {}",
                 match exit {
                     GuestExit::Reset => "rebooted",
                     GuestExit::PowerOff => "powered off",
+                    GuestExit::Quit => "stopped on request",
                 }
             );
             ExitCode::SUCCESS

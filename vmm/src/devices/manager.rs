@@ -123,6 +123,11 @@ impl DeviceManager {
         Ok(slot)
     }
 
+    /// Number of virtio devices attached.
+    pub fn virtio_count(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Adds `virtio_mmio.device=` entries for every attached virtio device.
     pub fn announce(&self, cmdline: &mut Cmdline) -> Result<(), Error> {
         for slot in &self.slots {

@@ -1,5 +1,102 @@
 //! Snapshots: save a paused microVM to one file and restore any number of
 //! copy-on-write clones from it.
+//!
+//! Saving pauses every vCPU (after KVM completes the last port/MMIO access),
+//! reads all vCPU and VM state from KVM and the devices, and writes one file:
+//! header, state, then the guest memory image with zero pages left as holes
+//! ([`format`], [`memory`]). Restoring maps that image `MAP_PRIVATE`, so all
+//! clones share the file's pages through the page cache, and re-creates the
+//! VM, vCPUs and devices from the state ([`restore`]).
 
 pub mod format;
 pub mod memory;
+pub mod restore;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryMmap;
+
+use crate::host::HostKind;
+use crate::runtime::LegacyState;
+use crate::vstate::persist::{VcpuState, VmState};
+use memory::RegionState;
+
+/// Errors while writing or reading snapshots.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be created, written or renamed.
+    #[error("cannot write snapshot {0}")]
+    Create(String, #[source] std::io::Error),
+    /// The file could not be opened.
+    #[error("cannot open snapshot {0}")]
+    Open(String, #[source] std::io::Error),
+    /// The file format is wrong or the file is damaged.
+    #[error("snapshot {0} is unusable")]
+    Format(String, #[source] format::Error),
+    /// The memory image could not be written or mapped.
+    #[error("snapshot {0}: guest memory")]
+    Memory(String, #[source] memory::Error),
+    /// The state is internally inconsistent.
+    #[error("snapshot {0} is inconsistent: {1}")]
+    Invalid(String, &'static str),
+}
+
+/// Everything needed to bring a paused microVM back.
+#[derive(Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// Host kind the snapshot was taken on (informational).
+    pub host: String,
+    /// Guest memory layout; the image holds the regions back to back.
+    pub regions: Vec<RegionState>,
+    /// VM-wide KVM state.
+    pub vm: VmState,
+    /// One entry per vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// Serial console and i8042.
+    pub legacy: LegacyState,
+}
+
+impl MicrovmState {
+    /// Gathers a state from its parts.
+    pub fn new(
+        mem: &GuestMemoryMmap,
+        vm: VmState,
+        vcpus: Vec<VcpuState>,
+        legacy: LegacyState,
+    ) -> Self {
+        Self {
+            host: HostKind::detect().name().to_owned(),
+            regions: memory::regions(mem),
+            vm,
+            vcpus,
+            legacy,
+        }
+    }
+}
+
+/// Writes `state` and the memory image of `mem` to `path` through a
+/// temporary file renamed into place. Returns (state bytes, memory bytes
+/// written, memory image size).
+pub fn write(
+    path: &Path,
+    state: &MicrovmState,
+    mem: &GuestMemoryMmap,
+) -> Result<(u64, u64, u64), Error> {
+    let name = path.display().to_string();
+    let tmp = path.with_extension("snap-partial");
+    let mut file = crate::runtime::create_file(&tmp).map_err(|e| Error::Create(name.clone(), e))?;
+    let mem_len: u64 = state.regions.iter().map(|r| r.len).sum();
+    let result = (|| {
+        let header = format::write_state(&mut file, state, mem_len)
+            .map_err(|e| Error::Format(name.clone(), e))?;
+        let written = memory::write_sparse(mem, &file, header.mem_offset)
+            .map_err(|e| Error::Memory(name.clone(), e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::Create(name.clone(), e))?;
+        Ok((header.state_len, written, mem_len))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

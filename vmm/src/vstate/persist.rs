@@ -109,8 +109,9 @@ fn get_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, Error> {
     Ok(out)
 }
 
-/// Saves a paused vCPU. `msr_indices` comes from [`saveable_msrs`].
-pub fn save_vcpu(kvm: &Kvm, fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, Error> {
+/// Saves a paused vCPU. `msr_indices` comes from [`saveable_msrs`];
+/// `has_xcrs` is KVM's `KVM_CAP_XCRS`.
+pub fn save_vcpu(fd: &VcpuFd, msr_indices: &[u32], has_xcrs: bool) -> Result<VcpuState, Error> {
     let mp_state = fd
         .get_mp_state()
         .map_err(|e| Error::Kvm("read the MP state", e))?;
@@ -119,7 +120,7 @@ pub fn save_vcpu(kvm: &Kvm, fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuStat
     let xsave = fd
         .get_xsave()
         .map_err(|e| Error::Kvm("read XSAVE state", e))?;
-    let xcrs = if kvm.check_extension(kvm_ioctls::Cap::Xcrs) {
+    let xcrs = if has_xcrs {
         Some(fd.get_xcrs().map_err(|e| Error::Kvm("read XCRs", e))?)
     } else {
         None

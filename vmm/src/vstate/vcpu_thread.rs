@@ -5,8 +5,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use kvm_ioctls::Kvm;
-
 use crate::devices::bus::Bus;
 use crate::vstate::kick;
 use crate::vstate::persist::{self, VcpuState};
@@ -27,6 +25,9 @@ pub enum Error {
     /// Saving the vCPU's state failed.
     #[error("failed to save vCPU state")]
     Save(#[source] persist::Error),
+    /// A save was asked of a running vCPU.
+    #[error("the vCPU must be paused before it is saved")]
+    NotPaused,
     /// Completing the pending I/O before a save failed.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
@@ -35,7 +36,8 @@ pub enum Error {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Request {
     Run,
-    Pause { save: bool },
+    Pause,
+    Save,
 }
 
 struct Ctl {
@@ -64,10 +66,10 @@ pub struct VcpuContext {
     pub mmio: Bus,
     /// Set by the i8042 (or another vCPU) when the guest resets.
     pub reset: Arc<AtomicBool>,
-    /// KVM system handle (capabilities for saving).
-    pub kvm: Arc<Kvm>,
     /// MSRs to save.
     pub msr_indices: Arc<Vec<u32>>,
+    /// Whether KVM saves extended control registers (KVM_CAP_XCRS).
+    pub has_xcrs: bool,
 }
 
 /// A running vCPU thread.
@@ -119,28 +121,56 @@ impl VcpuThread {
         })
     }
 
-    /// Stops the vCPU outside KVM_RUN; with `save`, returns its state.
-    pub fn pause(&self, save: bool) -> Result<Option<VcpuState>, Error> {
+    fn wait_until(&self, mut done: impl FnMut(&mut Ctl) -> bool) -> Result<(), Error> {
         let mut ctl = self.shared.lock();
-        if ctl.ended {
-            return Err(Error::Gone);
-        }
-        ctl.request = Request::Pause { save };
-        ctl.saved = None;
-        drop(ctl);
-        kick::kick(self.pthread).map_err(Error::Kick)?;
-        let mut ctl = self.shared.lock();
-        while !ctl.paused && !ctl.ended {
+        loop {
+            if done(&mut ctl) {
+                return Ok(());
+            }
+            if ctl.ended {
+                return Err(Error::Gone);
+            }
             ctl = self
                 .shared
                 .cond
                 .wait(ctl)
                 .unwrap_or_else(|e| e.into_inner());
         }
-        if !ctl.paused {
-            return Err(Error::Gone);
+    }
+
+    /// Stops the vCPU outside KVM_RUN, its last port/MMIO access completed.
+    pub fn pause(&self) -> Result<(), Error> {
+        {
+            let mut ctl = self.shared.lock();
+            if ctl.ended {
+                return Err(Error::Gone);
+            }
+            if ctl.request == Request::Pause && ctl.paused {
+                return Ok(());
+            }
+            ctl.request = Request::Pause;
         }
-        ctl.saved.take().transpose()
+        kick::kick(self.pthread).map_err(Error::Kick)?;
+        self.wait_until(|ctl| ctl.paused)
+    }
+
+    /// Saves a paused vCPU's state (on its own thread).
+    pub fn save(&self) -> Result<VcpuState, Error> {
+        {
+            let mut ctl = self.shared.lock();
+            if !ctl.paused {
+                return Err(Error::NotPaused);
+            }
+            ctl.saved = None;
+            ctl.request = Request::Save;
+            self.shared.cond.notify_all();
+        }
+        let mut saved = None;
+        self.wait_until(|ctl| {
+            saved = ctl.saved.take();
+            saved.is_some()
+        })?;
+        saved.unwrap_or(Err(Error::Gone))
     }
 
     /// Lets a paused vCPU run again.
@@ -164,26 +194,28 @@ fn run_loop(
     shared: &Shared,
 ) -> Result<StopReason, vcpu::Error> {
     loop {
-        let request = shared.lock().request;
-        if let Request::Pause { save } = request {
-            let saved = if save {
-                Some(
-                    vcpu.complete_pending_io()
-                        .map_err(Error::from)
-                        .and_then(|()| {
-                            persist::save_vcpu(&ctx.kvm, vcpu.fd(), &ctx.msr_indices)
-                                .map_err(Error::Save)
-                        }),
-                )
-            } else {
-                None
-            };
+        if shared.lock().request != Request::Run {
+            // Finish the last exit's instruction so the state is consistent.
+            vcpu.complete_pending_io()?;
             let mut ctl = shared.lock();
-            ctl.saved = saved;
             ctl.paused = true;
             shared.cond.notify_all();
-            while matches!(ctl.request, Request::Pause { .. }) {
-                ctl = shared.cond.wait(ctl).unwrap_or_else(|e| e.into_inner());
+            loop {
+                match ctl.request {
+                    Request::Run => break,
+                    Request::Save => {
+                        drop(ctl);
+                        let saved = persist::save_vcpu(vcpu.fd(), &ctx.msr_indices, ctx.has_xcrs)
+                            .map_err(Error::Save);
+                        ctl = shared.lock();
+                        ctl.saved = Some(saved);
+                        ctl.request = Request::Pause;
+                        shared.cond.notify_all();
+                    }
+                    Request::Pause => {
+                        ctl = shared.cond.wait(ctl).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
             }
             ctl.paused = false;
             continue;

@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::bus::BusDevice;
 
 /// Offset of the data port (0x60) in the device's range.
@@ -39,6 +41,16 @@ const SELF_TEST_OK: u8 = 0x55;
 /// Enough for any command's reply; older bytes are dropped beyond it.
 const BUFFER_CAP: usize = 16;
 
+/// Saved controller state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    status: u8,
+    control: u8,
+    output_port: u8,
+    pending: Option<u8>,
+    buffer: Vec<(u8, bool)>,
+}
+
 /// The controller; `on_reset` runs when the guest asks for a CPU reset.
 pub struct I8042 {
     status: u8,
@@ -60,6 +72,29 @@ impl I8042 {
             buffer: VecDeque::new(),
             on_reset,
         }
+    }
+
+    /// The controller's registers and output buffer.
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output_port: self.output_port,
+            pending: self.pending,
+            buffer: self.buffer.iter().copied().collect(),
+        }
+    }
+
+    /// A controller in `state` (an oversized buffer is cut to capacity).
+    pub fn restore(state: &I8042State, on_reset: Box<dyn FnMut() + Send>) -> Self {
+        let mut d = Self::new(on_reset);
+        d.status = state.status;
+        d.control = state.control;
+        d.output_port = state.output_port;
+        d.pending = state.pending;
+        d.buffer = state.buffer.iter().take(BUFFER_CAP).copied().collect();
+        d.update_status();
+        d
     }
 
     fn push(&mut self, byte: u8, aux: bool) {
@@ -217,6 +252,25 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, BUFFER_CAP);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut d, _) = device();
+        d.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        d.write(DATA_OFFSET, &[0x61]);
+        d.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
+        let state = d.save();
+        let (_, resets) = device();
+        let r = resets.clone();
+        let mut back = I8042::restore(
+            &state,
+            Box::new(move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }),
+        );
+        assert_eq!(back.save(), state);
+        assert_eq!(read(&mut back, DATA_OFFSET), 0x61);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +37,72 @@ impl SerialConsole {
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
+
+    /// Room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// The UART registers and receive FIFO.
+    pub fn save(&self) -> SerialConsoleState {
+        let s = self.uart.state();
+        SerialConsoleState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in `state`, signalling `irq` and writing to `out`.
+    pub fn restore(
+        state: &SerialConsoleState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, Error> {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            state.registers;
+        let s = SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart =
+            Serial::from_state(&s, IrqTrigger(irq), NoEvents, out).map_err(|_| Error::BadState)?;
+        Ok(Self { uart })
+    }
+}
+
+/// Saved UART state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsoleState {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    /// Bytes received but not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+/// Errors of the serial console.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A saved state the UART cannot take (receive FIFO over capacity).
+    #[error("saved serial state is invalid (receive FIFO too large)")]
+    BadState,
 }
 
 impl BusDevice for SerialConsole {
@@ -99,6 +166,26 @@ mod tests {
         let mut b = [0u8];
         s.read(0, &mut b);
         assert_eq!(b[0], b'x');
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_is_refused() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut s = SerialConsole::new(irq.try_clone().expect("dup"), Box::new(io::sink()));
+        s.write(3, &[0x03]);
+        s.write(7, &[0x5a]);
+        s.enqueue_input(b"abc");
+        let state = s.save();
+        let mut r =
+            SerialConsole::restore(&state, irq.try_clone().expect("dup"), Box::new(io::sink()))
+                .expect("valid state");
+        assert_eq!(r.save(), state);
+        let mut b = [0u8];
+        r.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        let mut bad = state;
+        bad.in_buffer = vec![0; 1 << 20];
+        assert!(SerialConsole::restore(&bad, irq, Box::new(io::sink())).is_err());
     }
 
     #[test]

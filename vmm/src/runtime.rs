@@ -1,0 +1,498 @@
+//! A running microVM: vCPU threads, the device event loop on the calling
+//! thread, the control socket, console input, and snapshot creation.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::{BuiltVm, Error, GuestExit};
+use crate::devices::legacy::i8042::{I8042State, I8042};
+use crate::devices::legacy::serial::{SerialConsole, SerialConsoleState};
+use crate::event_loop::{Event, EventHandler, Ops};
+use crate::snapshot::{self, MicrovmState};
+use crate::vstate::persist;
+use crate::vstate::vcpu::{self, StopReason};
+use crate::vstate::vcpu_thread::{VcpuContext, VcpuThread};
+use crate::vstate::vm::Vm;
+
+/// The legacy devices, kept for snapshots and console input.
+pub struct LegacyDevices {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialConsole>>,
+    /// The i8042 reset controller.
+    pub i8042: Arc<Mutex<I8042>>,
+}
+
+/// Saved legacy device state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LegacyState {
+    /// COM1.
+    pub serial: SerialConsoleState,
+    /// The i8042.
+    pub i8042: I8042State,
+}
+
+/// How the VMM runs besides the guest itself.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Listen for control commands on this Unix socket.
+    pub api_sock: Option<PathBuf>,
+    /// Forward the VMM's stdin to the guest's serial console.
+    pub console_input: bool,
+    /// Log (at info level) when the vCPUs start, with the setup time.
+    pub started: Option<Instant>,
+}
+
+/// What the control socket and the exit watcher share.
+pub struct VmHandle {
+    vm: Arc<Vm>,
+    vcpus: Vec<VcpuThread>,
+    legacy: LegacyDevices,
+    virtio_devices: usize,
+    paused: Mutex<bool>,
+}
+
+/// Statistics of one snapshot.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotStats {
+    /// Bytes of serialized state.
+    pub state_bytes: u64,
+    /// Bytes of guest memory written (non-zero pages).
+    pub mem_written: u64,
+    /// Size of the guest memory image (holes included).
+    pub mem_len: u64,
+    /// Wall time from pause to the file in place.
+    pub elapsed: Duration,
+}
+
+/// Errors of the control operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Pausing, saving or resuming a vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu_thread::Error),
+    /// Reading VM state failed.
+    #[error(transparent)]
+    Persist(#[from] persist::Error),
+    /// Writing the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    /// A device that cannot be snapshotted yet.
+    #[error("this VM has {0} virtio device(s); snapshots support serial and i8042 only so far")]
+    Unsupported(usize),
+}
+
+impl VmHandle {
+    /// Pauses every vCPU (idempotent).
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        for vcpu in &self.vcpus {
+            vcpu.pause()?;
+        }
+        *paused = true;
+        Ok(())
+    }
+
+    /// Resumes every vCPU (idempotent).
+    pub fn resume(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        for vcpu in &self.vcpus {
+            vcpu.resume();
+        }
+        *paused = false;
+    }
+
+    /// Writes a snapshot of the VM to `path` (atomically, through a
+    /// temporary file). A running VM is paused for the save and resumed
+    /// afterwards; a paused VM stays paused.
+    pub fn snapshot(&self, path: &Path) -> Result<SnapshotStats, ControlError> {
+        if self.virtio_devices > 0 {
+            return Err(ControlError::Unsupported(self.virtio_devices));
+        }
+        let start = Instant::now();
+        let was_paused = *self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        self.pause()?;
+        let result = self.save_paused(path, start);
+        if !was_paused {
+            self.resume();
+        }
+        result
+    }
+
+    fn save_paused(&self, path: &Path, start: Instant) -> Result<SnapshotStats, ControlError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuThread::save)
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = persist::save_vm(&self.vm.fd)?;
+        let legacy = LegacyState {
+            serial: lock(&self.legacy.serial).save(),
+            i8042: lock(&self.legacy.i8042).save(),
+        };
+        let state = MicrovmState::new(&self.vm.mem, vm, vcpus, legacy);
+        let (state_bytes, mem_written, mem_len) = snapshot::write(path, &state, &self.vm.mem)?;
+        Ok(SnapshotStats {
+            state_bytes,
+            mem_written,
+            mem_len,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Outcome = Arc<Mutex<Option<Result<GuestExit, vcpu::Error>>>>;
+
+fn set_outcome(outcome: &Outcome, value: Result<GuestExit, vcpu::Error>) {
+    lock(outcome).get_or_insert(value);
+}
+
+/// Ends the loop with the first vCPU outcome.
+struct ExitWatcher {
+    wake: EventFd,
+    results: mpsc::Receiver<Result<StopReason, vcpu::Error>>,
+    outcome: Outcome,
+}
+
+impl EventHandler for ExitWatcher {
+    fn start(&mut self, ops: &mut Ops<'_>) {
+        ops.watch(self.wake.as_raw_fd(), 0, libc::POLLIN as u32);
+    }
+
+    fn handle(&mut self, _event: Event, ops: &mut Ops<'_>) {
+        let _ = self.wake.read();
+        if let Ok(result) = self.results.try_recv() {
+            let exit = result.map(|r| match r {
+                StopReason::Reset => GuestExit::Reset,
+                StopReason::PowerOff | StopReason::Kicked => GuestExit::PowerOff,
+            });
+            set_outcome(&self.outcome, exit);
+            ops.stop_loop();
+        }
+    }
+}
+
+/// Feeds the VMM's stdin to the guest's serial console.
+struct ConsoleInput {
+    serial: Arc<Mutex<SerialConsole>>,
+}
+
+const STDIN_TOKEN: u32 = 0;
+const STDIN_RETRY: u32 = 1;
+
+impl EventHandler for ConsoleInput {
+    fn start(&mut self, ops: &mut Ops<'_>) {
+        ops.watch(libc::STDIN_FILENO, STDIN_TOKEN, libc::POLLIN as u32);
+    }
+
+    fn handle(&mut self, event: Event, ops: &mut Ops<'_>) {
+        if let Event::Timer { token: STDIN_RETRY } = event {
+            ops.watch(libc::STDIN_FILENO, STDIN_TOKEN, libc::POLLIN as u32);
+            return;
+        }
+        let room = lock(&self.serial).input_room().min(64);
+        if room == 0 {
+            // The guest has not drained its FIFO: try again shortly.
+            ops.unwatch(STDIN_TOKEN);
+            ops.timer(STDIN_RETRY, Duration::from_millis(5));
+            return;
+        }
+        let mut buf = [0u8; 64];
+        match std::io::stdin().lock().read(&mut buf[..room]) {
+            Ok(0) | Err(_) => ops.unwatch(STDIN_TOKEN),
+            Ok(n) => {
+                lock(&self.serial).enqueue_input(&buf[..n]);
+            }
+        }
+    }
+}
+
+/// The control socket: one text command per line, one reply line each.
+///
+/// | command | reply |
+/// |---|---|
+/// | `ping` | `ok pong` |
+/// | `pause` / `resume` | `ok` |
+/// | `snapshot <path>` | `ok state=<bytes> mem=<written>/<size> ms=<wall>` |
+/// | `quit` | `ok`, then the VMM exits 0 |
+///
+/// Errors are `error <message>`.
+struct ApiServer {
+    listener: UnixListener,
+    clients: Vec<Option<(UnixStream, Vec<u8>)>>,
+    handle: Arc<VmHandle>,
+    outcome: Outcome,
+}
+
+/// Longest command line accepted.
+const MAX_COMMAND: usize = 4096;
+/// Most simultaneous control clients.
+const MAX_CLIENTS: usize = 16;
+const LISTENER_TOKEN: u32 = u32::MAX;
+
+impl ApiServer {
+    fn execute(&mut self, line: &str, ops: &mut Ops<'_>) -> String {
+        let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
+        let arg = arg.trim();
+        match cmd {
+            "ping" => "ok pong".into(),
+            "pause" => match self.handle.pause() {
+                Ok(()) => "ok".into(),
+                Err(e) => format!("error {e}"),
+            },
+            "resume" => {
+                self.handle.resume();
+                "ok".into()
+            }
+            "snapshot" if !arg.is_empty() => match self.handle.snapshot(Path::new(arg)) {
+                Ok(s) => format!(
+                    "ok state={} mem={}/{} ms={:.3}",
+                    s.state_bytes,
+                    s.mem_written,
+                    s.mem_len,
+                    s.elapsed.as_secs_f64() * 1e3
+                ),
+                Err(e) => format!("error {}", error_chain(&e)),
+            },
+            "quit" => {
+                set_outcome(&self.outcome, Ok(GuestExit::Quit));
+                ops.stop_loop();
+                "ok".into()
+            }
+            _ => format!(
+                "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, quit)"
+            ),
+        }
+    }
+
+    fn serve(&mut self, slot: usize, ops: &mut Ops<'_>) {
+        let Some(Some((stream, buf))) = self.clients.get_mut(slot) else {
+            return;
+        };
+        let mut chunk = [0u8; 1024];
+        let closed = match stream.read(&mut chunk) {
+            Ok(0) => true,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                false
+            }
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        let mut replies = Vec::new();
+        let mut too_long = false;
+        if let Some(Some((_, buf))) = self.clients.get_mut(slot) {
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                replies.push(String::from_utf8_lossy(&line).trim().to_owned());
+            }
+            too_long = buf.len() > MAX_COMMAND;
+        }
+        let mut out = Vec::new();
+        for line in replies.iter().filter(|l| !l.is_empty()) {
+            out.push(self.execute(line, ops));
+        }
+        if too_long {
+            out.push("error command too long".into());
+        }
+        if let Some(Some((stream, _))) = self.clients.get_mut(slot) {
+            for reply in out {
+                // Replies are short; a client that does not read is dropped.
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = stream.write_all(format!("{reply}\n").as_bytes());
+                let _ = stream.set_nonblocking(true);
+            }
+        }
+        if closed || too_long {
+            ops.unwatch(u32::try_from(slot).unwrap_or(0));
+            if let Some(entry) = self.clients.get_mut(slot) {
+                *entry = None;
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = cause.source();
+    }
+    msg
+}
+
+impl EventHandler for ApiServer {
+    fn start(&mut self, ops: &mut Ops<'_>) {
+        ops.watch(
+            self.listener.as_raw_fd(),
+            LISTENER_TOKEN,
+            libc::POLLIN as u32,
+        );
+    }
+
+    fn handle(&mut self, event: Event, ops: &mut Ops<'_>) {
+        let Event::Ready { token, .. } = event else {
+            return;
+        };
+        if token != LISTENER_TOKEN {
+            self.serve(usize::try_from(token).unwrap_or(usize::MAX), ops);
+            return;
+        }
+        while let Ok((stream, _)) = self.listener.accept() {
+            let Some(slot) = self.clients.iter().position(Option::is_none).or_else(|| {
+                (self.clients.len() < MAX_CLIENTS).then(|| {
+                    self.clients.push(None);
+                    self.clients.len() - 1
+                })
+            }) else {
+                continue;
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let fd = stream.as_raw_fd();
+            self.clients[slot] = Some((stream, Vec::new()));
+            ops.watch(fd, u32::try_from(slot).unwrap_or(0), libc::POLLIN as u32);
+        }
+    }
+}
+
+/// Binds the control socket, replacing a stale socket file.
+fn bind_api(path: &Path) -> Result<UnixListener, Error> {
+    let name = path.display().to_string();
+    if path.exists() {
+        std::fs::remove_file(path).map_err(|e| Error::ApiSocket(name.clone(), e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| Error::ApiSocket(name.clone(), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::ApiSocket(name, e))?;
+    Ok(listener)
+}
+
+/// Runs a built (booted or restored) VM until it ends.
+pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
+    let BuiltVm {
+        vm,
+        vcpus,
+        devices,
+        mut event_loop,
+        reset,
+        legacy,
+    } = built;
+    let api = options.api_sock.as_deref().map(bind_api).transpose()?;
+    let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
+    let wake =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device("the exit eventfd", e))?;
+    let outcome: Outcome = Arc::new(Mutex::new(None));
+    let loop_handle = event_loop.handle();
+    loop_handle
+        .add(Box::new(ExitWatcher {
+            wake: wake
+                .try_clone()
+                .map_err(|e| Error::Device("the exit eventfd", e))?,
+            results: rx,
+            outcome: outcome.clone(),
+        }))
+        .map_err(Error::EventLoop)?;
+    if options.console_input {
+        loop_handle
+            .add(Box::new(ConsoleInput {
+                serial: legacy.serial.clone(),
+            }))
+            .map_err(Error::EventLoop)?;
+    }
+
+    let msr_indices = Arc::new(persist::saveable_msrs(&vm.kvm)?);
+    let has_xcrs = vm.kvm.check_extension(kvm_ioctls::Cap::Xcrs);
+    let vm = Arc::new(vm);
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let ctx = VcpuContext {
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            reset: reset.clone(),
+            msr_indices: msr_indices.clone(),
+            has_xcrs,
+        };
+        let (tx, wake, reset, vm) = (
+            tx.clone(),
+            wake.try_clone()
+                .map_err(|e| Error::Device("the exit eventfd", e))?,
+            reset.clone(),
+            vm.clone(),
+        );
+        threads.push(VcpuThread::spawn(vcpu, ctx, move |r| {
+            // A reset seen by one vCPU ends the VM for all of them.
+            if matches!(r, Ok(StopReason::Reset)) {
+                reset.store(true, Ordering::Release);
+            }
+            let _ = tx.send(r);
+            let _ = wake.write(1);
+            // The thread kept the VM (and the guest memory KVM maps) alive
+            // for as long as it could enter the guest.
+            drop(vm);
+        })?);
+    }
+    drop(tx);
+    if let Some(started) = options.started {
+        tracing::info!(
+            "vCPUs running {:.3} ms after vmm start",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let handle = Arc::new(VmHandle {
+        vm,
+        vcpus: threads,
+        legacy,
+        virtio_devices: devices.virtio_count(),
+        paused: Mutex::new(false),
+    });
+    if let Some(listener) = api {
+        loop_handle
+            .add(Box::new(ApiServer {
+                listener,
+                clients: Vec::new(),
+                handle: handle.clone(),
+                outcome: outcome.clone(),
+            }))
+            .map_err(Error::EventLoop)?;
+    }
+    event_loop.run().map_err(Error::EventLoop)?;
+    if let Some(path) = &options.api_sock {
+        let _ = std::fs::remove_file(path);
+    }
+    let result = lock(&outcome).take();
+    match result {
+        Some(Ok(exit)) => Ok(exit),
+        Some(Err(e)) => Err(Error::Vcpu(e)),
+        None => Err(Error::VcpusGone),
+    }
+}
+
+/// Opens a snapshot target for writing (used by [`snapshot::write`]).
+pub(crate) fn create_file(path: &Path) -> std::io::Result<std::fs::File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}

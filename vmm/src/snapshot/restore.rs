@@ -1,0 +1,83 @@
+//! Restoring a microVM from a snapshot file.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::builder::{attach_legacy_devices, BuiltVm, Error as BuildError};
+use crate::config::{ConsoleOutput, MAX_MEM_MIB};
+use crate::devices::manager::DeviceManager;
+use crate::event_loop::EventLoop;
+use crate::host::HostKind;
+use crate::snapshot::{format, memory, Error, MicrovmState};
+use crate::vstate::persist;
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::{self, Vm};
+
+/// What to restore and how to wire it.
+pub struct RestoreConfig {
+    /// The snapshot file.
+    pub snapshot: PathBuf,
+    /// Where the guest's serial console goes.
+    pub console: ConsoleOutput,
+}
+
+/// Most vCPUs a snapshot may hold (the MP table's limit).
+const MAX_VCPUS: usize = crate::arch::x86_64::mptable::MAX_CPUS as usize;
+
+/// Reads and validates the snapshot, maps its memory copy-on-write and
+/// re-creates the VM, vCPUs and devices, ready to run.
+pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
+    let name = config.snapshot.display().to_string();
+    let mut file = File::open(&config.snapshot).map_err(|e| Error::Open(name.clone(), e))?;
+    let (header, state): (format::Header, MicrovmState) =
+        format::read_state(&mut file).map_err(|e| Error::Format(name.clone(), e))?;
+    memory::validate(&state.regions, header.mem_len, MAX_MEM_MIB << 20)
+        .map_err(|e| Error::Memory(name.clone(), e))?;
+    if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS {
+        return Err(Error::Invalid(name, "vCPU count").into());
+    }
+    if state.host != HostKind::detect().name() {
+        tracing::warn!(
+            "snapshot taken on a {} host, restoring on a {} host",
+            state.host,
+            HostKind::detect().name()
+        );
+    }
+    let mem = memory::map_private(Arc::new(file), header.mem_offset, &state.regions)
+        .map_err(|e| Error::Memory(name.clone(), e))?;
+
+    let kvm = vm::open_kvm()?;
+    let vm = Vm::new(kvm, mem)?;
+    persist::restore_vm(&vm.fd, &state.vm)?;
+    let event_loop =
+        EventLoop::new(crate::builder::EVENT_LOOP_ENTRIES).map_err(BuildError::EventLoop)?;
+    let reset = Arc::new(AtomicBool::new(false));
+    let mut devices = DeviceManager::new(event_loop.handle());
+    let legacy = attach_legacy_devices(
+        &vm,
+        &mut devices,
+        config.console,
+        reset.clone(),
+        Some(&state.legacy),
+    )?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+        let index = u8::try_from(index).map_err(|_| Error::Invalid(name.clone(), "vCPU count"))?;
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|e| BuildError::Vcpu(crate::vstate::vcpu::Error::Kvm("create a vCPU", e)))?;
+        persist::restore_vcpu(&fd, vcpu_state)?;
+        vcpus.push(Vcpu::from_fd(fd, index));
+    }
+    Ok(BuiltVm {
+        vm,
+        vcpus,
+        devices,
+        event_loop,
+        reset,
+        legacy,
+    })
+}
