@@ -19,8 +19,10 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"LTLSNAP\0";
 /// Current format version. Bump on any incompatible change of the state.
 pub const VERSION: u32 = 1;
+/// Size of the fixed header, in bytes.
+const HEADER_BYTES: usize = 64;
 /// Size of the fixed header.
-pub const HEADER_LEN: u64 = 64;
+pub const HEADER_LEN: u64 = HEADER_BYTES as u64;
 /// Largest serialized state accepted on read.
 pub const MAX_STATE_LEN: u64 = 16 << 20;
 /// Alignment of the memory image inside the file.
@@ -69,7 +71,7 @@ pub struct Header {
 }
 
 impl Header {
-    fn encode(&self) -> [u8; HEADER_LEN as usize] {
+    fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut b = [0u8; HEADER_LEN as usize];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -82,7 +84,7 @@ impl Header {
         b
     }
 
-    fn decode(b: &[u8; HEADER_LEN as usize]) -> Result<Self, Error> {
+    fn decode(b: &[u8; HEADER_BYTES]) -> Result<Self, Error> {
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u64_at = |o: usize| {
             let mut x = [0u8; 8];
@@ -108,7 +110,7 @@ impl Header {
         if h.state_len > MAX_STATE_LEN {
             return Err(Error::Layout("state"));
         }
-        if h.mem_offset % PAGE_SIZE != 0
+        if !h.mem_offset.is_multiple_of(PAGE_SIZE)
             || h.mem_offset < HEADER_LEN + h.state_len
             || h.mem_offset.checked_add(h.mem_len).is_none()
         {

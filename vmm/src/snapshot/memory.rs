@@ -64,7 +64,7 @@ pub fn regions(mem: &GuestMemoryMmap) -> Vec<RegionState> {
 /// written.
 pub fn write_sparse(mem: &GuestMemoryMmap, file: &File, offset: u64) -> Result<u64, Error> {
     let mut buf = vec![0u8; CHUNK];
-    let page = PAGE_SIZE as usize;
+    let page = usize::try_from(PAGE_SIZE).unwrap_or(4096);
     let mut file_pos = offset;
     let mut written = 0;
     for region in mem.iter() {
@@ -111,7 +111,7 @@ pub fn validate(regions: &[RegionState], mem_len: u64, max_bytes: u64) -> Result
     }
     let mut total = 0u64;
     for r in regions {
-        if r.len == 0 || r.len % PAGE_SIZE != 0 || r.guest_addr % PAGE_SIZE != 0 {
+        if r.len == 0 || !r.len.is_multiple_of(PAGE_SIZE) || !r.guest_addr.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Layout("region alignment"));
         }
         r.guest_addr
