@@ -72,7 +72,7 @@ pub struct Header {
 
 impl Header {
     fn encode(&self) -> [u8; HEADER_BYTES] {
-        let mut b = [0u8; HEADER_LEN as usize];
+        let mut b = [0u8; HEADER_BYTES];
         b[0..8].copy_from_slice(&MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
         b[16..24].copy_from_slice(&self.state_len.to_le_bytes());
@@ -153,7 +153,7 @@ pub fn write_state<S: Serialize>(
 /// Reads and checks the header and state of a snapshot file.
 pub fn read_state<S: DeserializeOwned>(file: &mut File) -> Result<(Header, S), Error> {
     let file_len = file.metadata()?.len();
-    let mut hb = [0u8; HEADER_LEN as usize];
+    let mut hb = [0u8; HEADER_BYTES];
     file.seek(SeekFrom::Start(0))?;
     file.read_exact(&mut hb).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => Error::Truncated("header"),
@@ -255,7 +255,7 @@ mod tests {
     #[test]
     fn oversized_state_is_refused_before_reading() {
         let mut f = written();
-        let mut h = [0u8; HEADER_LEN as usize];
+        let mut h = [0u8; HEADER_BYTES];
         f.read_exact_at(&mut h, 0).expect("read");
         let mut header = Header::decode(&h).expect("valid");
         header.state_len = MAX_STATE_LEN + 1;
