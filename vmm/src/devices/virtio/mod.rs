@@ -5,6 +5,7 @@
 //! kernel command line (`virtio_mmio.device=4K@<addr>:<irq>`).
 
 pub mod transport;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
