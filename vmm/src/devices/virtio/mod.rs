@@ -4,6 +4,7 @@
 //! exposes it to the guest as a virtio 1.x MMIO device announced on the
 //! kernel command line (`virtio_mmio.device=4K@<addr>:<irq>`).
 
+pub mod block;
 pub mod transport;
 pub mod vsock;
 

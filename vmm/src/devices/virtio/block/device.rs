@@ -1,0 +1,141 @@
+//! The virtio-blk device as the MMIO transport sees it: features, config
+//! space, activation onto the event loop, and reset.
+
+use std::sync::Arc;
+
+use virtio_queue::QueueT;
+
+use super::request::MAX_SEGMENTS;
+use super::runtime::BlockRuntime;
+use super::{Disk, TYPE_BLOCK};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+};
+use crate::event_loop::{HandlerId, LoopHandle};
+
+/// Feature: `seg_max` in config space is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// Feature: the disk is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// Feature: `blk_size` in config space is valid.
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+/// Feature: the FLUSH request is supported.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Feature: indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// Feature: used/avail event indexes suppress notifications.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Size of the one request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Logical block size reported to the guest.
+pub const BLOCK_SIZE: u32 = 512;
+/// Bytes of `struct virtio_blk_config` up to and including `blk_size`.
+const CONFIG_LEN: usize = 24;
+
+/// A virtio-blk device backed by a raw image.
+pub struct Block {
+    disk: Arc<Disk>,
+    config: [u8; CONFIG_LEN],
+    acked_features: u64,
+    running: Option<(LoopHandle, HandlerId)>,
+}
+
+impl Block {
+    /// A device serving `disk`.
+    pub fn new(disk: Disk) -> Self {
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&disk.capacity().to_le_bytes());
+        // size_max (8..12) is not offered: segments may be any length.
+        config[12..16].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
+        // geometry (16..20) is not offered.
+        config[20..24].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
+        Self {
+            disk: Arc::new(disk),
+            config,
+            acked_features: 0,
+            running: None,
+        }
+    }
+
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        let ro = if self.disk.read_only() {
+            VIRTIO_BLK_F_RO
+        } else {
+            0
+        };
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | ro
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Nothing in the offered config space is writable (no CONFIG_WCE).
+        tracing::debug!("virtio-blk: ignored config write at {offset:#x}");
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let ActivateContext {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            event_loop,
+        } = ctx;
+        let got = queues.len();
+        let (Ok([mut queue]), Ok([queue_evt])) =
+            (<[_; 1]>::try_from(queues), <[_; 1]>::try_from(queue_events))
+        else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        if !queue.ready() {
+            return Err(ActivateError::InvalidQueue(0));
+        }
+        queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        let runtime = BlockRuntime::new(mem, queue, queue_evt, interrupt, self.disk.clone());
+        let id = event_loop
+            .add(Box::new(runtime))
+            .map_err(|e| ActivateError::Backend(std::io::Error::other(e)))?;
+        self.running = Some((event_loop, id));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // In-flight io_uring operations keep their guest memory mapped (the
+        // loop holds a clone) and the image file stays open here, so the
+        // handler can go before they complete; their completions are dropped.
+        if let Some((event_loop, id)) = self.running.take() {
+            if let Err(e) = event_loop.remove(id) {
+                tracing::debug!("virtio-blk: removing the queue handler: {e}");
+            }
+        }
+        self.acked_features = 0;
+    }
+}
