@@ -89,7 +89,7 @@ fn flag(value: Option<&[u8]>, current: bool) -> bool {
 
 /// Whitespace-separated words; double quotes group, and are dropped when
 /// they wrap the whole word.
-struct Words<'a>(&'a [u8]);
+pub(crate) struct Words<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Iterator for Words<'a> {
     type Item = &'a [u8];
@@ -116,7 +116,7 @@ impl<'a> Iterator for Words<'a> {
 
 /// Drops one pair of surrounding double quotes, as the kernel does for
 /// `"word"` and for the value of `key="value"`.
-fn strip_quotes(word: &[u8]) -> &[u8] {
+pub(crate) fn strip_quotes(word: &[u8]) -> &[u8] {
     match word {
         [b'"', inner @ .., b'"'] => inner,
         _ => word,

@@ -115,6 +115,10 @@ fn boot(console: &mut Console) -> Result<(), Failure> {
     for m in &REST {
         mount_step(m, *console)?;
     }
+    // `little.root=`: the image's disk, under an overlay, becomes `/`.
+    if let Some(steps) = guest_agent::rootfs::RootOptions::parse(&cmdline).plan() {
+        crate::switch_root::run(&steps).map_err(|(what, errno)| Failure::Sys { what, errno })?;
+    }
     if let Err(Errno(errno)) = sys::sethostname(&config.hostname) {
         let _ = console.report(Event::Skipped {
             what: "sethostname",

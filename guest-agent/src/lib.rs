@@ -17,5 +17,6 @@ pub mod env;
 pub mod mounts;
 pub mod protocol;
 pub mod report;
+pub mod rootfs;
 pub mod signals;
 pub mod status;

@@ -17,6 +17,7 @@ mod host;
 mod init;
 mod spawn;
 mod supervise;
+mod switch_root;
 mod sys;
 
 use core::panic::PanicInfo;

@@ -46,6 +46,7 @@ mod nr {
     pub const WAIT4: usize = 61;
     pub const KILL: usize = 62;
     pub const CHDIR: usize = 80;
+    pub const CHROOT: usize = 161;
     pub const SETUID: usize = 105;
     pub const SETGID: usize = 106;
     pub const SETSID: usize = 112;
@@ -442,6 +443,12 @@ pub fn setuid(uid: u32) -> Result<()> {
 pub fn chdir(path: &CStr) -> Result<()> {
     // SAFETY: path is NUL-terminated and outlives the call.
     check(unsafe { syscall1(nr::CHDIR, path.as_ptr() as usize) }).map(drop)
+}
+
+/// `chroot(2)`.
+pub fn chroot(path: &CStr) -> Result<()> {
+    // SAFETY: path is NUL-terminated and outlives the call.
+    check(unsafe { syscall1(nr::CHROOT, path.as_ptr() as usize) }).map(drop)
 }
 
 /// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`), so
