@@ -114,6 +114,9 @@ pub enum Error {
     /// A device could not be attached.
     #[error(transparent)]
     Devices(#[from] manager::Error),
+    /// A disk image could not be opened.
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::Error),
 }
 
 /// How a guest ended.
@@ -235,6 +238,11 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
     let legacy = attach_legacy_devices(&vm, &mut devices, console, reset.clone(), None)?;
     // Virtio devices: each gets an MMIO window, an IRQ and a cmdline entry.
     // (attach them here, before the command line is written)
+    for drive in &config.drives {
+        let disk = crate::devices::virtio::block::Disk::open(drive)?;
+        let block = crate::devices::virtio::block::Block::new(disk);
+        devices.attach_virtio(&vm, Box::new(block))?;
+    }
 
     let mut cmdline = build_cmdline(&config, host)?;
     devices.announce(&mut cmdline)?;

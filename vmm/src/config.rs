@@ -51,6 +51,8 @@ pub struct VmConfig {
     pub cmdline_replace: bool,
     /// Serial console destination.
     pub console: ConsoleOutput,
+    /// virtio-blk disks, in order: the guest sees /dev/vda, /dev/vdb, ...
+    pub drives: Vec<crate::devices::virtio::block::BlockConfig>,
 }
 
 /// Errors in a [`VmConfig`].
@@ -80,6 +82,7 @@ impl VmConfig {
             cmdline_extra: String::new(),
             cmdline_replace: false,
             console: ConsoleOutput::Stdout,
+            drives: Vec::new(),
         }
     }
 

@@ -63,6 +63,11 @@ struct Args {
     #[arg(long, value_name = "stdout|null|PATH", default_value = "stdout")]
     console: String,
 
+    /// A virtio-blk disk from a raw image, `path=PATH[,ro][,serial=ID]`;
+    /// repeatable, the guest sees /dev/vda, /dev/vdb, ... in order.
+    #[arg(long = "drive", value_name = "path=PATH[,ro][,serial=ID]")]
+    drives: Vec<String>,
+
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `vmm=debug`);
     /// `RUST_LOG` works too. Logs go to stderr.
     #[arg(long, value_name = "FILTER")]
@@ -97,6 +102,18 @@ fn main() -> ExitCode {
         console_input: args.console_input,
         started: Some(started),
     };
+    let drives = match args
+        .drives
+        .iter()
+        .map(|d| vmm::devices::virtio::block::BlockConfig::parse(d))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(drives) => drives,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let built = match (args.snapshot, args.kernel) {
         (Some(snapshot), _) => restore::restore(RestoreConfig { snapshot, console }),
         (None, Some(kernel)) => builder::build(VmConfig {
@@ -107,6 +124,7 @@ fn main() -> ExitCode {
             cmdline_extra: args.cmdline,
             cmdline_replace: args.cmdline_replace,
             console,
+            drives,
         }),
         // clap requires --kernel unless --snapshot is given.
         (None, None) => return ExitCode::from(2),
