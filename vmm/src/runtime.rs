@@ -138,8 +138,14 @@ impl VmHandle {
             serial: lock(&self.legacy.serial).save(),
             i8042: lock(&self.legacy.i8042).save(),
         };
+        let saved = start.elapsed();
         let state = MicrovmState::new(&self.vm.mem, vm, vcpus, legacy);
         let (state_bytes, mem_written, mem_len) = snapshot::write(path, &state, &self.vm.mem)?;
+        tracing::debug!(
+            "snapshot: paused and saved state in {:?}, file written in {:?}",
+            saved,
+            start.elapsed() - saved
+        );
         Ok(SnapshotStats {
             state_bytes,
             mem_written,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
 };
 
@@ -17,8 +17,6 @@ use super::format::PAGE_SIZE;
 
 /// Most memory regions a snapshot may describe.
 pub const MAX_REGIONS: usize = 8;
-/// Bytes scanned and written per step.
-const CHUNK: usize = 1 << 20;
 
 /// One guest memory region as stored in a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,47 +57,58 @@ pub fn regions(mem: &GuestMemoryMmap) -> Vec<RegionState> {
         .collect()
 }
 
-/// Writes every non-zero page of `mem` into `file` at `offset` onwards
-/// (regions back to back); zero pages are left as holes. Returns the bytes
-/// written.
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
+    // the aligned middle of the byte slice.
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// A read-only view of a whole guest memory region.
+///
+/// Only for a VM whose vCPUs are paused and whose devices are not running
+/// (snapshot time): nothing else writes guest memory then.
+fn region_bytes(region: &GuestRegionMmap) -> Result<&[u8], Error> {
+    let len = usize::try_from(region.len()).map_err(|_| Error::Layout("region size"))?;
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(Error::Read)?;
+    // SAFETY: `host` is the start of the region's live mapping of `len`
+    // bytes, owned by `region` which outlives the returned borrow; the VM is
+    // paused and the device loop is the caller's own thread, so the bytes do
+    // not change while they are read.
+    Ok(unsafe { std::slice::from_raw_parts(host.cast_const(), len) })
+}
+
+/// Writes every non-zero page of `mem` (a paused VM's memory) into `file` at
+/// `offset` onwards (regions back to back); zero pages are left as holes.
+/// Returns the bytes written.
 pub fn write_sparse(mem: &GuestMemoryMmap, file: &File, offset: u64) -> Result<u64, Error> {
-    let mut buf = vec![0u8; CHUNK];
     let page = usize::try_from(PAGE_SIZE).unwrap_or(4096);
     let mut file_pos = offset;
     let mut written = 0;
     for region in mem.iter() {
-        let len = region.len();
-        let mut done = 0u64;
-        while done < len {
-            let n = usize::try_from((len - done).min(CHUNK as u64))
-                .map_err(|_| Error::Layout("region"))?;
-            let chunk = &mut buf[..n];
-            region
-                .read_slice(chunk, MemoryRegionAddress(done))
-                .map_err(Error::Read)?;
-            // Coalesce runs of non-zero pages into one write each.
-            let mut run_start: Option<usize> = None;
-            for (i, p) in chunk.chunks(page).enumerate() {
-                let zero = p.iter().all(|&b| b == 0);
-                match (zero, run_start) {
-                    (false, None) => run_start = Some(i * page),
-                    (true, Some(start)) => {
-                        file.write_all_at(&chunk[start..i * page], file_pos + start as u64)
-                            .map_err(Error::Write)?;
-                        written += (i * page - start) as u64;
-                        run_start = None;
-                    }
-                    _ => {}
+        let bytes = region_bytes(region)?;
+        // Coalesce runs of non-zero pages into one write each.
+        let mut run_start: Option<usize> = None;
+        for (i, p) in bytes.chunks(page).enumerate() {
+            match (is_zero(p), run_start) {
+                (false, None) => run_start = Some(i * page),
+                (true, Some(start)) => {
+                    file.write_all_at(&bytes[start..i * page], file_pos + start as u64)
+                        .map_err(Error::Write)?;
+                    written += (i * page - start) as u64;
+                    run_start = None;
                 }
+                _ => {}
             }
-            if let Some(start) = run_start {
-                file.write_all_at(&chunk[start..], file_pos + start as u64)
-                    .map_err(Error::Write)?;
-                written += (n - start) as u64;
-            }
-            done += n as u64;
-            file_pos += n as u64;
         }
+        if let Some(start) = run_start {
+            file.write_all_at(&bytes[start..], file_pos + start as u64)
+                .map_err(Error::Write)?;
+            written += (bytes.len() - start) as u64;
+        }
+        file_pos += bytes.len() as u64;
     }
     Ok(written)
 }
@@ -155,6 +164,7 @@ pub fn map_private(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn sparse_image_round_trips_and_restores_privately() {

@@ -1,0 +1,163 @@
+//! Snapshots end to end: boot the real kernel with the agent once, snapshot
+//! it through the control socket, restore three clones at once from the one
+//! file, check each answers on its own console and none sees another's
+//! writes, and check that damaged snapshot files give clear errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use little_tests::{agent_initramfs, api, kernel, run_vmm, VmmProcess};
+
+/// Reads console lines; remembers each in /tmp (guest memory, tmpfs) and
+/// prints how many it has seen, so a clone that saw another clone's line
+/// would count too many.
+const AGENT_CONF: &str = r#"arg=/bin/sh
+arg=-c
+arg=echo ready; while read line; do echo "$line" >> /tmp/seen; echo "got: $line seen=$(/bin/busybox wc -l < /tmp/seen)"; done
+env=PATH=/bin
+"#;
+
+struct Snapshot {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    reply: String,
+}
+
+fn snapshot() -> &'static Snapshot {
+    static SNAP: OnceLock<Snapshot> = OnceLock::new();
+    SNAP.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let initrd = agent_initramfs(dir.path(), AGENT_CONF);
+        let sock = dir.path().join("api.sock");
+        let path = dir.path().join("app.snap");
+        let k = kernel();
+        let mut vmm = VmmProcess::spawn(&[
+            "--kernel",
+            k.to_str().expect("utf-8"),
+            "--initrd",
+            initrd.to_str().expect("utf-8"),
+            "--mem",
+            "64",
+            "--api-sock",
+            sock.to_str().expect("utf-8"),
+        ]);
+        assert!(
+            vmm.wait_for("ready", Duration::from_secs(120)),
+            "guest never got ready: {} {}",
+            vmm.stdout(),
+            vmm.stderr()
+        );
+        let reply = api(&sock, &format!("snapshot {}", path.display()));
+        assert_eq!(api(&sock, "quit"), "ok");
+        let status = vmm.wait(Duration::from_secs(10)).expect("vmm quits");
+        assert!(status.success(), "quit exits 0: {}", vmm.stderr());
+        Snapshot {
+            _dir: dir,
+            path,
+            reply,
+        }
+    })
+}
+
+#[test]
+fn snapshot_reply_reports_a_sparse_image() {
+    let s = snapshot();
+    assert!(s.reply.starts_with("ok "), "{}", s.reply);
+    let meta = std::fs::metadata(&s.path).expect("snapshot exists");
+    use std::os::unix::fs::MetadataExt;
+    let allocated = meta.blocks() * 512;
+    assert!(meta.len() > 64 << 20, "holds the whole 64 MiB image");
+    assert!(
+        allocated < meta.len() / 2,
+        "zero pages are holes: {allocated} of {} bytes allocated",
+        meta.len()
+    );
+}
+
+#[test]
+fn three_clones_run_at_once_and_do_not_share_writes() {
+    let s = snapshot();
+    let path = s.path.to_str().expect("utf-8");
+    let mut clones: Vec<VmmProcess> = (0..3)
+        .map(|_| VmmProcess::spawn(&["--snapshot", path, "--console-input"]))
+        .collect();
+    for (i, clone) in clones.iter_mut().enumerate() {
+        clone.send(&format!("first-{i}\n"));
+    }
+    for (i, clone) in clones.iter_mut().enumerate() {
+        let want = format!("got: first-{i} seen=1");
+        assert!(
+            clone.wait_for(&want, Duration::from_secs(60)),
+            "clone {i}: {} / {}",
+            clone.stdout(),
+            clone.stderr()
+        );
+    }
+    for (i, clone) in clones.iter_mut().enumerate() {
+        clone.send(&format!("second-{i}\n"));
+    }
+    for (i, clone) in clones.iter_mut().enumerate() {
+        let want = format!("got: second-{i} seen=2");
+        assert!(
+            clone.wait_for(&want, Duration::from_secs(60)),
+            "clone {i} counts only its own lines: {}",
+            clone.stdout()
+        );
+        assert!(!clone.stdout().contains("seen=3"), "{}", clone.stdout());
+    }
+}
+
+fn damaged(name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bytes = std::fs::read(&snapshot().path).expect("read snapshot");
+    edit(&mut bytes);
+    let path = dir.path().join(name);
+    std::fs::write(&path, bytes).expect("write");
+    (dir, path)
+}
+
+fn assert_refused(path: &Path, expect: &str) {
+    let run = run_vmm(
+        &["--snapshot", path.to_str().expect("utf-8")],
+        Duration::from_secs(30),
+    );
+    let status = run.status.expect("exits by itself");
+    assert_eq!(status.code(), Some(1), "{run:?}");
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(expect),
+        "{:?} should say {expect:?}",
+        run.stderr
+    );
+}
+
+#[test]
+fn truncated_snapshot_is_refused() {
+    let (_d, p) = damaged("cut.snap", |b| b.truncate(b.len() / 2));
+    assert_refused(&p, "truncated");
+}
+
+#[test]
+fn corrupt_state_is_refused() {
+    let (_d, p) = damaged("flip.snap", |b| b[200] ^= 0x55);
+    assert_refused(&p, "checksum mismatch");
+}
+
+#[test]
+fn foreign_file_is_refused() {
+    let (_d, p) = damaged("junk.snap", |b| b[..8].copy_from_slice(b"NOTASNAP"));
+    assert_refused(&p, "bad magic");
+}
+
+#[test]
+fn other_version_is_refused() {
+    let (_d, p) = damaged("v9.snap", |b| b[8] = 9);
+    assert_refused(&p, "version 9 is not supported");
+}
+
+#[test]
+fn missing_snapshot_is_refused() {
+    assert_refused(Path::new("/nonexistent/app.snap"), "cannot open snapshot");
+}
