@@ -114,6 +114,12 @@ pub enum Error {
     /// A device could not be attached.
     #[error(transparent)]
     Devices(#[from] manager::Error),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::Error),
+    /// The network device could not be set up.
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::Error),
     /// A disk image could not be opened.
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::Error),
@@ -139,6 +145,11 @@ pub fn build_cmdline(config: &VmConfig, host: HostKind) -> Result<Cmdline, Error
             .map_err(Error::Cmdline)?;
         if host == HostKind::NestedEmulated {
             cmdline.insert_str(NESTED_CMDLINE).map_err(Error::Cmdline)?;
+        }
+        if config.net.is_some() {
+            cmdline
+                .insert_str(crate::net::GUEST_CMDLINE)
+                .map_err(Error::Cmdline)?;
         }
     }
     if !config.cmdline_extra.trim().is_empty() {
@@ -238,10 +249,19 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
     let legacy = attach_legacy_devices(&vm, &mut devices, console, reset.clone(), None)?;
     // Virtio devices: each gets an MMIO window, an IRQ and a cmdline entry.
     // (attach them here, before the command line is written)
+    if let Some(net) = &config.net {
+        let device = crate::devices::virtio::net::Net::new(net)?;
+        devices.attach_virtio(&vm, Box::new(device))?;
+    }
     for drive in &config.drives {
         let disk = crate::devices::virtio::block::Disk::open(drive)?;
         let block = crate::devices::virtio::block::Block::new(disk);
         devices.attach_virtio(&vm, Box::new(block))?;
+    }
+
+    if let Some(vsock) = &config.vsock {
+        let device = crate::devices::virtio::vsock::Vsock::new(vsock)?;
+        devices.attach_virtio(&vm, Box::new(device))?;
     }
 
     let mut cmdline = build_cmdline(&config, host)?;

@@ -51,6 +51,10 @@ pub struct VmConfig {
     pub cmdline_replace: bool,
     /// Serial console destination.
     pub console: ConsoleOutput,
+    /// A virtio-vsock device (`None`: no vsock).
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+    /// A virtio-net device on the userspace network (`None`: no network).
+    pub net: Option<crate::net::NetConfig>,
     /// virtio-blk disks, in order: the guest sees /dev/vda, /dev/vdb, ...
     pub drives: Vec<crate::devices::virtio::block::BlockConfig>,
 }
@@ -82,6 +86,8 @@ impl VmConfig {
             cmdline_extra: String::new(),
             cmdline_replace: false,
             console: ConsoleOutput::Stdout,
+            vsock: None,
+            net: None,
             drives: Vec::new(),
         }
     }

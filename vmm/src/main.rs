@@ -68,6 +68,34 @@ struct Args {
     #[arg(long = "drive", value_name = "path=PATH[,ro][,serial=ID]")]
     drives: Vec<String>,
 
+    /// Give the guest a virtio-net NIC on a private userspace network
+    /// (guest 10.0.2.15/24, gateway 10.0.2.2 = host loopback, DNS 10.0.2.3).
+    #[arg(long)]
+    net: bool,
+
+    /// Publish a host TCP port to a guest port, `[HOSTADDR:]HOSTPORT:GUESTPORT`
+    /// (host address defaults to 127.0.0.1); repeatable; implies --net.
+    #[arg(long, value_name = "SPEC")]
+    publish: Vec<vmm::net::Publish>,
+
+    /// Deny every outbound guest connection and DNS query (except --net-allow).
+    #[arg(long)]
+    net_deny_outbound: bool,
+
+    /// Allow outbound connections to `A.B.C.D[/N][:PORT]`; repeatable.
+    #[arg(long, value_name = "RULE")]
+    net_allow: Vec<vmm::net::Rule>,
+
+    /// Deny outbound connections to `A.B.C.D[/N][:PORT]`; repeatable, checked first.
+    #[arg(long, value_name = "RULE")]
+    net_deny: Vec<vmm::net::Rule>,
+
+    /// A virtio-vsock device, `uds=PATH[,cid=N]` (cid defaults to 3): the VMM
+    /// listens on PATH for `CONNECT <port>`; guest connections to host port
+    /// P go to the Unix socket PATH_P.
+    #[arg(long, value_name = "uds=PATH[,cid=N]")]
+    vsock: Option<vmm::devices::virtio::vsock::VsockConfig>,
+
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `vmm=debug`);
     /// `RUST_LOG` works too. Logs go to stderr.
     #[arg(long, value_name = "FILTER")]
@@ -114,6 +142,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let net = (args.net || !args.publish.is_empty()).then(|| vmm::net::NetConfig {
+        publish: args.publish,
+        policy: vmm::net::Policy {
+            allow_by_default: !args.net_deny_outbound,
+            allow: args.net_allow,
+            deny: args.net_deny,
+        },
+        ..Default::default()
+    });
     let built = match (args.snapshot, args.kernel) {
         (Some(snapshot), _) => restore::restore(RestoreConfig { snapshot, console }),
         (None, Some(kernel)) => builder::build(VmConfig {
@@ -124,7 +161,9 @@ fn main() -> ExitCode {
             cmdline_extra: args.cmdline,
             cmdline_replace: args.cmdline_replace,
             console,
+            vsock: args.vsock,
             drives,
+            net,
         }),
         // clap requires --kernel unless --snapshot is given.
         (None, None) => return ExitCode::from(2),

@@ -5,6 +5,7 @@
 //! kernel command line (`virtio_mmio.device=4K@<addr>:<irq>`).
 
 pub mod block;
+pub mod net;
 pub mod transport;
 pub mod vsock;
 

@@ -1,0 +1,221 @@
+//! The device's runtime on the event loop: the two virtqueues, the
+//! userspace stack, the host sockets it watches and its timer.
+
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::queues::{read_tx_frame, write_rx_frame, QueueError};
+use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
+use crate::event_loop::{Event, EventHandler, Ops, Token};
+use crate::net::{Stack, WatchRequest};
+
+const RX_TOKEN: Token = 0;
+const TX_TOKEN: Token = 1;
+const INBOUND_TOKEN: Token = 2;
+const TIMER_TOKEN: Token = 3;
+
+/// What outlives a device reset: the stack with its host sockets, and the
+/// channel accepted host connections arrive on.
+pub(super) struct Backend {
+    pub(super) stack: Stack,
+    pub(super) inbound: Receiver<(TcpStream, u16)>,
+}
+
+/// Where the backend waits while no handler runs.
+pub(super) type BackendSlot = Arc<Mutex<Option<Backend>>>;
+
+/// The event-loop handler of an activated device.
+pub(super) struct NetHandler {
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) rx: Queue,
+    pub(super) tx: Queue,
+    pub(super) rx_evt: EventFd,
+    pub(super) tx_evt: EventFd,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) wake: Arc<EventFd>,
+    pub(super) backend: Option<Backend>,
+    pub(super) slot: BackendSlot,
+    pub(super) timer_at: Option<Instant>,
+    pub(super) broken: bool,
+}
+
+/// Pops transmit chains, hands their frames to the stack, returns them used.
+pub(super) fn process_tx(
+    mem: &GuestMemoryMmap,
+    tx: &mut Queue,
+    stack: &mut Stack,
+    interrupt: &Interrupt,
+) -> Result<(), QueueError> {
+    let mut used = false;
+    loop {
+        let chain = tx.iter(mem).map_err(QueueError::AvailRing)?.next();
+        let Some(chain) = chain else {
+            break;
+        };
+        let head = chain.head_index();
+        let frame = read_tx_frame(mem, chain)?;
+        tx.add_used(mem, head, 0).map_err(QueueError::UsedRing)?;
+        used = true;
+        if let Some(frame) = frame {
+            stack.guest_frame(&frame);
+        }
+    }
+    notify(mem, tx, interrupt, used)
+}
+
+/// Moves the stack's frames into receive chains while the guest has them.
+pub(super) fn process_rx(
+    mem: &GuestMemoryMmap,
+    rx: &mut Queue,
+    stack: &mut Stack,
+    interrupt: &Interrupt,
+) -> Result<(), QueueError> {
+    let mut used = false;
+    while !stack.to_guest().is_empty() {
+        let chain = rx.iter(mem).map_err(QueueError::AvailRing)?.next();
+        let Some(chain) = chain else {
+            break;
+        };
+        let head = chain.head_index();
+        let Some(frame) = stack.to_guest().pop_front() else {
+            break;
+        };
+        let len = write_rx_frame(mem, chain, &frame)?;
+        rx.add_used(mem, head, len).map_err(QueueError::UsedRing)?;
+        used = true;
+    }
+    notify(mem, rx, interrupt, used)
+}
+
+fn notify(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    interrupt: &Interrupt,
+    used: bool,
+) -> Result<(), QueueError> {
+    if used
+        && queue
+            .needs_notification(mem)
+            .map_err(QueueError::UsedRing)?
+    {
+        if let Err(e) = interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
+            tracing::warn!("virtio-net: interrupt failed: {e}");
+        }
+    }
+    Ok(())
+}
+
+impl NetHandler {
+    fn run(&mut self, ops: &mut Ops<'_>, token: Option<(Token, u32)>) {
+        if self.broken {
+            return;
+        }
+        let Some(backend) = self.backend.as_mut() else {
+            return;
+        };
+        let stack = &mut backend.stack;
+        match token {
+            Some((RX_TOKEN | TIMER_TOKEN, _)) | None => {}
+            Some((TX_TOKEN, _)) => {
+                if let Err(e) = process_tx(&self.mem, &mut self.tx, stack, &self.interrupt) {
+                    self.fail(&e);
+                    return;
+                }
+            }
+            Some((INBOUND_TOKEN, _)) => {
+                while let Ok((stream, port)) = backend.inbound.try_recv() {
+                    if let Err(e) = stack.accept_inbound(stream, port) {
+                        tracing::warn!("virtio-net: inbound connection dropped: {e}");
+                    }
+                }
+            }
+            Some((token, revents)) => stack.host_ready(token, revents),
+        }
+        stack.poll();
+        if let Err(e) = process_rx(&self.mem, &mut self.rx, stack, &self.interrupt) {
+            self.fail(&e);
+            return;
+        }
+        for request in stack.take_requests() {
+            match request {
+                WatchRequest::Watch { fd, token, events } => ops.watch(fd, token, events),
+                WatchRequest::Unwatch { token } => ops.unwatch(token),
+            }
+        }
+        self.arm_timer(ops);
+    }
+
+    /// Keeps one timer armed for the stack's next deadline, re-arming only
+    /// when the deadline moves earlier (a late timer just finds less to do).
+    fn arm_timer(&mut self, ops: &mut Ops<'_>) {
+        let Some(backend) = self.backend.as_mut() else {
+            return;
+        };
+        let Some(delay) = backend.stack.poll_delay() else {
+            return;
+        };
+        let at = Instant::now() + delay;
+        let earlier = self
+            .timer_at
+            .is_none_or(|armed| at + Duration::from_millis(1) < armed);
+        if earlier {
+            if self.timer_at.is_some() {
+                ops.cancel_timer(TIMER_TOKEN);
+            }
+            ops.timer(TIMER_TOKEN, delay);
+            self.timer_at = Some(at);
+        }
+    }
+
+    fn fail(&mut self, e: &QueueError) {
+        tracing::warn!("virtio-net: {e}; the device needs a reset");
+        self.broken = true;
+        self.interrupt.set_needs_reset();
+    }
+}
+
+impl EventHandler for NetHandler {
+    fn start(&mut self, ops: &mut Ops<'_>) {
+        ops.watch(self.rx_evt.as_raw_fd(), RX_TOKEN, libc::POLLIN as u32);
+        ops.watch(self.tx_evt.as_raw_fd(), TX_TOKEN, libc::POLLIN as u32);
+        ops.watch(self.wake.as_raw_fd(), INBOUND_TOKEN, libc::POLLIN as u32);
+        if let Some(backend) = self.backend.as_mut() {
+            backend.stack.watch_all();
+        }
+        // The driver may have queued frames before the handler started.
+        self.run(ops, Some((TX_TOKEN, 0)));
+        self.run(ops, Some((INBOUND_TOKEN, 0)));
+    }
+
+    fn handle(&mut self, event: Event, ops: &mut Ops<'_>) {
+        let token = match event {
+            Event::Ready { token, revents } => {
+                match token {
+                    RX_TOKEN => drop(self.rx_evt.read()),
+                    TX_TOKEN => drop(self.tx_evt.read()),
+                    INBOUND_TOKEN => drop(self.wake.read()),
+                    _ => {}
+                }
+                Some((token, revents))
+            }
+            Event::Timer { .. } => {
+                self.timer_at = None;
+                Some((TIMER_TOKEN, 0))
+            }
+            Event::Done { .. } => None,
+        };
+        self.run(ops, token);
+    }
+
+    fn stop(&mut self) {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = self.backend.take();
+    }
+}

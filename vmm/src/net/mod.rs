@@ -1,0 +1,167 @@
+//! The guest's private network, in user space: a smoltcp stack that plays
+//! the gateway of a slirp-style /24, so a guest needs no TAP device, bridge,
+//! network namespace or root on the host.
+//!
+//! | address | what |
+//! |---|---|
+//! | `10.0.2.15/24` | the guest (set by the kernel's `ip=` argument) |
+//! | `10.0.2.2` | the gateway (this stack); as a destination it means the host's `127.0.0.1` |
+//! | `10.0.2.3` | DNS: UDP (and TCP) port 53 is forwarded to the host's resolver |
+//!
+//! Inbound, each accepted host TCP connection ([`Stack::accept_inbound`], or
+//! a `--publish` listener) becomes a TCP connection from the gateway to a
+//! guest port. Outbound, each guest SYN is re-originated from a non-blocking
+//! host socket to the real destination, subject to [`Policy`]; the SYN is
+//! only answered once the host connect succeeds, so a refused or denied
+//! connection reaches the guest as a RST. Data is copied between host
+//! sockets and smoltcp sockets with backpressure both ways.
+//!
+//! The stack never blocks and owns no thread: the caller (the virtio-net
+//! device's event-loop handler) feeds it guest frames, host readiness and
+//! timer expiries, and carries out the watch requests it queues.
+
+mod conn;
+mod dns;
+mod policy;
+mod stack;
+mod sys;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+
+pub use policy::{Policy, Rule};
+pub use stack::{Stack, WatchRequest, MAX_FRAME_LEN};
+
+/// The guest's address.
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// The gateway: this stack. As a destination it stands for the host's loopback.
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The DNS forwarder's address.
+pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+/// Prefix length of the guest network.
+pub const PREFIX_LEN: u8 = 24;
+/// The guest's default MAC address (locally administered, as QEMU's).
+pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+/// The gateway's MAC address (as slirp's).
+pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x55, 0x0a, 0x00, 0x02, 0x02];
+
+/// The kernel argument that configures the guest's eth0 statically
+/// (`ip=<client>:<server>:<gw>:<netmask>:<host>:<dev>:<autoconf>:<dns0>`),
+/// plus the agent's knob for writing `/etc/resolv.conf`.
+pub const GUEST_CMDLINE: &str =
+    "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3 little.dns=10.0.2.3";
+
+/// Errors of the network backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `--publish` value is malformed.
+    #[error("invalid publish spec {0:?}: expected [HOSTADDR:]HOSTPORT:GUESTPORT")]
+    PublishSpec(String),
+    /// A policy rule is malformed.
+    #[error("invalid network rule {0:?}: expected A.B.C.D[/N][:PORT]")]
+    Rule(String),
+    /// A published host port could not be bound.
+    #[error("cannot listen on {0}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    /// An accepted host connection could not be taken over.
+    #[error("cannot take over an inbound connection")]
+    Inbound(#[source] std::io::Error),
+    /// Too many connections are open.
+    #[error("too many open connections (at most {0})")]
+    TooManyConnections(usize),
+}
+
+/// A host port published to a guest port (`[HOSTADDR:]HOSTPORT:GUESTPORT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Publish {
+    /// Where the VMM listens on the host (default address 127.0.0.1).
+    pub host: SocketAddr,
+    /// The guest port connections are forwarded to.
+    pub guest_port: u16,
+}
+
+impl FromStr for Publish {
+    type Err = Error;
+
+    /// ```
+    /// use vmm::net::Publish;
+    /// let p: Publish = "0.0.0.0:8000:80".parse().unwrap();
+    /// assert_eq!((p.host.to_string().as_str(), p.guest_port), ("0.0.0.0:8000", 80));
+    /// let p: Publish = "8000:80".parse().unwrap();
+    /// assert_eq!(p.host.to_string(), "127.0.0.1:8000");
+    /// ```
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let bad = || Error::PublishSpec(s.to_owned());
+        let (host, guest) = s.rsplit_once(':').ok_or_else(bad)?;
+        let guest_port: u16 = guest.parse().map_err(|_| bad())?;
+        let host = match host.rsplit_once(':') {
+            Some((addr, port)) => {
+                let addr = addr.trim_start_matches('[').trim_end_matches(']');
+                SocketAddr::new(
+                    addr.parse::<IpAddr>().map_err(|_| bad())?,
+                    port.parse().map_err(|_| bad())?,
+                )
+            }
+            None => SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                host.parse().map_err(|_| bad())?,
+            ),
+        };
+        if guest_port == 0 {
+            return Err(bad());
+        }
+        Ok(Self { host, guest_port })
+    }
+}
+
+/// What the guest's network looks like from the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// Host ports published to guest ports.
+    pub publish: Vec<Publish>,
+    /// Which outbound connections the guest may make.
+    pub policy: Policy,
+    /// The resolver guest DNS queries go to (default: the first
+    /// `nameserver` of the host's `/etc/resolv.conf`).
+    pub dns_upstream: Option<SocketAddr>,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            mac: GUEST_MAC,
+            publish: Vec::new(),
+            policy: Policy::default(),
+            dns_upstream: None,
+        }
+    }
+}
+
+/// The first `nameserver` in a resolv.conf text, on port 53.
+///
+/// ```
+/// let text = "# x\nsearch lan\nnameserver 192.0.2.1\nnameserver 192.0.2.2\n";
+/// assert_eq!(vmm::net::resolver_from(text), Some("192.0.2.1:53".parse().unwrap()));
+/// ```
+pub fn resolver_from(resolv_conf: &str) -> Option<SocketAddr> {
+    resolv_conf.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("nameserver"))
+            .then(|| words.next()?.parse::<IpAddr>().ok())
+            .flatten()
+            .map(|ip| SocketAddr::new(ip, 53))
+    })
+}
+
+/// The host's resolver, from `/etc/resolv.conf` (127.0.0.1:53 if none).
+pub fn host_resolver() -> SocketAddr {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .ok()
+        .and_then(|text| resolver_from(&text))
+        .unwrap_or_else(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 53))
+}
+
+#[cfg(test)]
+mod tests;
