@@ -117,9 +117,6 @@ pub enum Error {
     /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::Error),
-    /// The vsock device could not be set up.
-    #[error(transparent)]
-    Vsock(#[from] crate::devices::virtio::vsock::Error),
     /// The network device could not be set up.
     #[error(transparent)]
     Net(#[from] crate::devices::virtio::net::Error),
@@ -260,11 +257,6 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
         let disk = crate::devices::virtio::block::Disk::open(drive)?;
         let block = crate::devices::virtio::block::Block::new(disk);
         devices.attach_virtio(&vm, Box::new(block))?;
-    }
-
-    if let Some(vsock) = &config.vsock {
-        let device = crate::devices::virtio::vsock::Vsock::new(vsock)?;
-        devices.attach_virtio(&vm, Box::new(device))?;
     }
 
     if let Some(vsock) = &config.vsock {

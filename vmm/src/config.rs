@@ -53,8 +53,6 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// A virtio-vsock device (`None`: no vsock).
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
-    /// A virtio-vsock device (`None`: no vsock).
-    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
     /// A virtio-net device on the userspace network (`None`: no network).
     pub net: Option<crate::net::NetConfig>,
     /// virtio-blk disks, in order: the guest sees /dev/vda, /dev/vdb, ...
@@ -88,7 +86,6 @@ impl VmConfig {
             cmdline_extra: String::new(),
             cmdline_replace: false,
             console: ConsoleOutput::Stdout,
-            vsock: None,
             vsock: None,
             net: None,
             drives: Vec::new(),

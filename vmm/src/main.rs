@@ -96,12 +96,6 @@ struct Args {
     #[arg(long, value_name = "uds=PATH[,cid=N]")]
     vsock: Option<vmm::devices::virtio::vsock::VsockConfig>,
 
-    /// A virtio-vsock device, `uds=PATH[,cid=N]` (cid defaults to 3): the VMM
-    /// listens on PATH for `CONNECT <port>`; guest connections to host port
-    /// P go to the Unix socket PATH_P.
-    #[arg(long, value_name = "uds=PATH[,cid=N]")]
-    vsock: Option<vmm::devices::virtio::vsock::VsockConfig>,
-
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `vmm=debug`);
     /// `RUST_LOG` works too. Logs go to stderr.
     #[arg(long, value_name = "FILTER")]
@@ -167,7 +161,6 @@ fn main() -> ExitCode {
             cmdline_extra: args.cmdline,
             cmdline_replace: args.cmdline_replace,
             console,
-            vsock: args.vsock,
             vsock: args.vsock,
             drives,
             net,
