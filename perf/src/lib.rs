@@ -1,6 +1,8 @@
 //! little.cloud benchmarks: shared helpers for the `boot-time` tool and the
 //! criterion benches.
 
+pub mod memory;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,0 +1,338 @@
+//! `restore-bench`: snapshot time, restore latency and memory per restored
+//! guest, from one snapshot of a small guest (agent + busybox echo loop).
+//!
+//! Restore latency is measured from `vmm` exec to the VMM's "vCPUs running"
+//! log line (host-side work: read and check the state, map guest memory
+//! copy-on-write, create VM and vCPUs, restore KVM and device state), and to
+//! the first byte of the guest's reply to a console line (includes guest
+//! kernel work, which is emulated on nested hosts).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use image_tools::initramfs::Initramfs;
+use perf::memory::{mem_available, process_memory, ProcessMemory};
+use perf::{default_kernel, percentile, target_dir};
+use vmm::host::HostKind;
+
+/// Snapshot, restore latency and density benchmark.
+#[derive(Parser, Debug)]
+#[command(name = "restore-bench", about)]
+struct Args {
+    /// The vmm binary (default: target/release/vmm).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// Guest kernel (default: target/guest-kernel/vmlinux).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 32)]
+    mem: u64,
+    /// Restores timed to "vCPUs running".
+    #[arg(long, default_value_t = 100)]
+    restores: usize,
+    /// Restores timed to the first byte of a console reply.
+    #[arg(long, default_value_t = 20)]
+    replies: usize,
+    /// Snapshots timed (the first is the one restored).
+    #[arg(long, default_value_t = 5)]
+    snapshots: usize,
+    /// Numbers of idle guests to restore at once for the memory table.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+    density: Vec<usize>,
+    /// Where the snapshots go (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+const AGENT_CONF: &str = "arg=/bin/sh\narg=-c\narg=echo ready; while read line; do echo \"got: $line\"; done\nenv=PATH=/bin\n";
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn control(sock: &Path, cmd: &str) -> Result<String, String> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| e.to_string())?;
+    s.write_all(format!("{cmd}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim().to_owned())
+}
+
+fn wait_line(child: &mut Child, needle: &str, timeout: Duration) -> Result<Duration, String> {
+    let start = Instant::now();
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(&needle) {
+                let _ = tx.send(());
+                break;
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .map(|()| start.elapsed())
+        .map_err(|_| "timed out".to_owned())
+}
+
+/// Boots the guest, takes `count` snapshots, returns the first path and the
+/// snapshot wall times the VMM reported.
+fn make_snapshots(args: &Args, vmm: &Path, dir: &Path) -> Result<(PathBuf, Vec<Duration>), String> {
+    let agent = target_dir().join("release/guest-agent");
+    let mut fs = Initramfs::new();
+    for d in ["/bin", "/dev", "/proc", "/sys", "/tmp", "/run", "/little"] {
+        fs.dir(d, 0o755).map_err(|e| e.to_string())?;
+    }
+    fs.host_file("/init", 0o755, &agent)
+        .map_err(|e| e.to_string())?;
+    fs.file("/little/agent.conf", 0o644, AGENT_CONF.as_bytes().to_vec())
+        .map_err(|e| e.to_string())?;
+    fs.host_file("/bin/busybox", 0o755, Path::new("/bin/busybox"))
+        .map_err(|e| e.to_string())?;
+    fs.symlink("/bin/sh", "busybox")
+        .map_err(|e| e.to_string())?;
+    let initrd = dir.join("bench.cpio");
+    fs.write_file(&initrd).map_err(|e| e.to_string())?;
+    let sock = dir.join("api.sock");
+    let kernel = args.kernel.clone().unwrap_or_else(default_kernel);
+    let mut child = Command::new(vmm)
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--mem", &args.mem.to_string(), "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let booted = wait_line(&mut child, "ready", Duration::from_secs(180))?;
+    println!("guest booted and ready in {}", ms(booted));
+    let mut times = Vec::new();
+    let first = dir.join("bench-0.snap");
+    for i in 0..args.snapshots.max(1) {
+        let path = dir.join(format!("bench-{i}.snap"));
+        let reply = control(&sock, &format!("snapshot {}", path.display()))?;
+        let wall = reply
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("ms="))
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or(format!("snapshot failed: {reply}"))?;
+        times.push(Duration::from_secs_f64(wall / 1e3));
+        if i == 0 {
+            println!("snapshot: {reply}");
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let _ = control(&sock, "quit");
+    let _ = child.wait();
+    Ok((first, times))
+}
+
+fn spawn_restore(vmm: &Path, snap: &Path, console_input: bool) -> Result<Child, String> {
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--snapshot").arg(snap).args(["--log", "info"]);
+    if console_input {
+        cmd.arg("--console-input");
+    } else {
+        cmd.args(["--console", "null"]);
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())
+}
+
+/// Exec → "vCPUs running" (external), and the VMM's own figure.
+fn restore_once(vmm: &Path, snap: &Path) -> Result<(Duration, Duration), String> {
+    let start = Instant::now();
+    let mut child = spawn_restore(vmm, snap, false)?;
+    let err = child.stderr.take().ok_or("no stderr")?;
+    let mut result = Err("vmm ended before its vCPUs ran".to_owned());
+    for line in BufReader::new(err).lines() {
+        let Ok(line) = line else { break };
+        if let Some(rest) = line.split("vCPUs running ").nth(1) {
+            let external = start.elapsed();
+            let internal = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| Duration::from_secs_f64(v / 1e3))
+                .unwrap_or_default();
+            result = Ok((external, internal));
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn reply_once(vmm: &Path, snap: &Path, i: usize) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut child = spawn_restore(vmm, snap, true)?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    stdin
+        .write_all(format!("ping-{i}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = child.stdout.take().ok_or("no stdout")?;
+    let mut first = [0u8; 1];
+    // The guest echoes input as it arrives (tty echo): the first byte back
+    // is the reply's start.
+    let r = out
+        .read_exact(&mut first)
+        .map(|()| start.elapsed())
+        .map_err(|e| e.to_string());
+    let _ = child.kill();
+    let _ = child.wait();
+    r
+}
+
+fn report(name: &str, samples: &[Duration]) {
+    let p = |q| percentile(samples, q).map(ms).unwrap_or_default();
+    println!(
+        "{name:<46} n={:<4} p50 {:>11}  p99 {:>11}  min {:>11}",
+        samples.len(),
+        p(50),
+        p(99),
+        samples.iter().min().map(|d| ms(*d)).unwrap_or_default()
+    );
+}
+
+fn density(vmm: &Path, snap: &Path, n: usize) -> Result<(ProcessMemory, u64), String> {
+    let before = mem_available().map_err(|e| e.to_string())?;
+    let mut children = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = Command::new(vmm)
+            .arg("--snapshot")
+            .arg(snap)
+            .args(["--console", "null"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        children.push(c);
+    }
+    // Let every guest settle into idle.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = mem_available().map_err(|e| e.to_string())?;
+    let mut sum = ProcessMemory::default();
+    let mut alive = 0u64;
+    for c in &mut children {
+        if !matches!(c.try_wait(), Ok(None)) {
+            continue;
+        }
+        if let Ok(m) = process_memory(c.id(), snap) {
+            sum.guest_pss += m.guest_pss;
+            sum.guest_private += m.guest_private;
+            sum.vmm_pss += m.vmm_pss;
+            sum.vmm_private += m.vmm_private;
+            alive += 1;
+        }
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if alive != n as u64 {
+        return Err(format!("only {alive} of {n} guests were running"));
+    }
+    let per = |v: u64| v / alive.max(1);
+    Ok((
+        ProcessMemory {
+            guest_pss: per(sum.guest_pss),
+            guest_private: per(sum.guest_private),
+            vmm_pss: per(sum.vmm_pss),
+            vmm_private: per(sum.vmm_private),
+        },
+        before.saturating_sub(after) / alive.max(1),
+    ))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let vmm = args
+        .vmm
+        .clone()
+        .unwrap_or_else(|| target_dir().join("release/vmm"));
+    let host = HostKind::detect();
+    println!(
+        "restore-bench: host kind {}{}",
+        host.name(),
+        if host == HostKind::NestedEmulated {
+            " (guest kernel work is instruction-emulated here; host-side figures are representative)"
+        } else {
+            ""
+        }
+    );
+    let tmp = match tempfile::tempdir() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("restore-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let run = || -> Result<(), String> {
+        let (snap, snap_times) = make_snapshots(&args, &vmm, &dir)?;
+        report(
+            &format!("snapshot ({} MiB guest, sparse file)", args.mem),
+            &snap_times,
+        );
+        let mut external = Vec::new();
+        let mut internal = Vec::new();
+        for _ in 0..args.restores {
+            let (e, i) = restore_once(&vmm, &snap)?;
+            external.push(e);
+            internal.push(i);
+        }
+        report("restore: vmm exec -> vCPUs running", &external);
+        report("restore: vmm main() -> vCPUs running", &internal);
+        let mut replies = Vec::new();
+        for i in 0..args.replies {
+            replies.push(reply_once(&vmm, &snap, i)?);
+        }
+        report("restore: vmm exec -> first byte of reply", &replies);
+        println!(
+            "{:<8} {:>14} {:>14} {:>14} {:>14} {:>16}",
+            "guests", "guest PSS", "guest private", "VMM PSS", "VMM private", "MemAvailable drop"
+        );
+        for &n in &args.density {
+            let (m, drop) = density(&vmm, &snap, n)?;
+            println!(
+                "{n:<8} {:>14} {:>14} {:>14} {:>14} {:>16}",
+                mib(m.guest_pss),
+                mib(m.guest_private),
+                mib(m.vmm_pss),
+                mib(m.vmm_private),
+                mib(drop)
+            );
+        }
+        println!("(memory columns are per guest)");
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("restore-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
