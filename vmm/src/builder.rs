@@ -215,6 +215,8 @@ pub struct BuiltVm {
     pub(crate) event_loop: EventLoop,
     pub(crate) reset: Arc<AtomicBool>,
     pub(crate) legacy: LegacyDevices,
+    /// The saved PIT state of a restored VM that runs without a PIT.
+    pub(crate) carried_pit: Option<kvm_bindings::kvm_pit_state2>,
 }
 
 /// Prepares `config` up to the first KVM_RUN.
@@ -291,6 +293,7 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
         event_loop,
         reset,
         legacy,
+        carried_pit: None,
     })
 }
 

@@ -58,6 +58,7 @@ pub struct VmHandle {
     legacy: LegacyDevices,
     virtio_devices: usize,
     paused: Mutex<bool>,
+    carried_pit: Option<kvm_bindings::kvm_pit_state2>,
 }
 
 /// Statistics of one snapshot.
@@ -133,7 +134,12 @@ impl VmHandle {
             .iter()
             .map(VcpuThread::save)
             .collect::<Result<Vec<_>, _>>()?;
-        let vm = persist::save_vm(&self.vm.fd)?;
+        let carried = if self.vm.has_pit {
+            None
+        } else {
+            self.carried_pit.as_ref()
+        };
+        let vm = persist::save_vm(&self.vm.fd, carried)?;
         let legacy = LegacyState {
             serial: lock(&self.legacy.serial).save(),
             i8042: lock(&self.legacy.i8042).save(),
@@ -402,6 +408,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         mut event_loop,
         reset,
         legacy,
+        carried_pit,
     } = built;
     let api = options.api_sock.as_deref().map(bind_api).transpose()?;
     let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
@@ -470,6 +477,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         legacy,
         virtio_devices: devices.virtio_count(),
         paused: Mutex::new(false),
+        carried_pit,
     });
     if let Some(listener) = api {
         loop_handle

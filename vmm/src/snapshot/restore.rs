@@ -49,8 +49,14 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
         .map_err(|e| Error::Memory(name.clone(), e))?;
 
     let kvm = vm::open_kvm()?;
-    let vm = Vm::new(kvm, mem)?;
-    persist::restore_vm(&vm.fd, &state.vm)?;
+    let vm = if persist::pit_active(&state.vm.pit) {
+        Vm::new(kvm, mem)?
+    } else {
+        Vm::without_pit(kvm, mem)?
+    };
+    persist::restore_vm(&vm.fd, &state.vm, vm.has_pit)?;
+    let vm_has_pit = vm.has_pit;
+    tracing::debug!("restoring with in-kernel PIT: {vm_has_pit}");
     let event_loop =
         EventLoop::new(crate::builder::EVENT_LOOP_ENTRIES).map_err(BuildError::EventLoop)?;
     let reset = Arc::new(AtomicBool::new(false));
@@ -79,5 +85,6 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
         event_loop,
         reset,
         legacy,
+        carried_pit: (!vm_has_pit).then_some(state.vm.pit),
     })
 }

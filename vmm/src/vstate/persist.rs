@@ -210,8 +210,16 @@ fn get_chip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip, Error> {
     Ok(chip)
 }
 
-/// Saves the VM-wide state of a paused VM.
-pub fn save_vm(fd: &VmFd) -> Result<VmState, Error> {
+/// Whether a saved PIT is doing anything a guest could depend on: channel 0
+/// in a periodic mode (rate generator or square wave).
+pub fn pit_active(pit: &kvm_pit_state2) -> bool {
+    let ch0 = &pit.channels[0];
+    matches!(ch0.mode, 2 | 3) && ch0.count != 0
+}
+
+/// Saves the VM-wide state of a paused VM. Without an in-kernel PIT,
+/// `carried_pit` (the state the VM was restored with) is saved instead.
+pub fn save_vm(fd: &VmFd, carried_pit: Option<&kvm_pit_state2>) -> Result<VmState, Error> {
     let mut clock = fd
         .get_clock()
         .map_err(|e| Error::Kvm("read kvm-clock", e))?;
@@ -221,15 +229,21 @@ pub fn save_vm(fd: &VmFd) -> Result<VmState, Error> {
         pic_master: get_chip(fd, KVM_IRQCHIP_PIC_MASTER)?,
         pic_slave: get_chip(fd, KVM_IRQCHIP_PIC_SLAVE)?,
         ioapic: get_chip(fd, KVM_IRQCHIP_IOAPIC)?,
-        pit: fd.get_pit2().map_err(|e| Error::Kvm("read the PIT", e))?,
+        pit: match carried_pit {
+            Some(pit) => *pit,
+            None => fd.get_pit2().map_err(|e| Error::Kvm("read the PIT", e))?,
+        },
         clock,
     })
 }
 
-/// Restores the VM-wide state into a VM created with an irqchip and PIT.
-pub fn restore_vm(fd: &VmFd, state: &VmState) -> Result<(), Error> {
-    fd.set_pit2(&state.pit)
-        .map_err(|e| Error::Kvm("set the PIT", e))?;
+/// Restores the VM-wide state into a VM created with an irqchip (and a
+/// PIT when `has_pit`).
+pub fn restore_vm(fd: &VmFd, state: &VmState, has_pit: bool) -> Result<(), Error> {
+    if has_pit {
+        fd.set_pit2(&state.pit)
+            .map_err(|e| Error::Kvm("set the PIT", e))?;
+    }
     let mut clock = state.clock;
     clock.flags = 0;
     fd.set_clock(&clock)

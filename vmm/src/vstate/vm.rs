@@ -37,6 +37,8 @@ pub struct Vm {
     pub fd: VmFd,
     /// Guest physical memory.
     pub mem: GuestMemoryMmap,
+    /// Whether the in-kernel PIT exists (see [`Vm::without_pit`]).
+    pub has_pit: bool,
 }
 
 /// Opens `/dev/kvm`, mapping the common failures to clear errors.
@@ -58,6 +60,26 @@ pub fn open_kvm_at(path: &str) -> Result<Kvm, Error> {
 impl Vm {
     /// Creates a VM over `mem` with an in-kernel irqchip and PIT.
     pub fn new(kvm: Kvm, mem: GuestMemoryMmap) -> Result<Self, Error> {
+        let vm = Self::without_pit(kvm, mem)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.fd
+            .create_pit2(pit)
+            .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
+        Ok(Self {
+            has_pit: true,
+            ..vm
+        })
+    }
+
+    /// Creates a VM over `mem` with an in-kernel irqchip but no PIT. Linux
+    /// needs the PIT only while booting (it then runs on the LAPIC timer and
+    /// kvm-clock), and creating one costs a kernel thread: restored guests
+    /// whose PIT is idle skip it, and their PIT port accesses reach the VMM,
+    /// which ignores them.
+    pub fn without_pit(kvm: Kvm, mem: GuestMemoryMmap) -> Result<Self, Error> {
         let fd = kvm.create_vm().map_err(|e| Error::Kvm("create a VM", e))?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region
@@ -84,13 +106,12 @@ impl Vm {
             .map_err(|e| Error::Kvm("set the identity map address", e))?;
         fd.create_irq_chip()
             .map_err(|e| Error::Kvm("create the in-kernel irqchip", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(|e| Error::Kvm("create the in-kernel PIT", e))?;
-        Ok(Self { kvm, fd, mem })
+        Ok(Self {
+            kvm,
+            fd,
+            mem,
+            has_pit: false,
+        })
     }
 }
 
