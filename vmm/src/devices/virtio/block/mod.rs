@@ -156,7 +156,7 @@ impl Disk {
         if capacity == 0 {
             return Err(Error::Empty(name));
         }
-        if bytes % SECTOR_SIZE != 0 {
+        if !bytes.is_multiple_of(SECTOR_SIZE) {
             tracing::warn!(
                 "disk image {name}: the last {} bytes are not a whole sector and are hidden",
                 bytes % SECTOR_SIZE

@@ -268,7 +268,7 @@ pub fn parse(
             u32::try_from(total).map_err(|_| fail(Error::DataLength(total)))?
         }
         RequestType::In | RequestType::Out => {
-            if total == 0 || total % SECTOR_SIZE != 0 {
+            if total == 0 || !total.is_multiple_of(SECTOR_SIZE) {
                 return Err(fail(Error::DataLength(total)));
             }
             let len = u32::try_from(total).map_err(|_| fail(Error::DataLength(total)))?;

@@ -1,5 +1,6 @@
 //! virtio-blk tests over mock guest memory: the request parser directly, and
 //! the device end to end on a real event loop with a temporary image.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
