@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use vmm::builder::{self, GuestExit};
 use vmm::config::{ConsoleOutput, VmConfig};
-use vmm::runtime::RunOptions;
+use vmm::runtime::{standby, RunOptions};
 use vmm::snapshot::restore::{self, RestoreConfig};
 
 /// Boot a Linux microVM on KVM: an uncompressed vmlinux, an initramfs, a
@@ -17,7 +17,7 @@ use vmm::snapshot::restore::{self, RestoreConfig};
 #[command(name = "vmm", version, about, long_about = None)]
 struct Args {
     /// Uncompressed ELF kernel image (vmlinux), e.g. from guest-kernel/build.sh.
-    #[arg(long, value_name = "PATH", required_unless_present = "snapshot")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["snapshot", "api_sock"])]
     kernel: Option<PathBuf>,
 
     /// Restore the microVM saved in this snapshot file instead of booting
@@ -26,7 +26,9 @@ struct Args {
     snapshot: Option<PathBuf>,
 
     /// Control socket: accepts `ping`, `pause`, `resume`, `snapshot <path>`,
-    /// `quit`, one per line.
+    /// `quit`, one per line. Given without --kernel or --snapshot, the VMM
+    /// starts in standby and waits for `restore <snapshot>` on this socket
+    /// (a pre-spawned VMM for fast wake-ups).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
 
@@ -125,10 +127,11 @@ fn main() -> ExitCode {
         "null" => ConsoleOutput::Null,
         path => ConsoleOutput::File(PathBuf::from(path)),
     };
-    let options = RunOptions {
+    let mut options = RunOptions {
         api_sock: args.api_sock,
         console_input: args.console_input,
         started: Some(started),
+        ..RunOptions::default()
     };
     let drives = match args
         .drives
@@ -165,8 +168,19 @@ fn main() -> ExitCode {
             drives,
             net,
         }),
-        // clap requires --kernel unless --snapshot is given.
-        (None, None) => return ExitCode::from(2),
+        (None, None) => match options.api_sock.clone() {
+            Some(sock) => match standby::wait_for_restore(&sock) {
+                Ok((snapshot, listener, client)) => {
+                    options.restore_requested = Some(std::time::Instant::now());
+                    options.api_listener = Some(listener);
+                    options.notify = Some(client);
+                    restore::restore(RestoreConfig { snapshot, console })
+                }
+                Err(e) => Err(e),
+            },
+            // clap requires --kernel unless --snapshot or --api-sock is given.
+            None => return ExitCode::from(2),
+        },
     };
     match built.and_then(|vm| vm.run(options)) {
         Ok(exit) => {

@@ -41,14 +41,64 @@ pub struct LegacyState {
 }
 
 /// How the VMM runs besides the guest itself.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct RunOptions {
     /// Listen for control commands on this Unix socket.
     pub api_sock: Option<PathBuf>,
+    /// An already bound control socket (standby mode) to keep serving.
+    pub api_listener: Option<UnixListener>,
+    /// Told `ok running <ms>` once the vCPUs run (the standby client).
+    pub notify: Option<UnixStream>,
     /// Forward the VMM's stdin to the guest's serial console.
     pub console_input: bool,
     /// Log (at info level) when the vCPUs start, with the setup time.
     pub started: Option<Instant>,
+    /// When the standby client asked for the restore.
+    pub restore_requested: Option<Instant>,
+}
+
+/// Standby: a VMM process started ahead of need, waiting for a snapshot.
+pub mod standby {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::{Path, PathBuf};
+
+    use crate::builder::Error;
+
+    /// Longest `restore` command accepted.
+    const MAX_LINE: u64 = 4096;
+
+    /// Binds `sock`, and waits for a client to send `restore <snapshot>`.
+    /// Returns the snapshot path, the listener (to keep serving control
+    /// commands) and the client (told `ok running <ms>` once restored).
+    pub fn wait_for_restore(sock: &Path) -> Result<(PathBuf, UnixListener, UnixStream), Error> {
+        let name = sock.display().to_string();
+        let listener = super::bind_api(sock)?;
+        listener
+            .set_nonblocking(false)
+            .map_err(|e| Error::ApiSocket(name.clone(), e))?;
+        loop {
+            let (mut client, _) = listener
+                .accept()
+                .map_err(|e| Error::ApiSocket(name.clone(), e))?;
+            let mut line = String::new();
+            let read = BufReader::new(Read::take(&client, MAX_LINE)).read_line(&mut line);
+            match (read, line.trim().split_once(' ')) {
+                (Ok(_), Some(("restore", path))) if !path.trim().is_empty() => {
+                    listener
+                        .set_nonblocking(true)
+                        .map_err(|e| Error::ApiSocket(name.clone(), e))?;
+                    return Ok((PathBuf::from(path.trim()), listener, client));
+                }
+                (Ok(_), _) if line.trim() == "ping" => {
+                    let _ = writeln!(client, "ok standby");
+                }
+                _ => {
+                    let _ = writeln!(client, "error standby: expected `restore <snapshot>`");
+                }
+            }
+        }
+    }
 }
 
 /// What the control socket and the exit watcher share.
@@ -410,7 +460,10 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         legacy,
         carried_pit,
     } = built;
-    let api = options.api_sock.as_deref().map(bind_api).transpose()?;
+    let api = match options.api_listener {
+        Some(listener) => Some(listener),
+        None => options.api_sock.as_deref().map(bind_api).transpose()?,
+    };
     let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
     let wake =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device("the exit eventfd", e))?;
@@ -469,6 +522,14 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         tracing::info!(
             "vCPUs running {:.3} ms after vmm start",
             started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    if let Some(mut client) = options.notify {
+        let since = options.restore_requested.unwrap_or_else(Instant::now);
+        let _ = writeln!(
+            client,
+            "ok running {:.3}",
+            since.elapsed().as_secs_f64() * 1e3
         );
     }
     let handle = Arc::new(VmHandle {

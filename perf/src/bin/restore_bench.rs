@@ -184,6 +184,43 @@ fn restore_once(vmm: &Path, snap: &Path) -> Result<(Duration, Duration), String>
     result
 }
 
+/// A standby VMM is started and ready; time `restore` → `ok running`.
+fn prespawned_once(vmm: &Path, snap: &Path, dir: &Path, i: usize) -> Result<Duration, String> {
+    let sock = dir.join(format!("standby-{i}.sock"));
+    let mut child = Command::new(vmm)
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(["--console", "null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => return Err(format!("standby vmm never listened: {e}")),
+        }
+    };
+    let start = Instant::now();
+    stream
+        .write_all(format!("restore {}\n", snap.display()).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let elapsed = start.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    if !line.starts_with("ok running") {
+        return Err(format!("standby restore failed: {line}"));
+    }
+    Ok(elapsed)
+}
+
 fn reply_once(vmm: &Path, snap: &Path, i: usize) -> Result<Duration, String> {
     let start = Instant::now();
     let mut child = spawn_restore(vmm, snap, true)?;
@@ -305,6 +342,11 @@ fn main() -> ExitCode {
         }
         report("restore: vmm exec -> vCPUs running", &external);
         report("restore: vmm main() -> vCPUs running", &internal);
+        let mut prespawned = Vec::new();
+        for i in 0..args.restores {
+            prespawned.push(prespawned_once(&vmm, &snap, &dir, i)?);
+        }
+        report("restore: pre-spawned vmm, request -> running", &prespawned);
         let mut replies = Vec::new();
         for i in 0..args.replies {
             replies.push(reply_once(&vmm, &snap, i)?);
