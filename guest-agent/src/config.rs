@@ -18,6 +18,7 @@
 //! hostname=little           (1..=64 bytes; default "little")
 //! verbose=0                 (0 or 1; default 0)
 //! stop_grace_ms=1000        (SIGTERM-to-SIGKILL grace; default 1000, max 600000)
+//! ready_port=8080           (1..=65535: READY once 127.0.0.1:port accepts; default: at exec)
 //! ```
 //!
 //! The key is everything before the first `=`; nothing is trimmed. Values
@@ -76,6 +77,9 @@ pub struct Config {
     pub verbose: bool,
     /// How long processes get between SIGTERM and SIGKILL at shutdown.
     pub stop_grace_ms: u32,
+    /// The entrypoint is ready once it accepts TCP on 127.0.0.1:port
+    /// (reported to the host as `READY`); `None`: ready once exec'd.
+    pub ready_port: Option<u16>,
 }
 
 /// Why a configuration file was rejected. Line numbers start at 1.
@@ -154,6 +158,7 @@ impl Default for Config {
             hostname: DEFAULT_HOSTNAME.to_vec(),
             verbose: false,
             stop_grace_ms: DEFAULT_STOP_GRACE_MS,
+            ready_port: None,
         }
     }
 }
@@ -168,6 +173,7 @@ enum Scalar {
     Hostname,
     Verbose,
     StopGrace,
+    ReadyPort,
 }
 
 impl Config {
@@ -184,7 +190,7 @@ impl Config {
             return Err(ConfigError::TooLarge);
         }
         let mut config = Self::default();
-        let mut seen = [false; 7];
+        let mut seen = [false; 8];
         for (index, raw) in file.split(|&b| b == b'\n').enumerate() {
             let line = index + 1;
             if raw.is_empty() || raw[0] == b'#' {
@@ -277,6 +283,17 @@ impl Config {
                             key: "stop_grace_ms",
                         })?;
                 }
+                b"ready_port" => {
+                    scalar(Scalar::ReadyPort)?;
+                    let port = parse_u32(&value)
+                        .and_then(|p| u16::try_from(p).ok())
+                        .filter(|&p| p != 0)
+                        .ok_or(ConfigError::BadValue {
+                            line,
+                            key: "ready_port",
+                        })?;
+                    config.ready_port = Some(port);
+                }
                 _ => return Err(ConfigError::UnknownKey { line }),
             }
         }
@@ -309,7 +326,11 @@ impl Config {
         out.write_char('\n')?;
         write_entry(out, "hostname", &self.hostname)?;
         writeln!(out, "verbose={}", u8::from(self.verbose))?;
-        writeln!(out, "stop_grace_ms={}", self.stop_grace_ms)
+        writeln!(out, "stop_grace_ms={}", self.stop_grace_ms)?;
+        match self.ready_port {
+            Some(port) => writeln!(out, "ready_port={port}"),
+            None => Ok(()),
+        }
     }
 }
 

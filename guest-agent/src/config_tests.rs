@@ -114,7 +114,7 @@ fn structural_errors() {
 
 #[test]
 fn bad_values_name_their_key() {
-    let cases: [(&[u8], &str); 16] = [
+    let cases: [(&[u8], &str); 19] = [
         (b"arg=\n", "arg"),
         (b"env=NOEQUALS\n", "env"),
         (b"env==v\n", "env"),
@@ -130,6 +130,9 @@ fn bad_values_name_their_key() {
         (b"verbose=yes\n", "verbose"),
         (b"stop_grace_ms=600001\n", "stop_grace_ms"),
         (b"stop_grace_ms=\n", "stop_grace_ms"),
+        (b"ready_port=0\n", "ready_port"),
+        (b"ready_port=65536\n", "ready_port"),
+        (b"ready_port=x\n", "ready_port"),
         (b"uid=\n", "uid"),
     ];
     for (text, key) in cases {
@@ -208,6 +211,7 @@ fn write_to_round_trips_awkward_bytes() {
         hostname: b"h".to_vec(),
         verbose: true,
         stop_grace_ms: 0,
+        ready_port: Some(8080),
     };
     let mut text = String::new();
     original.write_to(&mut text).unwrap();

@@ -11,6 +11,12 @@
 //!   stopping only the entrypoint's process group, and exiting with the
 //!   entrypoint's shell code (status, or 128 + signal) instead of
 //!   restarting.
+//! - `guest-agent --vsock-test LISTEN HOSTPORT TCPPORT` (inside a guest,
+//!   as an entrypoint): connect to host vsock port HOSTPORT, send
+//!   `hello from the guest`, print the host's one-line answer; listen on
+//!   127.0.0.1:TCPPORT (for `ready_port`); accept one vsock stream on port
+//!   LISTEN and echo it until end-of-file; exit 0. A diagnostic for the
+//!   vsock device in both directions with no process besides the agent.
 
 use crate::console::Console;
 use crate::spawn::{spawn, Plan};
@@ -28,6 +34,9 @@ const USAGE: &str = "usage: guest-agent --check-config FILE [--nested]\n       g
 
 /// Entry point when not PID 1; returns the exit code.
 pub fn main(args: &[&[u8]]) -> u8 {
+    if let [_, b"--vsock-test", listen, host_port, tcp_port] = args {
+        return crate::vsock::self_test(listen, host_port, tcp_port);
+    }
     let (mode, file, nested) = match args {
         [_, mode, file] => (*mode, *file, false),
         [_, mode, file, b"--nested"] => (*mode, *file, true),
@@ -105,7 +114,7 @@ fn run(config: &Config, nested: bool) -> u8 {
         });
         let pid = spawn(&plan)?;
         drop(plan);
-        let status = wait_entrypoint(&signals, pid, console)?;
+        let status = wait_entrypoint(&signals, pid, console, &mut crate::vsock::HostLink::none())?;
         let _ = console.report(Event::EntrypointExited(status));
         stop(&signals, Scope::Group(pid), config.stop_grace_ms, console);
         Ok::<u8, Errno>(status.code())

@@ -5,6 +5,7 @@ use crate::console::Console;
 use crate::spawn::{spawn, Plan};
 use crate::supervise::{stop, wait_entrypoint, Signals};
 use crate::sys::{self, Errno, EBADF, O_RDWR};
+use crate::vsock::HostLink;
 use alloc::ffi::CString;
 use guest_agent::cmdline::BootOptions;
 use guest_agent::config::{Config, ConfigError, MAX_FILE_LEN};
@@ -132,6 +133,8 @@ fn boot(console: &mut Console) -> Result<(), Failure> {
         });
     }
 
+    // The host channel (vsock), if the VM has one and the host listens.
+    let mut link = HostLink::open(config.ready_port);
     let signals = Signals::open().map_err(fatal("signalfd"))?;
     let plan =
         Plan::new(&config, options.nested, true, *console).map_err(fatal("prepare entrypoint"))?;
@@ -141,9 +144,12 @@ fn boot(console: &mut Console) -> Result<(), Failure> {
     });
     let pid = spawn(&plan).map_err(fatal("clone"))?;
     drop(plan);
-    let status = wait_entrypoint(&signals, pid, *console).map_err(fatal("wait for entrypoint"))?;
+    let status = wait_entrypoint(&signals, pid, *console, &mut link)
+        .map_err(fatal("wait for entrypoint"))?;
     let _ = console.report(Event::EntrypointExited(status));
+    link.exited(status);
     stop(&signals, Scope::Everyone, config.stop_grace_ms, *console);
+    link.close();
     Ok(())
 }
 

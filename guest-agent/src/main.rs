@@ -19,6 +19,7 @@ mod spawn;
 mod supervise;
 mod switch_root;
 mod sys;
+mod vsock;
 
 use core::panic::PanicInfo;
 use guest_agent::report::{LineBuf, PREFIX};

@@ -2,7 +2,9 @@
 //! SIGTERM/SIGKILL round.
 
 use crate::console::Console;
+use crate::sys::sock::{self, PollFd, POLLIN};
 use crate::sys::{self, Errno, MaskHow, ECHILD, ESRCH};
+use crate::vsock::HostLink;
 use guest_agent::report::Event;
 use guest_agent::signals::{action, Action, Scope, HANDLED, SIGKILL, SIGTERM};
 use guest_agent::status::ExitStatus;
@@ -60,15 +62,42 @@ fn reap(entrypoint: i32, console: Console) -> Reaped {
 
 /// Runs until the entrypoint (`pid`) exits, forwarding termination
 /// signals to its process group and reaping every zombie on the way.
-pub fn wait_entrypoint(signals: &Signals, pid: i32, console: Console) -> sys::Result<ExitStatus> {
+/// With a host channel in `link` it also answers the host and reports
+/// readiness, polling the channel beside the signalfd.
+pub fn wait_entrypoint(
+    signals: &Signals,
+    pid: i32,
+    console: Console,
+    link: &mut HostLink,
+) -> sys::Result<ExitStatus> {
     // A SIGCHLD raised before the signalfd read is still pending, but reap
     // once anyway: it costs one call and covers an exec failure that ended
     // the child while we were suspended in vfork.
     if let Some(status) = reap(pid, console).entrypoint {
         return Ok(status);
     }
+    // Still running after vfork returned: the exec succeeded.
+    link.started();
     let mut batch = [0i32; 16];
     loop {
+        if link.active() {
+            let mut fds = [
+                PollFd {
+                    fd: signals.fd,
+                    events: POLLIN,
+                    revents: 0,
+                },
+                link.pollfd(),
+            ];
+            sock::poll(&mut fds, link.timeout())?;
+            if fds[1].revents != 0 {
+                link.readable();
+            }
+            link.probe();
+            if fds[0].revents == 0 {
+                continue;
+            }
+        }
         let n = sys::read_signals(signals.fd, &mut batch)?;
         for &signo in &batch[..n] {
             match action(signo, Some(pid)) {

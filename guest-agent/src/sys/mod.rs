@@ -6,6 +6,7 @@
 
 pub mod mem;
 mod raw;
+pub mod sock;
 
 use alloc::ffi::CString;
 use alloc::vec::Vec;
