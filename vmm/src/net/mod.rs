@@ -25,6 +25,8 @@ mod dns;
 mod policy;
 mod stack;
 mod sys;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
