@@ -69,7 +69,15 @@ fuzz_target!(|data: &[u8]| {
                 assert!(mem.get_slice(addr, len as usize).is_ok());
                 total += u64::from(len);
             }
-            assert_eq!(total, u64::from(req.data_len));
+            if let RequestType::Discard { sectors } | RequestType::WriteZeroes { sectors, .. } =
+                req.kind
+            {
+                assert!(req.data.is_empty() && !limits.read_only);
+                let end = u128::from(req.sector) * 512 + u128::from(sectors) * 512;
+                assert!(end <= u128::from(capacity) * 512);
+            } else if req.kind != RequestType::Flush {
+                assert_eq!(total, u64::from(req.data_len));
+            }
             if matches!(req.kind, RequestType::In | RequestType::Out) {
                 assert!(req.data_len > 0 && u64::from(req.data_len) % SECTOR_SIZE == 0);
                 let end = u128::from(req.sector) * 512 + u128::from(req.data_len);

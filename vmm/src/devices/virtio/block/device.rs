@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use virtio_queue::QueueT;
 
-use super::request::MAX_SEGMENTS;
+use super::request::{MAX_RANGE_SECTORS, MAX_SEGMENTS};
 use super::runtime::BlockRuntime;
 use super::{Disk, TYPE_BLOCK};
 use crate::devices::virtio::{
@@ -21,6 +21,10 @@ pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 /// Feature: the FLUSH request is supported.
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Feature: the DISCARD request is supported.
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+/// Feature: the WRITE_ZEROES request is supported.
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 /// Feature: indirect descriptor tables.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 /// Feature: used/avail event indexes suppress notifications.
@@ -30,8 +34,11 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const QUEUE_SIZE: u16 = 256;
 /// Logical block size reported to the guest.
 pub const BLOCK_SIZE: u32 = 512;
-/// Bytes of `struct virtio_blk_config` up to and including `blk_size`.
-const CONFIG_LEN: usize = 24;
+/// Bytes of `struct virtio_blk_config` up to and including
+/// `write_zeroes_may_unmap` (and its padding).
+const CONFIG_LEN: usize = 60;
+/// Discard granularity in sectors (4 KiB, the host page and fs block).
+const DISCARD_ALIGNMENT: u32 = 8;
 
 /// A virtio-blk device backed by a raw image.
 pub struct Block {
@@ -50,6 +57,13 @@ impl Block {
         config[12..16].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
         // geometry (16..20) is not offered.
         config[20..24].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
+        // topology, writeback, num_queues (24..36) are not offered.
+        config[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        config[40..44].copy_from_slice(&1u32.to_le_bytes());
+        config[44..48].copy_from_slice(&DISCARD_ALIGNMENT.to_le_bytes());
+        config[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes());
+        config[52..56].copy_from_slice(&1u32.to_le_bytes());
+        config[56] = 1; // write_zeroes_may_unmap
         Self {
             disk: Arc::new(disk),
             config,
@@ -74,10 +88,10 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let ro = if self.disk.read_only() {
+        let writes = if self.disk.read_only() {
             VIRTIO_BLK_F_RO
         } else {
-            0
+            VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
         };
         VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_INDIRECT_DESC
@@ -85,7 +99,7 @@ impl VirtioDevice for Block {
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH
-            | ro
+            | writes
     }
 
     fn set_acked_features(&mut self, features: u64) {

@@ -19,7 +19,8 @@ pub mod request;
 mod runtime;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 
 pub use device::Block;
@@ -51,7 +52,7 @@ pub enum Error {
     #[error("cannot read the size of disk image {0}")]
     Metadata(String, #[source] std::io::Error),
     /// The image is not a regular file or block device with whole sectors.
-    #[error("disk image {0} is smaller than one 512-byte sector or not a file")]
+    #[error("disk image {0} is not a file or block device of at least one 512-byte sector")]
     Empty(String),
 }
 
@@ -145,6 +146,8 @@ impl Disk {
             .map_err(|e| Error::Metadata(name.clone(), e))?;
         let bytes = if meta.file_type().is_file() {
             meta.len()
+        } else if !meta.file_type().is_block_device() {
+            return Err(Error::Empty(name));
         } else {
             // A block device reports 0 in st_size: ask the file itself.
             use std::io::{Seek, SeekFrom};
@@ -195,6 +198,28 @@ impl Disk {
     /// The image file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Deallocates (`punch`) or zeroes `len` bytes at `offset`; the image
+    /// keeps its size and the range reads back as zeros either way.
+    pub fn fallocate(&self, punch: bool, offset: u64, len: u64) -> std::io::Result<()> {
+        let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+        let offset = libc::off_t::try_from(offset).map_err(|_| invalid())?;
+        let len = libc::off_t::try_from(len).map_err(|_| invalid())?;
+        let mode = libc::FALLOC_FL_KEEP_SIZE
+            | if punch {
+                libc::FALLOC_FL_PUNCH_HOLE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE
+            };
+        // SAFETY: fallocate(2) takes no pointers; the fd belongs to
+        // self.file, which is open for the whole call.
+        let ret = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }
 

@@ -26,6 +26,16 @@ pub const VIRTIO_BLK_T_OUT: u32 = 1;
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 /// Request type: return the device's serial.
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Request type: the driver no longer needs a range (hole punched).
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+/// Request type: zero a range.
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+/// WRITE_ZEROES segment flag: the range may be deallocated.
+pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+/// Bytes of one DISCARD / WRITE_ZEROES segment.
+pub const RANGE_SEGMENT_LEN: u32 = 16;
+/// Most sectors one DISCARD / WRITE_ZEROES segment may cover.
+pub const MAX_RANGE_SECTORS: u32 = u32::MAX >> 9;
 
 /// Status: success.
 pub const VIRTIO_BLK_S_OK: u8 = 0;
@@ -90,13 +100,19 @@ pub enum Error {
     /// A write to a read-only disk.
     #[error("the disk is read-only")]
     ReadOnly,
+    /// A DISCARD / WRITE_ZEROES request that is not exactly one segment.
+    #[error("a discard or write-zeroes request must carry exactly one 16-byte segment")]
+    RangeSegments,
+    /// Segment flags this device does not implement.
+    #[error("segment flags {0:#x} are not supported")]
+    RangeFlags(u32),
 }
 
 impl Error {
     /// The status byte that answers this error.
     pub fn status_code(&self) -> u8 {
         match self {
-            Self::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
+            Self::Unsupported(_) | Self::RangeFlags(_) => VIRTIO_BLK_S_UNSUPP,
             _ => VIRTIO_BLK_S_IOERR,
         }
     }
@@ -113,6 +129,18 @@ pub enum RequestType {
     Flush,
     /// Write the serial into the data buffers.
     GetId,
+    /// Deallocate `sectors` sectors from `sector` on.
+    Discard {
+        /// Sectors in the range.
+        sectors: u32,
+    },
+    /// Zero `sectors` sectors from `sector` on.
+    WriteZeroes {
+        /// Sectors in the range.
+        sectors: u32,
+        /// The driver allows deallocating the range.
+        unmap: bool,
+    },
 }
 
 /// A checked request: every buffer lies in guest memory with the right
@@ -195,6 +223,36 @@ fn status_byte(mem: &GuestMemoryMmap, last: &Descriptor) -> Option<GuestAddress>
     in_memory(mem, addr, 1).then_some(addr)
 }
 
+/// Reads the single DISCARD / WRITE_ZEROES segment: (sector, sectors, flags).
+fn range_segment(
+    mem: &GuestMemoryMmap,
+    buffers: &[(GuestAddress, u32)],
+    total: u64,
+) -> Result<(u64, u32, u32), Error> {
+    let [(addr, len)] = buffers else {
+        return Err(Error::RangeSegments);
+    };
+    if *len != RANGE_SEGMENT_LEN || total != u64::from(RANGE_SEGMENT_LEN) {
+        return Err(Error::RangeSegments);
+    }
+    let mut raw = [0u8; RANGE_SEGMENT_LEN as usize];
+    mem.read_slice(&mut raw, *addr)
+        .map_err(|_| Error::RangeSegments)?;
+    let (s, rest) = raw.split_at(8);
+    let (n, f) = rest.split_at(4);
+    let word = |b: &[u8]| b.try_into().map(u32::from_le_bytes);
+    let sector = s
+        .try_into()
+        .map(u64::from_le_bytes)
+        .map_err(|_| Error::RangeSegments)?;
+    let sectors = word(n).map_err(|_| Error::RangeSegments)?;
+    let flags = word(f).map_err(|_| Error::RangeSegments)?;
+    if sectors == 0 || sectors > MAX_RANGE_SECTORS {
+        return Err(Error::DataLength(u64::from(sectors) * SECTOR_SIZE));
+    }
+    Ok((sector, sectors, flags))
+}
+
 /// Parses `chain` into a request checked against `limits`.
 pub fn parse(
     chain: DescriptorChain<&GuestMemoryMmap>,
@@ -235,6 +293,14 @@ pub fn parse(
         VIRTIO_BLK_T_OUT => (RequestType::Out, false),
         VIRTIO_BLK_T_FLUSH => (RequestType::Flush, false),
         VIRTIO_BLK_T_GET_ID => (RequestType::GetId, true),
+        VIRTIO_BLK_T_DISCARD => (RequestType::Discard { sectors: 0 }, false),
+        VIRTIO_BLK_T_WRITE_ZEROES => (
+            RequestType::WriteZeroes {
+                sectors: 0,
+                unmap: false,
+            },
+            false,
+        ),
         other => return Err(fail(Error::Unsupported(other))),
     };
     if u32::try_from(data.len()).map_or(true, |n| n > MAX_SEGMENTS) {
@@ -256,7 +322,40 @@ pub fn parse(
         buffers.push((d.addr(), d.len()));
     }
     // A flush carries no data by spec; any buffers it has are ignored.
+    let mut kind = kind;
+    let mut sector = sector;
     let data_len = match kind {
+        RequestType::Discard { .. } | RequestType::WriteZeroes { .. } => {
+            let (start, sectors, flags) = range_segment(mem, &buffers, total).map_err(fail)?;
+            let unmap = flags == VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+            kind = match kind {
+                RequestType::Discard { .. } if flags == 0 => RequestType::Discard { sectors },
+                RequestType::WriteZeroes { .. }
+                    if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP == 0 =>
+                {
+                    RequestType::WriteZeroes { sectors, unmap }
+                }
+                _ => return Err(fail(Error::RangeFlags(flags))),
+            };
+            let bytes = u64::from(sectors) * SECTOR_SIZE;
+            let len = u32::try_from(bytes).map_err(|_| fail(Error::DataLength(bytes)))?;
+            let end = start
+                .checked_mul(SECTOR_SIZE)
+                .and_then(|s| s.checked_add(bytes));
+            if end.is_none_or(|end| end > limits.capacity.saturating_mul(SECTOR_SIZE)) {
+                return Err(fail(Error::OutOfRange {
+                    sector: start,
+                    len,
+                    capacity: limits.capacity,
+                }));
+            }
+            if limits.read_only {
+                return Err(fail(Error::ReadOnly));
+            }
+            sector = start;
+            buffers.clear();
+            len
+        }
         RequestType::Flush => {
             buffers.clear();
             0

@@ -143,6 +143,23 @@ impl BlockRuntime {
             RequestType::In => (req.data_len, req.data_len.saturating_add(1)),
             RequestType::Out => (req.data_len, 1),
             RequestType::Flush => (0, 1),
+            RequestType::Discard { sectors } | RequestType::WriteZeroes { sectors, .. } => {
+                // fallocate is a metadata operation: done here, not on the ring.
+                let punch = !matches!(req.kind, RequestType::WriteZeroes { unmap: false, .. });
+                let done = self.disk.fallocate(
+                    punch,
+                    req.offset(),
+                    u64::from(sectors) * super::SECTOR_SIZE,
+                );
+                let status = match done {
+                    Ok(()) => VIRTIO_BLK_S_OK,
+                    Err(e) => {
+                        tracing::debug!("virtio-blk: fallocate failed: {e}");
+                        request::VIRTIO_BLK_S_IOERR
+                    }
+                };
+                return self.complete(req.head, req.status, status, 1);
+            }
             RequestType::GetId => {
                 let written = self.write_id(&req);
                 let status = if written.is_some() {

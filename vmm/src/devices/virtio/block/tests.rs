@@ -16,8 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::device::{Block, VIRTIO_BLK_F_RO, VIRTIO_RING_F_EVENT_IDX};
 use super::request::{
     self, Error, Limits, RequestType, MAX_DESCRIPTORS, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use super::{BlockConfig, Disk};
 use crate::devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -275,14 +275,14 @@ fn writes_to_a_read_only_disk_fail_and_reads_work() {
 #[test]
 fn unknown_types_are_unsupported() {
     let mem = memory();
-    header(&mem, HDR, 11, 0); // DISCARD, not offered
+    header(&mem, HDR, 99, 0);
     let (status, error) = rejected_with(
         &mem,
         &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
         LIMITS,
     );
     assert_eq!(status, Some(GuestAddress(STATUS)));
-    assert_eq!(error, Error::Unsupported(11));
+    assert_eq!(error, Error::Unsupported(99));
     assert_eq!(error.status_code(), VIRTIO_BLK_S_UNSUPP);
 }
 
@@ -578,4 +578,98 @@ fn config_space_reports_capacity_and_features() {
     assert!(h.block.avail_features() & VIRTIO_F_VERSION_1 != 0);
     assert!(h.block.avail_features() & VIRTIO_BLK_F_RO == 0);
     let _ = h.kick.as_raw_fd();
+}
+
+fn segment(mem: &GuestMemoryMmap, at: u64, sector: u64, sectors: u32, flags: u32) {
+    let mut seg = [0u8; 16];
+    seg[..8].copy_from_slice(&sector.to_le_bytes());
+    seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+    seg[12..].copy_from_slice(&flags.to_le_bytes());
+    mem.write_slice(&seg, GuestAddress(at)).unwrap();
+}
+
+#[test]
+fn discard_and_write_zeroes_ranges_are_checked() {
+    let mem = memory();
+    let chain = [(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)];
+    header(&mem, HDR, VIRTIO_BLK_T_DISCARD, 0);
+    segment(&mem, DATA, 2, 4, 0);
+    let req = parse_with(&mem, &chain, LIMITS).unwrap();
+    assert_eq!(req.kind, RequestType::Discard { sectors: 4 });
+    assert_eq!((req.sector, req.data_len), (2, 2048));
+    assert!(req.data.is_empty());
+    // Discard takes no flags; write-zeroes takes UNMAP only.
+    segment(&mem, DATA, 2, 4, 1);
+    let e = rejected_with(&mem, &chain, LIMITS).1;
+    assert_eq!(
+        (e.clone(), e.status_code()),
+        (Error::RangeFlags(1), VIRTIO_BLK_S_UNSUPP)
+    );
+    header(&mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    let req = parse_with(&mem, &chain, LIMITS).unwrap();
+    assert_eq!(
+        req.kind,
+        RequestType::WriteZeroes {
+            sectors: 4,
+            unmap: true
+        }
+    );
+    segment(&mem, DATA, 2, 4, 2);
+    assert_eq!(rejected_with(&mem, &chain, LIMITS).1, Error::RangeFlags(2));
+    // Beyond the disk, overflowing, empty, read-only, two segments.
+    segment(&mem, DATA, 60, 5, 0);
+    assert!(matches!(
+        rejected_with(&mem, &chain, LIMITS).1,
+        Error::OutOfRange { .. }
+    ));
+    segment(&mem, DATA, u64::MAX >> 9, 1, 0);
+    assert!(matches!(
+        rejected_with(&mem, &chain, LIMITS).1,
+        Error::OutOfRange { .. }
+    ));
+    segment(&mem, DATA, 0, 0, 0);
+    assert_eq!(rejected_with(&mem, &chain, LIMITS).1, Error::DataLength(0));
+    segment(&mem, DATA, 0, 1, 0);
+    let ro = Limits {
+        capacity: 64,
+        read_only: true,
+    };
+    assert_eq!(rejected_with(&mem, &chain, ro).1, Error::ReadOnly);
+    let two = [(HDR, 16, false), (DATA, 32, false), (STATUS, 1, true)];
+    assert_eq!(rejected_with(&mem, &two, LIMITS).1, Error::RangeSegments);
+}
+
+#[test]
+fn write_zeroes_and_discard_zero_the_image_range() {
+    let mut h = Harness::new(false, VIRTIO_F_VERSION_1);
+    header(&h.mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 3);
+    segment(&h.mem, DATA, 3, 2, 0);
+    h.submit(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    assert_eq!(h.wait_used(1).1, 1);
+    assert_eq!(h.status(STATUS), VIRTIO_BLK_S_OK);
+    header(&h.mem, HDR + 0x100, VIRTIO_BLK_T_DISCARD, 0);
+    segment(&h.mem, DATA + 0x100, 16, 8, 0);
+    h.submit(&[
+        (HDR + 0x100, 16, false),
+        (DATA + 0x100, 16, false),
+        (STATUS + 1, 1, true),
+    ]);
+    h.wait_used(2);
+    assert_eq!(h.status(STATUS + 1), VIRTIO_BLK_S_OK);
+    let image = h.image_bytes();
+    assert_eq!(image.len(), 64 * 512, "size kept");
+    assert!(
+        image[512 * 2..512 * 3].iter().all(|&b| b == 2),
+        "before the range"
+    );
+    assert!(image[512 * 3..512 * 5].iter().all(|&b| b == 0), "zeroed");
+    assert!(
+        image[512 * 5..512 * 6].iter().all(|&b| b == 5),
+        "after the range"
+    );
+    assert!(
+        image[512 * 16..512 * 24].iter().all(|&b| b == 0),
+        "discarded"
+    );
+    assert!(image[512 * 24..512 * 25].iter().all(|&b| b == 24));
 }
