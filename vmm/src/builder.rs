@@ -249,22 +249,15 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
     let mut devices = DeviceManager::new(event_loop.handle());
     let console = std::mem::replace(&mut config.console, ConsoleOutput::Null);
     let legacy = attach_legacy_devices(&vm, &mut devices, console, reset.clone(), None)?;
-    // Virtio devices: each gets an MMIO window, an IRQ and a cmdline entry.
-    // (attach them here, before the command line is written)
-    if let Some(net) = &config.net {
-        let device = crate::devices::virtio::net::Net::new(net)?;
-        devices.attach_virtio(&vm, Box::new(device))?;
-    }
-    for drive in &config.drives {
-        let disk = crate::devices::virtio::block::Disk::open(drive)?;
-        let block = crate::devices::virtio::block::Block::new(disk);
-        devices.attach_virtio(&vm, Box::new(block))?;
-    }
-
-    if let Some(vsock) = &config.vsock {
-        let device = crate::devices::virtio::vsock::Vsock::new(vsock)?;
-        devices.attach_virtio(&vm, Box::new(device))?;
-    }
+    // Virtio devices: each gets an MMIO window, an IRQ and a cmdline entry
+    // (attached before the command line is written).
+    attach_virtio_devices(
+        &vm,
+        &mut devices,
+        config.net.as_ref(),
+        &config.drives,
+        config.vsock.as_ref(),
+    )?;
 
     let mut cmdline = build_cmdline(&config, host)?;
     devices.announce(&mut cmdline)?;
@@ -295,6 +288,32 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
         legacy,
         carried_pit: None,
     })
+}
+
+/// Attaches the virtio devices, always in the same order (net, disks in
+/// order, vsock), so that a restore with the same flags finds each device in
+/// the slot its snapshot state belongs to.
+pub(crate) fn attach_virtio_devices(
+    vm: &Vm,
+    devices: &mut DeviceManager,
+    net: Option<&crate::net::NetConfig>,
+    drives: &[crate::devices::virtio::block::BlockConfig],
+    vsock: Option<&crate::devices::virtio::vsock::VsockConfig>,
+) -> Result<(), Error> {
+    if let Some(net) = net {
+        let device = crate::devices::virtio::net::Net::new(net)?;
+        devices.attach_virtio(vm, Box::new(device))?;
+    }
+    for drive in drives {
+        let disk = crate::devices::virtio::block::Disk::open(drive)?;
+        let block = crate::devices::virtio::block::Block::new(disk);
+        devices.attach_virtio(vm, Box::new(block))?;
+    }
+    if let Some(vsock) = vsock {
+        let device = crate::devices::virtio::vsock::Vsock::new(vsock)?;
+        devices.attach_virtio(vm, Box::new(device))?;
+    }
+    Ok(())
 }
 
 /// Serial console on COM1 (interrupt through an irqfd) and the i8042 whose

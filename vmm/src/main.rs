@@ -155,7 +155,13 @@ fn main() -> ExitCode {
         ..Default::default()
     });
     let built = match (args.snapshot, args.kernel) {
-        (Some(snapshot), _) => restore::restore(RestoreConfig { snapshot, console }),
+        (Some(snapshot), _) => restore::restore(RestoreConfig {
+            snapshot,
+            console,
+            net: net.clone(),
+            drives: drives.clone(),
+            vsock: args.vsock.clone(),
+        }),
         (None, Some(kernel)) => builder::build(VmConfig {
             kernel,
             initrd: args.initrd,
@@ -174,7 +180,13 @@ fn main() -> ExitCode {
                     options.restore_requested = Some(std::time::Instant::now());
                     options.api_listener = Some(listener);
                     options.notify = Some(client);
-                    restore::restore(RestoreConfig { snapshot, console })
+                    restore::restore(RestoreConfig {
+                        snapshot,
+                        console,
+                        net: net.clone(),
+                        drives: drives.clone(),
+                        vsock: args.vsock.clone(),
+                    })
                 }
                 Err(e) => Err(e),
             },

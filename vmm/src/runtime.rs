@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{BuiltVm, Error, GuestExit};
 use crate::devices::legacy::i8042::{I8042State, I8042};
 use crate::devices::legacy::serial::{SerialConsole, SerialConsoleState};
+use crate::devices::virtio::transport::mmio::MmioTransport;
 use crate::event_loop::{Event, EventHandler, Ops};
 use crate::snapshot::{self, MicrovmState};
 use crate::vstate::persist;
@@ -106,7 +107,7 @@ pub struct VmHandle {
     vm: Arc<Vm>,
     vcpus: Vec<VcpuThread>,
     legacy: LegacyDevices,
-    virtio_devices: usize,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     paused: Mutex<bool>,
     carried_pit: Option<kvm_bindings::kvm_pit_state2>,
 }
@@ -136,9 +137,12 @@ pub enum ControlError {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
-    /// A device that cannot be snapshotted yet.
-    #[error("this VM has {0} virtio device(s); snapshots support serial and i8042 only so far")]
-    Unsupported(usize),
+    /// An active device whose runtime cannot be saved.
+    #[error("virtio device of type {0} cannot be snapshotted while active")]
+    Unsupported(u32),
+    /// Devices kept I/O in flight for too long.
+    #[error("devices did not finish their in-flight I/O within {0:?}")]
+    NotQuiescent(Duration),
 }
 
 impl VmHandle {
@@ -161,24 +165,32 @@ impl VmHandle {
         *paused = false;
     }
 
-    /// Writes a snapshot of the VM to `path` (atomically, through a
-    /// temporary file). A running VM is paused for the save and resumed
-    /// afterwards; a paused VM stays paused.
-    pub fn snapshot(&self, path: &Path) -> Result<SnapshotStats, ControlError> {
-        if self.virtio_devices > 0 {
-            return Err(ControlError::Unsupported(self.virtio_devices));
-        }
-        let start = Instant::now();
-        let was_paused = *self.paused.lock().unwrap_or_else(|e| e.into_inner());
-        self.pause()?;
-        let result = self.save_paused(path, start);
-        if !was_paused {
-            self.resume();
-        }
-        result
+    fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn save_paused(&self, path: &Path, start: Instant) -> Result<SnapshotStats, ControlError> {
+    /// Writes a snapshot of the paused VM to `path` (atomically, through a
+    /// temporary file); `ops` reaches the device runtimes on the loop, which
+    /// must be quiescent.
+    fn save_paused(
+        &self,
+        path: &Path,
+        start: Instant,
+        ops: &mut Ops<'_>,
+    ) -> Result<SnapshotStats, ControlError> {
+        let mut virtio = Vec::with_capacity(self.transports.len());
+        for transport in &self.transports {
+            let t = lock(transport);
+            let mut state = t.save();
+            if t.activated() {
+                let runtime = t
+                    .runtime()
+                    .and_then(|id| ops.save_handler(id))
+                    .ok_or(ControlError::Unsupported(state.device_type))?;
+                state.runtime = Some(runtime);
+            }
+            virtio.push(state);
+        }
         let vcpus = self
             .vcpus
             .iter()
@@ -195,7 +207,7 @@ impl VmHandle {
             i8042: lock(&self.legacy.i8042).save(),
         };
         let saved = start.elapsed();
-        let state = MicrovmState::new(&self.vm.mem, vm, vcpus, legacy);
+        let state = MicrovmState::new(&self.vm.mem, vm, vcpus, legacy, virtio);
         let (state_bytes, mem_written, mem_len) = snapshot::write(path, &state, &self.vm.mem)?;
         tracing::debug!(
             "snapshot: paused and saved state in {:?}, file written in {:?}",
@@ -296,7 +308,20 @@ struct ApiServer {
     clients: Vec<Option<(UnixStream, Vec<u8>)>>,
     handle: Arc<VmHandle>,
     outcome: Outcome,
+    pending: Option<PendingSnapshot>,
 }
+
+/// A snapshot waiting for device I/O to drain (vCPUs already paused).
+struct PendingSnapshot {
+    slot: usize,
+    path: PathBuf,
+    start: Instant,
+    was_paused: bool,
+}
+
+/// How long a snapshot waits for in-flight device I/O.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
+const SNAPSHOT_TIMER: u32 = u32::MAX - 1;
 
 /// Longest command line accepted.
 const MAX_COMMAND: usize = 4096;
@@ -305,10 +330,51 @@ const MAX_CLIENTS: usize = 16;
 const LISTENER_TOKEN: u32 = u32::MAX;
 
 impl ApiServer {
-    fn execute(&mut self, line: &str, ops: &mut Ops<'_>) -> String {
+    /// Runs a pending snapshot if the devices are quiescent (or gives up
+    /// after [`QUIESCE_TIMEOUT`]); returns the client slot and reply when done.
+    fn try_finish_snapshot(&mut self, ops: &mut Ops<'_>) -> Option<(usize, String)> {
+        let pending = self.pending.as_ref()?;
+        let result = if ops.all_quiescent() {
+            self.handle.save_paused(&pending.path, pending.start, ops)
+        } else if pending.start.elapsed() < QUIESCE_TIMEOUT {
+            ops.timer(SNAPSHOT_TIMER, Duration::from_millis(1));
+            return None;
+        } else {
+            Err(ControlError::NotQuiescent(QUIESCE_TIMEOUT))
+        };
+        let pending = self.pending.take()?;
+        if !pending.was_paused {
+            self.handle.resume();
+        }
+        let reply = match result {
+            Ok(s) => format!(
+                "ok state={} mem={}/{} ms={:.3}",
+                s.state_bytes,
+                s.mem_written,
+                s.mem_len,
+                s.elapsed.as_secs_f64() * 1e3
+            ),
+            Err(e) => format!("error {}", error_chain(&e)),
+        };
+        Some((pending.slot, reply))
+    }
+
+    fn reply(&mut self, slot: usize, reply: &str) {
+        if let Some(Some((stream, _))) = self.clients.get_mut(slot) {
+            // Replies are short; a client that does not read is dropped.
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = stream.write_all(format!("{reply}\n").as_bytes());
+            let _ = stream.set_nonblocking(true);
+        }
+    }
+
+    /// Runs one command; `None` when the reply comes later (a snapshot
+    /// waiting for devices).
+    fn execute(&mut self, slot: usize, line: &str, ops: &mut Ops<'_>) -> Option<String> {
         let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
         let arg = arg.trim();
-        match cmd {
+        Some(match cmd {
             "ping" => "ok pong".into(),
             "pause" => match self.handle.pause() {
                 Ok(()) => "ok".into(),
@@ -318,16 +384,23 @@ impl ApiServer {
                 self.handle.resume();
                 "ok".into()
             }
-            "snapshot" if !arg.is_empty() => match self.handle.snapshot(Path::new(arg)) {
-                Ok(s) => format!(
-                    "ok state={} mem={}/{} ms={:.3}",
-                    s.state_bytes,
-                    s.mem_written,
-                    s.mem_len,
-                    s.elapsed.as_secs_f64() * 1e3
-                ),
-                Err(e) => format!("error {}", error_chain(&e)),
-            },
+            "snapshot" if self.pending.is_some() => {
+                "error a snapshot is already in progress".into()
+            }
+            "snapshot" if !arg.is_empty() => {
+                let start = Instant::now();
+                let was_paused = self.handle.is_paused();
+                if let Err(e) = self.handle.pause() {
+                    return Some(format!("error {}", error_chain(&e)));
+                }
+                self.pending = Some(PendingSnapshot {
+                    slot,
+                    path: PathBuf::from(arg),
+                    start,
+                    was_paused,
+                });
+                return self.try_finish_snapshot(ops).map(|(_, reply)| reply);
+            }
             "quit" => {
                 set_outcome(&self.outcome, Ok(GuestExit::Quit));
                 ops.stop_loop();
@@ -336,7 +409,7 @@ impl ApiServer {
             _ => format!(
                 "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, quit)"
             ),
-        }
+        })
     }
 
     fn serve(&mut self, slot: usize, ops: &mut Ops<'_>) {
@@ -363,19 +436,15 @@ impl ApiServer {
         }
         let mut out = Vec::new();
         for line in replies.iter().filter(|l| !l.is_empty()) {
-            out.push(self.execute(line, ops));
+            if let Some(reply) = self.execute(slot, line, ops) {
+                out.push(reply);
+            }
         }
         if too_long {
             out.push("error command too long".into());
         }
-        if let Some(Some((stream, _))) = self.clients.get_mut(slot) {
-            for reply in out {
-                // Replies are short; a client that does not read is dropped.
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = stream.write_all(format!("{reply}\n").as_bytes());
-                let _ = stream.set_nonblocking(true);
-            }
+        for reply in out {
+            self.reply(slot, &reply);
         }
         if closed || too_long {
             ops.unwatch(u32::try_from(slot).unwrap_or(0));
@@ -410,6 +479,15 @@ impl EventHandler for ApiServer {
     }
 
     fn handle(&mut self, event: Event, ops: &mut Ops<'_>) {
+        if let Event::Timer {
+            token: SNAPSHOT_TIMER,
+        } = event
+        {
+            if let Some((slot, reply)) = self.try_finish_snapshot(ops) {
+                self.reply(slot, &reply);
+            }
+            return;
+        }
         let Event::Ready { token, .. } = event else {
             return;
         };
@@ -536,7 +614,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         vm,
         vcpus: threads,
         legacy,
-        virtio_devices: devices.virtio_count(),
+        transports: devices.transports().to_vec(),
         paused: Mutex::new(false),
         carried_pit,
     });
@@ -547,6 +625,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
                 clients: Vec::new(),
                 handle: handle.clone(),
                 outcome: outcome.clone(),
+                pending: None,
             }))
             .map_err(Error::EventLoop)?;
     }

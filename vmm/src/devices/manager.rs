@@ -57,6 +57,7 @@ pub struct DeviceManager {
     /// MMIO bus.
     pub mmio: Bus,
     slots: Vec<MmioSlot>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     event_loop: LoopHandle,
 }
 
@@ -67,6 +68,7 @@ impl DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
             slots: Vec::new(),
+            transports: Vec::new(),
             event_loop,
         }
     }
@@ -116,8 +118,10 @@ impl DeviceManager {
                 )
                 .map_err(|e| Error::Kvm("queue ioeventfd", e))?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+            .insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        self.transports.push(transport);
         let slot = MmioSlot { base, irq };
         self.slots.push(slot);
         Ok(slot)
@@ -126,6 +130,11 @@ impl DeviceManager {
     /// Number of virtio devices attached.
     pub fn virtio_count(&self) -> usize {
         self.slots.len()
+    }
+
+    /// The virtio transports, in slot order (for snapshots and restores).
+    pub fn transports(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
     }
 
     /// Adds `virtio_mmio.device=` entries for every attached virtio device.

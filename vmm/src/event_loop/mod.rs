@@ -85,6 +85,18 @@ pub trait EventHandler: Send {
     fn handle(&mut self, event: Event, ops: &mut Ops<'_>);
     /// Called when the handler is removed or the loop ends.
     fn stop(&mut self) {}
+
+    /// Whether the handler has no I/O in flight; a snapshot waits until
+    /// every handler is quiescent.
+    fn quiescent(&self) -> bool {
+        true
+    }
+
+    /// The handler's state for a snapshot (queue positions and whatever the
+    /// device needs to carry on), or `None` if it holds nothing to save.
+    fn save(&mut self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// Errors of the event loop.
@@ -285,8 +297,14 @@ impl EventLoop {
             self.drain_commands();
             return;
         }
-        if let Some(handler) = self.handlers.get_mut(&handler_id) {
-            handler.handle(event, &mut Ops::new(&mut self.core, handler_id));
+        // The handler is taken out of the map while it runs, so that it can
+        // reach the others through `Ops` (a snapshot collects their state).
+        if let Some(mut handler) = self.handlers.remove(&handler_id) {
+            handler.handle(
+                event,
+                &mut Ops::with_others(&mut self.core, handler_id, &mut self.handlers),
+            );
+            self.handlers.insert(handler_id, handler);
         }
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use io_uring::{opcode, squeue, types};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{Core, HandlerId, Token};
+use std::collections::HashMap;
+
+use super::{Core, EventHandler, HandlerId, Token};
 
 /// Most buffers one guest I/O may scatter over (Linux's IOV_MAX).
 pub const MAX_IOVECS: usize = 1024;
@@ -126,6 +128,7 @@ impl Core {
 pub struct Ops<'a> {
     core: &'a mut Core,
     id: HandlerId,
+    others: Option<&'a mut HashMap<HandlerId, Box<dyn EventHandler>>>,
 }
 
 fn guest_iovecs(
@@ -151,7 +154,35 @@ fn guest_iovecs(
 
 impl<'a> Ops<'a> {
     pub(crate) fn new(core: &'a mut Core, id: HandlerId) -> Self {
-        Self { core, id }
+        Self {
+            core,
+            id,
+            others: None,
+        }
+    }
+
+    pub(crate) fn with_others(
+        core: &'a mut Core,
+        id: HandlerId,
+        others: &'a mut HashMap<HandlerId, Box<dyn EventHandler>>,
+    ) -> Self {
+        Self {
+            core,
+            id,
+            others: Some(others),
+        }
+    }
+
+    /// Whether every other handler is quiescent (no I/O in flight).
+    pub fn all_quiescent(&self) -> bool {
+        self.others
+            .as_ref()
+            .is_none_or(|others| others.values().all(|h| h.quiescent()))
+    }
+
+    /// The snapshot state of handler `id` (see [`EventHandler::save`]).
+    pub fn save_handler(&mut self, id: HandlerId) -> Option<Vec<u8>> {
+        self.others.as_mut()?.get_mut(&id)?.save()
     }
 
     /// Watches `fd` for poll `events` (e.g. `POLLIN`) until [`unwatch`](Self::unwatch)

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
 };
 
 use super::format::PAGE_SIZE;
@@ -120,7 +120,8 @@ pub fn validate(regions: &[RegionState], mem_len: u64, max_bytes: u64) -> Result
     }
     let mut total = 0u64;
     for r in regions {
-        if r.len == 0 || !r.len.is_multiple_of(PAGE_SIZE) || !r.guest_addr.is_multiple_of(PAGE_SIZE) {
+        if r.len == 0 || !r.len.is_multiple_of(PAGE_SIZE) || !r.guest_addr.is_multiple_of(PAGE_SIZE)
+        {
             return Err(Error::Layout("region alignment"));
         }
         r.guest_addr

@@ -37,6 +37,15 @@ pub enum Error {
     /// The memory image could not be written or mapped.
     #[error("snapshot {0}: guest memory")]
     Memory(String, #[source] memory::Error),
+    /// The devices given for the restore do not match the snapshot's.
+    #[error("snapshot {0} has {1} virtio device(s), {2} were given: restore with the same --net/--drive/--vsock flags")]
+    Devices(String, usize, usize),
+    /// A device could not be put back.
+    #[error("snapshot {0}: virtio device")]
+    Device(
+        String,
+        #[source] crate::devices::virtio::transport::mmio::RestoreError,
+    ),
     /// The state is internally inconsistent.
     #[error("snapshot {0} is inconsistent: {1}")]
     Invalid(String, &'static str),
@@ -55,6 +64,8 @@ pub struct MicrovmState {
     pub vcpus: Vec<VcpuState>,
     /// Serial console and i8042.
     pub legacy: LegacyState,
+    /// Virtio transports and device runtimes, in slot order.
+    pub virtio: Vec<crate::devices::virtio::persist::TransportState>,
 }
 
 impl MicrovmState {
@@ -64,6 +75,7 @@ impl MicrovmState {
         vm: VmState,
         vcpus: Vec<VcpuState>,
         legacy: LegacyState,
+        virtio: Vec<crate::devices::virtio::persist::TransportState>,
     ) -> Self {
         Self {
             host: HostKind::detect().name().to_owned(),
@@ -71,6 +83,7 @@ impl MicrovmState {
             vm,
             vcpus,
             legacy,
+            virtio,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::builder::{attach_legacy_devices, BuiltVm, Error as BuildError};
+use crate::builder::{attach_legacy_devices, attach_virtio_devices, BuiltVm, Error as BuildError};
 use crate::config::{ConsoleOutput, MAX_MEM_MIB};
 use crate::devices::manager::DeviceManager;
 use crate::event_loop::EventLoop;
@@ -21,6 +21,25 @@ pub struct RestoreConfig {
     pub snapshot: PathBuf,
     /// Where the guest's serial console goes.
     pub console: ConsoleOutput,
+    /// The network, as when the snapshot was taken (same device list).
+    pub net: Option<crate::net::NetConfig>,
+    /// Disks, in the order they had when the snapshot was taken.
+    pub drives: Vec<crate::devices::virtio::block::BlockConfig>,
+    /// The vsock device (its socket path may differ per restore).
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+}
+
+impl RestoreConfig {
+    /// Restores `snapshot` with no virtio devices, console on stdout.
+    pub fn new(snapshot: impl Into<PathBuf>) -> Self {
+        Self {
+            snapshot: snapshot.into(),
+            console: ConsoleOutput::Stdout,
+            net: None,
+            drives: Vec::new(),
+            vsock: None,
+        }
+    }
 }
 
 /// Most vCPUs a snapshot may hold (the MP table's limit).
@@ -68,6 +87,23 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
         reset.clone(),
         Some(&state.legacy),
     )?;
+    attach_virtio_devices(
+        &vm,
+        &mut devices,
+        config.net.as_ref(),
+        &config.drives,
+        config.vsock.as_ref(),
+    )?;
+    if devices.transports().len() != state.virtio.len() {
+        return Err(Error::Devices(name, state.virtio.len(), devices.transports().len()).into());
+    }
+    for (transport, saved) in devices.transports().iter().zip(&state.virtio) {
+        transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(saved)
+            .map_err(|e| Error::Device(name.clone(), e))?;
+    }
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for (index, vcpu_state) in state.vcpus.iter().enumerate() {
         let index = u8::try_from(index).map_err(|_| Error::Invalid(name.clone(), "vCPU count"))?;

@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod net;
+pub mod persist;
 pub mod transport;
 pub mod vsock;
 
@@ -70,6 +71,11 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets the status bits as saved in a snapshot (no interrupt raised).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// Clears the acknowledged `bits`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -128,6 +134,23 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops the device and drops its queues (driver wrote status 0).
     fn reset(&mut self);
+
+    /// The event-loop handler running the device's queues while it is
+    /// active. A snapshot saves that handler's state
+    /// ([`crate::event_loop::EventHandler::save`]); a device without one
+    /// cannot be snapshotted while active.
+    fn runtime(&self) -> Option<crate::event_loop::HandlerId> {
+        None
+    }
+
+    /// Brings back the runtime of a device that was active when the
+    /// snapshot was taken: `ctx.queues` carry the saved ring positions,
+    /// `extra` is the device-specific part of what the runtime saved. By
+    /// default the device simply activates with those queues.
+    fn restore_runtime(&mut self, ctx: ActivateContext, extra: &[u8]) -> Result<(), ActivateError> {
+        let _ = extra;
+        self.activate(ctx)
+    }
 }
 
 /// Copies the window `[offset, offset + data.len())` of `config` into `data`,

@@ -8,8 +8,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::devices::virtio::persist::{RuntimeState, SavedQueue, TransportState};
 use crate::devices::virtio::{
-    ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG,
+    ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_CONFIG,
 };
 use crate::event_loop::LoopHandle;
 
@@ -43,6 +45,31 @@ pub struct MmioTransport {
     queue_sel: u32,
     config_generation: u32,
     activated: bool,
+}
+
+/// Errors while restoring a transport from a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot has a different device in this slot.
+    #[error("snapshot has a virtio device of type {saved} where a device of type {attached} is attached: attach the same devices in the same order")]
+    DeviceType {
+        /// Type in the snapshot.
+        saved: u32,
+        /// Type attached now.
+        attached: u32,
+    },
+    /// The queue count differs.
+    #[error("saved virtio device of type {0} has a different number of queues")]
+    QueueCount(u32),
+    /// An active device without runtime state.
+    #[error("saved virtio device of type {0} was active but has no runtime state")]
+    NoRuntime(u32),
+    /// Saved state that does not decode.
+    #[error(transparent)]
+    State(#[from] crate::devices::virtio::persist::Error),
+    /// The device could not resume.
+    #[error("virtio device failed to resume")]
+    Activate(#[source] ActivateError),
 }
 
 /// Errors while creating a transport.
@@ -102,6 +129,102 @@ impl MmioTransport {
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The transport's registers for a snapshot; the runtime's state is
+    /// added by the caller from the handler [`Self::runtime`] names.
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            acked_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues: self.queues.iter().map(SavedQueue::from).collect(),
+            runtime: None,
+        }
+    }
+
+    /// The device's runtime handler, when it is active.
+    pub fn runtime(&self) -> Option<crate::event_loop::HandlerId> {
+        if self.activated {
+            self.device.runtime()
+        } else {
+            None
+        }
+    }
+
+    /// Whether the device runs and must have its runtime saved.
+    pub fn activated(&self) -> bool {
+        self.activated
+    }
+
+    /// Puts the transport (and, if it was running, the device's runtime)
+    /// back as saved. The device must be the same type, freshly created.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
+        let device_type = self.device.device_type();
+        if state.device_type != device_type {
+            return Err(RestoreError::DeviceType {
+                saved: state.device_type,
+                attached: device_type,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount(device_type));
+        }
+        for (i, saved) in state.queues.iter().enumerate() {
+            self.queues[i] = saved.to_queue(i).map_err(RestoreError::State)?;
+        }
+        self.status = state.status;
+        self.driver_features = state.acked_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.restore_status(state.interrupt_status);
+        if state.status & STATUS_FEATURES_OK != 0 {
+            self.device.set_acked_features(state.acked_features);
+        }
+        if !state.activated {
+            return Ok(());
+        }
+        let runtime = state
+            .runtime
+            .as_deref()
+            .ok_or(RestoreError::NoRuntime(device_type))?;
+        let runtime = RuntimeState::decode(runtime).map_err(RestoreError::State)?;
+        if runtime.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount(device_type));
+        }
+        let queues = runtime
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q.to_queue(i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(RestoreError::State)?;
+        let queue_events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RestoreError::Activate(ActivateError::Backend(e)))?;
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            queue_events,
+            interrupt: self.interrupt.clone(),
+            event_loop: self.event_loop.clone(),
+        };
+        self.device
+            .restore_runtime(ctx, &runtime.extra)
+            .map_err(RestoreError::Activate)?;
+        self.activated = true;
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
