@@ -46,6 +46,12 @@ struct Args {
     /// Where the snapshots go (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The static guest agent (default: target/release/guest-agent).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// A static busybox for the guest (default: /bin/busybox).
+    #[arg(long, default_value = "/bin/busybox")]
+    busybox: PathBuf,
 }
 
 const AGENT_CONF: &str = "arg=/bin/sh\narg=-c\narg=echo ready; while read line; do echo \"got: $line\"; done\nenv=PATH=/bin\n";
@@ -91,7 +97,10 @@ fn wait_line(child: &mut Child, needle: &str, timeout: Duration) -> Result<Durat
 /// Boots the guest, takes `count` snapshots, returns the first path and the
 /// snapshot wall times the VMM reported.
 fn make_snapshots(args: &Args, vmm: &Path, dir: &Path) -> Result<(PathBuf, Vec<Duration>), String> {
-    let agent = target_dir().join("release/guest-agent");
+    let agent = args
+        .agent
+        .clone()
+        .unwrap_or_else(|| target_dir().join("release/guest-agent"));
     let mut fs = Initramfs::new();
     for d in ["/bin", "/dev", "/proc", "/sys", "/tmp", "/run", "/little"] {
         fs.dir(d, 0o755).map_err(|e| e.to_string())?;
@@ -100,7 +109,7 @@ fn make_snapshots(args: &Args, vmm: &Path, dir: &Path) -> Result<(PathBuf, Vec<D
         .map_err(|e| e.to_string())?;
     fs.file("/little/agent.conf", 0o644, AGENT_CONF.as_bytes().to_vec())
         .map_err(|e| e.to_string())?;
-    fs.host_file("/bin/busybox", 0o755, Path::new("/bin/busybox"))
+    fs.host_file("/bin/busybox", 0o755, &args.busybox)
         .map_err(|e| e.to_string())?;
     fs.symlink("/bin/sh", "busybox")
         .map_err(|e| e.to_string())?;
