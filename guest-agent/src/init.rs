@@ -120,6 +120,15 @@ fn boot(console: &mut Console) -> Result<(), Failure> {
     if let Some(steps) = guest_agent::rootfs::RootOptions::parse(&cmdline).plan() {
         crate::switch_root::run(&steps).map_err(|(what, errno)| Failure::Sys { what, errno })?;
     }
+    // `little.dns=`: the VMM's network names its DNS forwarder.
+    if let Some(text) = guest_agent::dns::resolv_conf(&cmdline) {
+        if let Err(Errno(errno)) = sys::write_file(c"/etc/resolv.conf", 0o644, &text) {
+            let _ = console.report(Event::Skipped {
+                what: "write /etc/resolv.conf",
+                errno,
+            });
+        }
+    }
     if let Err(Errno(errno)) = sys::sethostname(&config.hostname) {
         let _ = console.report(Event::Skipped {
             what: "sethostname",

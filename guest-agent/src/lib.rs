@@ -13,6 +13,7 @@ extern crate alloc;
 
 pub mod cmdline;
 pub mod config;
+pub mod dns;
 pub mod env;
 pub mod mounts;
 pub mod protocol;

@@ -16,7 +16,7 @@ use little_tests::{agent_initramfs, kernel, VmmProcess};
 /// How long the guest gets to boot and start serving.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 /// Number of tests in this file: the last one to finish stops the guest.
-const TESTS: usize = 3;
+const TESTS: usize = 4;
 const HOST_BODY: &str = "from-the-host-loopback";
 const GUEST_BODY: &str = "served-by-the-guest";
 
@@ -86,6 +86,7 @@ fn guest() -> &'static Guest {
         let host_port = host_server(host_requests.clone());
         let conf = format!(
             "arg=/bin/sh\narg=-c\narg=echo {GUEST_BODY} > /tmp/index.html; \
+             read ns < /etc/resolv.conf; echo \"resolv=$ns\"; \
              /bin/busybox wget -q -O - http://10.0.2.2:{host_port}/hello; echo; \
              exec /bin/busybox httpd -f -p 8080 -h /tmp\nenv=PATH=/bin\n"
         );
@@ -199,4 +200,16 @@ fn connection_to_a_closed_guest_port_is_reset() {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
         Ok(n) => panic!("expected a reset, read {n} bytes"),
     }
+}
+
+#[test]
+fn agent_writes_the_dns_forwarder_to_resolv_conf() {
+    let _done = Finished;
+    let g = guest();
+    wait_for_http(g);
+    assert!(
+        console(g).contains("resolv=nameserver 10.0.2.3"),
+        "{}",
+        console(g)
+    );
 }

@@ -142,6 +142,26 @@ pub fn open(path: &CStr, flags: usize) -> Result<i32> {
     check_i32(ret)
 }
 
+/// Creates or truncates `path` with `mode` and writes `data` to it.
+pub fn write_file(path: &CStr, mode: u32, data: &[u8]) -> Result<()> {
+    const O_WRONLY_CREAT_TRUNC: usize = 0o1 | 0o100 | 0o1000;
+    // SAFETY: path is a NUL-terminated string that outlives the call; the
+    // other arguments are plain integers.
+    let ret = unsafe {
+        syscall4(
+            nr::OPENAT,
+            AT_FDCWD as usize,
+            path.as_ptr() as usize,
+            O_WRONLY_CREAT_TRUNC | O_CLOEXEC,
+            mode as usize,
+        )
+    };
+    let fd = check_i32(ret)?;
+    let written = write_all(fd, data);
+    close(fd);
+    written
+}
+
 /// `close(2)`; errors are meaningless for the read-only files the agent
 /// closes, so they are dropped.
 pub fn close(fd: i32) {
