@@ -309,5 +309,7 @@ impl EventLoop {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[cfg(test)]
 mod tests;

@@ -141,6 +141,14 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn runtime(&self) -> Option<HandlerId> {
+        self.running.as_ref().map(|(_, id)| *id)
+    }
+
+    // `restore_runtime` is the default: the runtime holds nothing but its
+    // queue, whose saved ring positions the transport hands back, and
+    // `activate` re-applies EVENT_IDX from the restored acked features.
+
     fn reset(&mut self) {
         // In-flight io_uring operations keep their guest memory mapped (the
         // loop holds a clone) and the image file stays open here, so the

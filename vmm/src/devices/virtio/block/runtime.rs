@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Limits, Rejected, Request, RequestType, VIRTIO_BLK_S_OK};
 use super::Disk;
+use crate::devices::virtio::persist::RuntimeState;
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
 use crate::event_loop::{Event, EventHandler, Ops, Token};
 
@@ -289,5 +290,17 @@ impl EventHandler for BlockRuntime {
             Event::Done { token, result } => self.io_done(token, result, ops),
             _ => {}
         }
+    }
+
+    /// Quiescent with no read, write or flush on the ring: those complete
+    /// into guest memory and the used ring, which a snapshot must not miss.
+    fn quiescent(&self) -> bool {
+        self.inflight.is_empty()
+    }
+
+    /// The queue is all there is: every request is either still on the
+    /// avail ring (picked up again after a restore) or already used.
+    fn save(&mut self) -> Option<Vec<u8>> {
+        Some(RuntimeState::encode(&[&self.queue], Vec::new()))
     }
 }

@@ -673,3 +673,74 @@ fn write_zeroes_and_discard_zero_the_image_range() {
     );
     assert!(image[512 * 24..512 * 25].iter().all(|&b| b == 24));
 }
+
+#[test]
+fn a_saved_runtime_resumes_from_its_ring_positions() {
+    use crate::devices::virtio::persist::RuntimeState;
+    use crate::event_loop::test_utils::save_handler;
+
+    let features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+    let mut h = Harness::new(false, features);
+    header(&h.mem, HDR, VIRTIO_BLK_T_IN, 5);
+    h.submit(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    assert_eq!(h.wait_used(1), (0, 513));
+
+    let id = h
+        .block
+        .runtime()
+        .expect("an active device names its runtime");
+    let (quiescent, saved) = save_handler(&h.loop_handle, id);
+    assert!(quiescent, "no I/O in flight once the request is used");
+    let state = RuntimeState::decode(&saved.expect("the runtime saves")).unwrap();
+    assert!(state.extra.is_empty());
+    let [queue] = state.queues.as_slice() else {
+        panic!("one queue: {state:?}");
+    };
+    assert_eq!((queue.next_avail, queue.next_used), (1, 1));
+    assert!(queue.event_idx, "EVENT_IDX is part of the saved queue");
+
+    // The VMM that took the snapshot goes away; the driver queues one more
+    // request meanwhile (available, not yet seen by any device).
+    h.block.reset();
+    assert!(h.block.runtime().is_none());
+    header(&h.mem, HDR + 0x100, VIRTIO_BLK_T_IN, 7);
+    h.mem.write_obj(0xffu8, GuestAddress(STATUS + 1)).unwrap();
+    h.submit(&[
+        (HDR + 0x100, 16, false),
+        (DATA + 0x1000, 512, true),
+        (STATUS + 1, 1, true),
+    ]);
+
+    // Restore as the transport does: acked features first, then the runtime.
+    h.block.set_acked_features(features);
+    h.block
+        .restore_runtime(
+            ActivateContext {
+                mem: h.mem.clone(),
+                queues: vec![queue.to_queue(0).unwrap()],
+                queue_events: vec![h.kick.try_clone().unwrap()],
+                interrupt: h.interrupt.clone(),
+                event_loop: h.loop_handle.clone(),
+            },
+            &state.extra,
+        )
+        .unwrap();
+    // The pending request is picked up without a new kick and lands in
+    // used slot 1, after the one completed before the snapshot.
+    let _ = h.kick.read();
+    assert_eq!(h.wait_used(2), (3, 513));
+    assert_eq!(h.status(STATUS + 1), VIRTIO_BLK_S_OK);
+    let mut buf = [0u8; 512];
+    h.mem
+        .read_slice(&mut buf, GuestAddress(DATA + 0x1000))
+        .unwrap();
+    assert!(buf.iter().all(|&b| b == 7), "sector 7");
+
+    let (_, saved) = save_handler(&h.loop_handle, h.block.runtime().unwrap());
+    let state = RuntimeState::decode(&saved.unwrap()).unwrap();
+    assert_eq!(
+        (state.queues[0].next_avail, state.queues[0].next_used),
+        (2, 2)
+    );
+    assert!(state.queues[0].event_idx, "still on after the restore");
+}
