@@ -8,12 +8,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{Interest, Muxer, LISTENER, SWEEP};
 use super::packet::{self, RxBuffer};
 use super::{Error, VsockConfig};
+use crate::devices::virtio::persist::RuntimeState;
 use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
     VIRTIO_MMIO_INT_VRING,
@@ -29,6 +30,10 @@ const RX: usize = 0;
 const TX: usize = 1;
 const EVT: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// `virtio_vsock_event.id` of a transport reset (virtio 1.2, 5.10.6.6).
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Bytes of `struct virtio_vsock_event`.
+const EVENT_LEN: u32 = 4;
 
 /// A virtio-vsock device with the hybrid Unix-socket backend.
 pub struct Vsock {
@@ -112,6 +117,44 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.start_runtime(ctx, false)
+    }
+
+    fn runtime(&self) -> Option<HandlerId> {
+        self.running.as_ref().map(|(_, id)| *id)
+    }
+
+    /// Streams are not carried over a snapshot: their host ends (Unix
+    /// sockets of another VMM process) do not exist here. The queues resume
+    /// where they were, the muxer starts empty, and the guest is told with a
+    /// transport reset event, so its kernel drops every socket (and re-reads
+    /// its CID) as after a live migration.
+    fn restore_runtime(
+        &mut self,
+        ctx: ActivateContext,
+        _extra: &[u8],
+    ) -> Result<(), ActivateError> {
+        self.start_runtime(ctx, true)
+    }
+
+    fn reset(&mut self) {
+        // Removing the handler cancels its watches and drops the muxer,
+        // which closes every stream; the listener stays bound.
+        if let Some((event_loop, id)) = self.running.take() {
+            let _ = event_loop.remove(id);
+        }
+        self.acked_features = 0;
+    }
+}
+
+impl Vsock {
+    /// Puts the runtime on the loop; `reset_pending`: first tell the guest
+    /// its transport was reset (after a restore).
+    fn start_runtime(
+        &mut self,
+        ctx: ActivateContext,
+        reset_pending: bool,
+    ) -> Result<(), ActivateError> {
         if ctx.queues.len() != QUEUE_SIZES.len() || ctx.queue_events.len() != QUEUE_SIZES.len() {
             return Err(ActivateError::QueueCount {
                 expected: QUEUE_SIZES.len(),
@@ -127,6 +170,7 @@ impl VirtioDevice for Vsock {
             muxer: Muxer::new(self.guest_cid, self.uds_path.clone(), listener),
             guest_cid: self.guest_cid,
             broken: false,
+            reset_pending,
         };
         let id = ctx
             .event_loop
@@ -134,15 +178,6 @@ impl VirtioDevice for Vsock {
             .map_err(|e| ActivateError::Backend(std::io::Error::other(e)))?;
         self.running = Some((ctx.event_loop, id));
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        // Removing the handler cancels its watches and drops the muxer,
-        // which closes every stream; the listener stays bound.
-        if let Some((event_loop, id)) = self.running.take() {
-            let _ = event_loop.remove(id);
-        }
-        self.acked_features = 0;
     }
 }
 
@@ -156,6 +191,9 @@ pub struct VsockRuntime {
     guest_cid: u64,
     /// Set after a chain fault: the device waits for the driver's reset.
     broken: bool,
+    /// A transport reset event is owed to the guest (after a restore); it
+    /// goes out in the first buffer the driver has on the event queue.
+    reset_pending: bool,
 }
 
 /// Pops the next available chain; `Err` when the avail ring is invalid.
@@ -236,6 +274,38 @@ impl VsockRuntime {
         }
     }
 
+    /// Sends the owed transport reset event, if the driver has posted an
+    /// event buffer (Linux keeps eight there from probe time on).
+    fn process_evt(&mut self) {
+        if !self.reset_pending {
+            return;
+        }
+        let mem = &self.mem;
+        let chain = match pop(&mut self.queues[EVT], mem) {
+            Ok(Some(chain)) => chain,
+            // None yet: sent when the driver notifies the event queue.
+            Ok(None) => return,
+            Err(e) => return self.fault(&e),
+        };
+        let head = chain.head_index();
+        let Some(desc) = chain.into_iter().next() else {
+            return self.fault(&"empty event queue chain");
+        };
+        if !desc.is_write_only() || desc.len() < EVENT_LEN {
+            return self.fault(&"event queue buffer is not a writable virtio_vsock_event");
+        }
+        let id = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le();
+        if let Err(e) = mem.write_obj(id, desc.addr()) {
+            return self.fault(&e);
+        }
+        if let Err(e) = self.queues[EVT].add_used(mem, head, EVENT_LEN) {
+            return self.fault(&e);
+        }
+        self.reset_pending = false;
+        tracing::debug!("virtio-vsock: transport reset event sent");
+        self.notify();
+    }
+
     fn notify(&self) {
         if let Err(e) = self.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
             tracing::warn!("virtio-vsock: failed to raise the interrupt: {e}");
@@ -259,6 +329,9 @@ impl EventHandler for VsockRuntime {
             ops.watch(evt.as_raw_fd(), token, libc::POLLIN as u32);
         }
         self.muxer.start();
+        // The reset goes first: the guest must drop its old sockets before
+        // it sees any packet of the new muxer.
+        self.process_evt();
         self.process_tx();
         self.process_rx();
         self.apply(ops);
@@ -272,8 +345,10 @@ impl EventHandler for VsockRuntime {
             Event::Ready { token, revents } => match usize::try_from(token) {
                 Ok(q @ (RX | TX | EVT)) => {
                     let _ = self.queue_events[q].read();
-                    if q == TX {
-                        self.process_tx();
+                    match q {
+                        TX => self.process_tx(),
+                        EVT => self.process_evt(),
+                        _ => {}
                     }
                 }
                 _ if token == LISTENER => self.muxer.accept(),
@@ -286,6 +361,14 @@ impl EventHandler for VsockRuntime {
             self.process_rx();
         }
         self.apply(ops);
+    }
+
+    /// The three queues. Nothing else is carried: streams are reset on
+    /// restore ([`Vsock::restore_runtime`](VirtioDevice::restore_runtime))
+    /// and the guest CID comes from the `--vsock` flags.
+    fn save(&mut self) -> Option<Vec<u8>> {
+        let queues: Vec<&Queue> = self.queues.iter().collect();
+        Some(RuntimeState::encode(&queues, Vec::new()))
     }
 }
 

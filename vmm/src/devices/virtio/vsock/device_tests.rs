@@ -136,6 +136,7 @@ fn runtime(driver: &Driver<'_>, dir: &std::path::Path) -> VsockRuntime {
         muxer,
         guest_cid: CID,
         broken: false,
+        reset_pending: false,
     }
 }
 
@@ -299,4 +300,81 @@ fn device_reports_type_cid_and_queues() {
     let stale = UnixListener::bind(&config.uds_path).unwrap();
     drop(stale);
     assert!(Vsock::new(&config).is_ok(), "stale socket replaced");
+}
+
+#[test]
+fn a_restored_runtime_resets_the_transport_and_starts_empty() {
+    let mem = mem();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::new(&mem);
+    let evt = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 256);
+    let mut rt = runtime(&d, dir.path());
+    rt.queues[EVT] = evt.create_queue().unwrap();
+    let _host = UnixListener::bind(dir.path().join("v.sock_2000")).unwrap();
+    d.post_rx(8);
+    d.send(Op::Request, 5000, 2000, b"");
+    rt.process_tx();
+    rt.process_rx();
+    assert_eq!(d.received()[0].0.op, Op::Response as u16);
+    assert_eq!(rt.muxer.connections(), 1);
+
+    let saved = RuntimeState::decode(&rt.save().unwrap()).unwrap();
+    assert_eq!(saved.queues.len(), 3);
+    assert_eq!(
+        (saved.queues[TX].next_avail, saved.queues[RX].next_used),
+        (1, 1)
+    );
+
+    // The restored runtime: same rings, positions as saved, a new muxer.
+    let restored_dir = tempfile::tempdir().unwrap();
+    let mut rt = runtime(&d, restored_dir.path());
+    rt.queues = saved
+        .queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| q.to_queue(i).unwrap())
+        .collect();
+    rt.reset_pending = true;
+    // No event buffer yet: the reset waits for one.
+    rt.process_evt();
+    assert!(rt.reset_pending && !rt.broken);
+    let event_buf = 0x80_0000;
+    mem.write_obj(0xffff_ffffu32, GuestAddress(event_buf))
+        .unwrap();
+    let desc = RawDescriptor::from(SplitDescriptor::new(event_buf, 4, WRITE, 0));
+    evt.add_desc_chains(&[desc], 0).unwrap();
+    rt.process_evt();
+    assert!(!rt.reset_pending && !rt.broken);
+    assert_eq!(evt.used().idx().load(), 1);
+    let used = evt.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((used.id(), used.len()), (0, 4));
+    let id: u32 = mem.read_obj(GuestAddress(event_buf)).unwrap();
+    assert_eq!(id, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+    assert_eq!(rt.muxer.connections(), 0, "no stream carried over");
+
+    // The old stream is unknown now: its next packet is answered with RST,
+    // in the RX slot after the ones used before the snapshot.
+    d.send(Op::Rw, 5000, 2000, b"late");
+    rt.process_tx();
+    rt.process_rx();
+    assert_eq!(d.tx_used(), 2);
+    let got = d.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0.op, got[0].0.dst_port), (Op::Rst as u16, 5000));
+}
+
+#[test]
+fn a_bad_event_buffer_needs_a_reset() {
+    let mem = mem();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Driver::new(&mem);
+    let evt = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 256);
+    let mut rt = runtime(&d, dir.path());
+    rt.queues[EVT] = evt.create_queue().unwrap();
+    rt.reset_pending = true;
+    // Device-readable, and too short for a virtio_vsock_event.
+    let desc = RawDescriptor::from(SplitDescriptor::new(0x80_0000, 2, 0, 0));
+    evt.add_desc_chains(&[desc], 0).unwrap();
+    rt.process_evt();
+    assert!(rt.broken && rt.interrupt.needs_reset());
 }
