@@ -309,3 +309,18 @@ fn malformed_frames_are_dropped_without_a_reply() {
     assert!(drain(&mut s).is_empty());
     let _ = test_utils::guest(0);
 }
+
+#[test]
+fn a_fresh_stack_resets_a_connection_it_never_saw() {
+    // After a restore the guest still believes in its connections; the
+    // stack is new, so the guest's next segment is answered with RST.
+    let mut s = stack(NetConfig::default());
+    let ack = Flags {
+        ack: Some(1000),
+        ..Flags::default()
+    };
+    s.guest_frame(&tcp(guest(40001), gateway(8080), 5000, ack, b"late data"));
+    let rst = until(&mut s, |s| segments(s).into_iter().find(|seg| seg.rst));
+    assert_eq!((rst.src, rst.dst), (gateway(8080), guest(40001)));
+    assert_eq!(s.connections(), 0);
+}

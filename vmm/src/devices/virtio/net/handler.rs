@@ -12,6 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queues::{read_tx_frame, write_rx_frame, QueueError};
+use crate::devices::virtio::persist::RuntimeState;
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
 use crate::event_loop::{Event, EventHandler, Ops, Token};
 use crate::net::{Stack, WatchRequest};
@@ -39,6 +40,8 @@ pub(super) struct NetHandler {
     pub(super) rx_evt: EventFd,
     pub(super) tx_evt: EventFd,
     pub(super) interrupt: Arc<Interrupt>,
+    /// The MAC the guest read from config space, saved with the queues.
+    pub(super) mac: [u8; 6],
     pub(super) wake: Arc<EventFd>,
     pub(super) backend: Option<Backend>,
     pub(super) slot: BackendSlot,
@@ -212,6 +215,15 @@ impl EventHandler for NetHandler {
             Event::Done { .. } => None,
         };
         self.run(ops, token);
+    }
+
+    /// The two queues and the MAC. The stack (smoltcp and host sockets)
+    /// is not saved: a restore starts a fresh one.
+    fn save(&mut self) -> Option<Vec<u8>> {
+        Some(RuntimeState::encode(
+            &[&self.rx, &self.tx],
+            self.mac.to_vec(),
+        ))
     }
 
     fn stop(&mut self) {

@@ -136,6 +136,24 @@ impl VirtioDevice for Net {
         // The MAC is read-only once VIRTIO_F_VERSION_1 is negotiated.
     }
 
+    fn runtime(&self) -> Option<HandlerId> {
+        self.running.as_ref().map(|(_, id)| *id)
+    }
+
+    /// The queues resume where they were and the guest keeps the MAC it
+    /// read at probe time; the stack is this VMM's fresh one (its own
+    /// `--publish` listeners, no connections), so a guest TCP connection
+    /// from before the snapshot is answered with RST when it next sends.
+    fn restore_runtime(&mut self, ctx: ActivateContext, extra: &[u8]) -> Result<(), ActivateError> {
+        self.mac = <[u8; 6]>::try_from(extra).map_err(|_| {
+            ActivateError::Backend(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "saved virtio-net state holds no MAC address",
+            ))
+        })?;
+        self.activate(ctx)
+    }
+
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let ActivateContext {
             mem,
@@ -172,6 +190,7 @@ impl VirtioDevice for Net {
             rx_evt,
             tx_evt,
             interrupt,
+            mac: self.mac,
             wake: self.wake.clone(),
             backend: Some(backend),
             slot: self.slot.clone(),

@@ -239,3 +239,69 @@ fn arp_through_the_tx_queue_is_answered_in_the_rx_queue() {
     assert!(observer.read().expect("interrupt raised") >= 1);
     assert!(!irq.needs_reset());
 }
+
+#[test]
+fn a_restored_device_keeps_its_queues_and_saved_mac() {
+    use super::Net;
+    use crate::devices::virtio::persist::RuntimeState;
+    use crate::devices::virtio::{ActivateContext, VirtioDevice};
+    use crate::event_loop::test_utils::save_handler;
+    use crate::event_loop::EventLoop;
+    use virtio_queue::QueueT;
+
+    // The loop is not Send: it is built on its own thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let mut event_loop = EventLoop::new(64).expect("loop");
+        tx.send(event_loop.handle()).expect("send handle");
+        event_loop.run().expect("run");
+    });
+    let handle = rx.recv().expect("loop handle");
+
+    let mem = memory();
+    let saved_mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+    let mut net = Net::new(&NetConfig::default()).expect("device");
+    let ctx = |at_rx: u64, at_tx: u64| {
+        let mut rx: Queue = MockSplitQueue::create(&mem, GuestAddress(at_rx), 16)
+            .create_queue()
+            .expect("rx");
+        rx.set_next_avail(3);
+        rx.set_next_used(3);
+        let tx: Queue = MockSplitQueue::create(&mem, GuestAddress(at_tx), 16)
+            .create_queue()
+            .expect("tx");
+        ActivateContext {
+            mem: mem.clone(),
+            queues: vec![rx, tx],
+            queue_events: (0..2)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+                .collect(),
+            interrupt: interrupt().0,
+            event_loop: handle.clone(),
+        }
+    };
+    assert!(
+        net.restore_runtime(ctx(0, 0x1000), &[1, 2, 3]).is_err(),
+        "saved state without a MAC"
+    );
+    assert!(net.runtime().is_none());
+    net.restore_runtime(ctx(0, 0x1000), &saved_mac)
+        .expect("restored");
+    let mut mac = [0u8; 6];
+    net.read_config(0, &mut mac);
+    assert_eq!(mac, saved_mac, "the guest keeps the MAC it probed");
+
+    let (quiescent, saved) = save_handler(&handle, net.runtime().expect("running"));
+    assert!(quiescent);
+    let state = RuntimeState::decode(&saved.expect("saved")).expect("decodes");
+    assert_eq!(state.extra, saved_mac);
+    assert_eq!(state.queues.len(), 2);
+    assert_eq!(
+        (state.queues[0].next_avail, state.queues[0].next_used),
+        (3, 3)
+    );
+
+    net.reset();
+    let _ = handle.stop();
+    thread.join().expect("loop thread");
+}
