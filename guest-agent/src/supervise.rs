@@ -93,7 +93,7 @@ pub fn wait_entrypoint(
             if fds[1].revents != 0 {
                 link.readable();
             }
-            link.probe();
+            link.tick();
             if fds[0].revents == 0 {
                 continue;
             }

@@ -153,6 +153,19 @@ fn restored(unix_ns: u64, entropy: &[u8]) {
 const PROBE_MS: u64 = 10;
 /// How long the agent probes `ready_port` before giving up on `READY`.
 const PROBE_LIMIT_MS: u64 = 60_000;
+/// First wait before reconnecting a lost channel; doubled after each try.
+const RECONNECT_FIRST_MS: u64 = 20;
+/// Reconnect tries before the agent carries on without a channel
+/// (20 ms + 40 ms + ... + 1.28 s: about 2.5 s in all).
+const RECONNECT_TRIES: u8 = 7;
+
+/// A lost channel being re-opened: the next try and what is left.
+#[derive(Clone, Copy)]
+struct Reconnect {
+    at: u64,
+    delay: u64,
+    tries_left: u8,
+}
 
 /// The channel (if any) and the readiness it reports, as the supervise
 /// loop drives them.
@@ -161,6 +174,11 @@ pub struct HostLink {
     ready_port: Option<u16>,
     /// Probing until this monotonic time; `None`: not probing.
     probe_until: Option<u64>,
+    /// The entrypoint was reported ready (said again after a reconnect).
+    ready: bool,
+    /// The channel broke (a snapshot restore resets every vsock stream):
+    /// when to try again.
+    reconnect: Option<Reconnect>,
 }
 
 impl HostLink {
@@ -170,6 +188,8 @@ impl HostLink {
             channel: None,
             ready_port: None,
             probe_until: None,
+            ready: false,
+            reconnect: None,
         }
     }
 
@@ -179,26 +199,80 @@ impl HostLink {
             channel: Channel::open(),
             ready_port,
             probe_until: None,
+            ready: false,
+            reconnect: None,
         }
     }
 
-    /// Whether the loop must poll the channel beside the signalfd.
+    /// Whether the loop must poll the channel beside the signalfd (or
+    /// wake up to re-open it).
     pub fn active(&self) -> bool {
-        self.channel.is_some()
+        self.channel.is_some() || self.reconnect.is_some()
     }
 
     /// The entrypoint was exec'd: `READY` now, or start probing.
     pub fn started(&mut self) {
         match self.ready_port {
-            None => self.send(AgentMsg::Ready),
+            None => self.report_ready(),
             Some(_) => self.probe_until = Some(sys::monotonic_ms().saturating_add(PROBE_LIMIT_MS)),
         }
         self.probe();
     }
 
+    fn report_ready(&mut self) {
+        self.ready = true;
+        self.send(AgentMsg::Ready);
+    }
+
     /// How long the loop may sleep.
     pub fn timeout(&self) -> Option<u64> {
-        self.probe_until.map(|_| PROBE_MS)
+        let probe = self.probe_until.map(|_| PROBE_MS);
+        let reconnect = self
+            .reconnect
+            .map(|r| r.at.saturating_sub(sys::monotonic_ms()));
+        match (probe, reconnect) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs what is due after a wake-up: the readiness probe, and a
+    /// reconnect try.
+    pub fn tick(&mut self) {
+        self.probe();
+        let Some(r) = self.reconnect else {
+            return;
+        };
+        let now = sys::monotonic_ms();
+        if now < r.at {
+            return;
+        }
+        self.try_reconnect(now, r);
+    }
+
+    /// One try at re-opening the channel: `HELLO` again (and `READY` if
+    /// the entrypoint was ready), so the host on the other end, which may
+    /// be a different one after a restore, learns the state.
+    fn try_reconnect(&mut self, now: u64, r: Reconnect) {
+        self.reconnect = None;
+        self.channel = Channel::open();
+        if self.channel.is_some() {
+            if self.ready {
+                self.send(AgentMsg::Ready);
+            }
+            return;
+        }
+        if r.tries_left > 1 {
+            let delay = r.delay.saturating_mul(2);
+            self.reconnect = Some(Reconnect {
+                at: now.saturating_add(r.delay),
+                delay,
+                tries_left: r.tries_left - 1,
+            });
+        } else {
+            // Nobody listens: carry on as without a channel.
+            self.probe_until = None;
+        }
     }
 
     /// The channel's poll entry (a negative fd, ignored by poll, if gone).
@@ -213,24 +287,24 @@ impl HostLink {
     }
 
     /// Checks `ready_port` once if still probing.
-    pub fn probe(&mut self) {
+    fn probe(&mut self) {
         let (Some(until), Some(port)) = (self.probe_until, self.ready_port) else {
             return;
         };
         if sock::tcp_accepts(port) {
             self.probe_until = None;
-            self.send(AgentMsg::Ready);
+            self.report_ready();
         } else if sys::monotonic_ms() >= until {
             // Never ready: the host's own deadline tells it so.
             self.probe_until = None;
         }
     }
 
-    /// The channel is readable: answer the host, or drop a dead channel.
+    /// The channel is readable: answer the host, or re-open a dead channel.
     pub fn readable(&mut self) {
         if let Some(channel) = &mut self.channel {
             if channel.readable().is_err() {
-                self.drop_channel();
+                self.lost();
             }
         }
     }
@@ -238,21 +312,34 @@ impl HostLink {
     fn send(&mut self, msg: AgentMsg<'_>) {
         if let Some(channel) = &mut self.channel {
             if channel.send(msg).is_err() {
-                self.drop_channel();
+                self.lost();
             }
         }
     }
 
-    fn drop_channel(&mut self) {
+    /// The host hung up or the stream was reset (ECONNRESET after a
+    /// snapshot restore, whose VMM carries no vsock stream over): close it
+    /// and reconnect shortly, with a doubling delay and a bounded number
+    /// of tries.
+    fn lost(&mut self) {
         if let Some(channel) = self.channel.take() {
             sys::close(channel.fd);
         }
-        self.probe_until = None;
+        self.reconnect = Some(Reconnect {
+            at: sys::monotonic_ms().saturating_add(RECONNECT_FIRST_MS),
+            delay: RECONNECT_FIRST_MS.saturating_mul(2),
+            tries_left: RECONNECT_TRIES,
+        });
     }
 
     /// Reports the entrypoint's end (`EXIT`).
     pub fn exited(&mut self, status: guest_agent::status::ExitStatus) {
         self.probe_until = None;
+        if let Some(r) = self.reconnect {
+            // The channel was being re-opened: one last try, now.
+            self.try_reconnect(sys::monotonic_ms(), r);
+            self.reconnect = None;
+        }
         if let Some(channel) = &mut self.channel {
             channel.exit(AgentMsg::Exit(status));
         }
