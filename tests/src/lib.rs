@@ -158,7 +158,9 @@ fn collect(mut from: impl Read + Send + 'static) -> std::sync::Arc<std::sync::Mu
                 break;
             }
             let text = String::from_utf8_lossy(&chunk[..n]).into_owned();
-            sink.lock().unwrap_or_else(|e| e.into_inner()).push_str(&text);
+            sink.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_str(&text);
         }
     });
     buf
@@ -258,8 +260,27 @@ pub fn api(sock: &Path, command: &str) -> String {
         .write_all(format!("{command}\n").as_bytes())
         .expect("send command");
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .expect("reply");
+    BufReader::new(stream).read_line(&mut line).expect("reply");
     line.trim().to_owned()
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// One HTTP/1.0 GET to `127.0.0.1:port`; the whole reply, or `None` if
+/// nothing that looks like HTTP came back (nobody serving yet).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1").then_some(out)
 }
