@@ -32,6 +32,11 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
 
+    /// With --snapshot: map the pages in this working-set file (recorded by
+    /// the control command `working-set <path>`) ahead of use.
+    #[arg(long, value_name = "PATH", requires = "snapshot")]
+    working_set: Option<PathBuf>,
+
     /// Forward this process's stdin to the guest's serial console.
     #[arg(long)]
     console_input: bool,
@@ -161,6 +166,7 @@ fn main() -> ExitCode {
             net: net.clone(),
             drives: drives.clone(),
             vsock: args.vsock.clone(),
+            working_set: args.working_set.clone(),
         }),
         (None, Some(kernel)) => builder::build(VmConfig {
             kernel,
@@ -176,7 +182,7 @@ fn main() -> ExitCode {
         }),
         (None, None) => match options.api_sock.clone() {
             Some(sock) => match standby::wait_for_restore(&sock) {
-                Ok((snapshot, listener, client)) => {
+                Ok((snapshot, working_set, listener, client)) => {
                     options.restore_requested = Some(std::time::Instant::now());
                     options.api_listener = Some(listener);
                     options.notify = Some(client);
@@ -186,6 +192,7 @@ fn main() -> ExitCode {
                         net: net.clone(),
                         drives: drives.clone(),
                         vsock: args.vsock.clone(),
+                        working_set,
                     })
                 }
                 Err(e) => Err(e),

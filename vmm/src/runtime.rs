@@ -18,6 +18,7 @@ use crate::devices::legacy::i8042::{I8042State, I8042};
 use crate::devices::legacy::serial::{SerialConsole, SerialConsoleState};
 use crate::devices::virtio::transport::mmio::MmioTransport;
 use crate::event_loop::{Event, EventHandler, Ops};
+use crate::snapshot::working_set::WorkingSet;
 use crate::snapshot::{self, MicrovmState};
 use crate::vstate::persist;
 use crate::vstate::vcpu::{self, StopReason};
@@ -69,10 +70,14 @@ pub mod standby {
     /// Longest `restore` command accepted.
     const MAX_LINE: u64 = 4096;
 
-    /// Binds `sock`, and waits for a client to send `restore <snapshot>`.
-    /// Returns the snapshot path, the listener (to keep serving control
-    /// commands) and the client (told `ok running <ms>` once restored).
-    pub fn wait_for_restore(sock: &Path) -> Result<(PathBuf, UnixListener, UnixStream), Error> {
+    /// What a standby VMM was asked to restore.
+    pub type Request = (PathBuf, Option<PathBuf>, UnixListener, UnixStream);
+
+    /// Binds `sock`, and waits for a client to send
+    /// `restore <snapshot> [<working-set>]`. Returns the snapshot and
+    /// working-set paths, the listener (to keep serving control commands) and
+    /// the client (told `ok running <ms>` once restored).
+    pub fn wait_for_restore(sock: &Path) -> Result<Request, Error> {
         let name = sock.display().to_string();
         let listener = super::bind_api(sock)?;
         listener
@@ -85,11 +90,14 @@ pub mod standby {
             let mut line = String::new();
             let read = BufReader::new(Read::take(&client, MAX_LINE)).read_line(&mut line);
             match (read, line.trim().split_once(' ')) {
-                (Ok(_), Some(("restore", path))) if !path.trim().is_empty() => {
+                (Ok(_), Some(("restore", paths))) if !paths.trim().is_empty() => {
                     listener
                         .set_nonblocking(true)
                         .map_err(|e| Error::ApiSocket(name.clone(), e))?;
-                    return Ok((PathBuf::from(path.trim()), listener, client));
+                    let mut parts = paths.split_whitespace();
+                    let snapshot = PathBuf::from(parts.next().unwrap_or_default());
+                    let working_set = parts.next().map(PathBuf::from);
+                    return Ok((snapshot, working_set, listener, client));
                 }
                 (Ok(_), _) if line.trim() == "ping" => {
                     let _ = writeln!(client, "ok standby");
@@ -384,6 +392,15 @@ impl ApiServer {
                 self.handle.resume();
                 "ok".into()
             }
+            "working-set" if !arg.is_empty() => {
+                match WorkingSet::record(&self.handle.vm.mem).and_then(|ws| {
+                    ws.save(Path::new(arg))?;
+                    Ok(ws.pages())
+                }) {
+                    Ok(pages) => format!("ok pages={pages}"),
+                    Err(e) => format!("error {}", error_chain(&e)),
+                }
+            }
             "snapshot" if self.pending.is_some() => {
                 "error a snapshot is already in progress".into()
             }
@@ -407,7 +424,7 @@ impl ApiServer {
                 "ok".into()
             }
             _ => format!(
-                "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, quit)"
+                "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, working-set <path>, quit)"
             ),
         })
     }

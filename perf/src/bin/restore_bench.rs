@@ -7,7 +7,7 @@
 //! the first byte of the guest's reply to a console line (includes guest
 //! kernel work, which is emulated on nested hosts).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -49,6 +49,10 @@ struct Args {
     /// The static guest agent (default: target/release/guest-agent).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Drop the page cache before each timed reply (needs root): shows
+    /// restores of a snapshot that is not in memory yet.
+    #[arg(long)]
+    cold: bool,
     /// A static busybox for the guest (default: /bin/busybox).
     #[arg(long, default_value = "/bin/busybox")]
     busybox: PathBuf,
@@ -154,8 +158,20 @@ fn make_snapshots(args: &Args, vmm: &Path, dir: &Path) -> Result<(PathBuf, Vec<D
 }
 
 fn spawn_restore(vmm: &Path, snap: &Path, console_input: bool) -> Result<Child, String> {
+    spawn_restore_with(vmm, snap, console_input, &[])
+}
+
+fn spawn_restore_with(
+    vmm: &Path,
+    snap: &Path,
+    console_input: bool,
+    extra: &[&std::ffi::OsStr],
+) -> Result<Child, String> {
     let mut cmd = Command::new(vmm);
-    cmd.arg("--snapshot").arg(snap).args(["--log", "info"]);
+    cmd.arg("--snapshot")
+        .arg(snap)
+        .args(["--log", "info"])
+        .args(extra);
     if console_input {
         cmd.arg("--console-input");
     } else {
@@ -230,21 +246,65 @@ fn prespawned_once(vmm: &Path, snap: &Path, dir: &Path, i: usize) -> Result<Dura
     Ok(elapsed)
 }
 
-fn reply_once(vmm: &Path, snap: &Path, i: usize) -> Result<Duration, String> {
+/// Restores once, serves one console line, and records the pages touched.
+fn record_working_set(vmm: &Path, snap: &Path, dir: &Path) -> Result<(PathBuf, String), String> {
+    let sock = dir.join("ws.sock");
+    let ws = dir.join("bench.ws");
+    let mut child =
+        spawn_restore_with(vmm, snap, true, &["--api-sock".as_ref(), sock.as_os_str()])?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if Instant::now() > deadline {
+            return Err("restored vmm never opened its control socket".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stdin
+        .write_all(b"first request\n")
+        .map_err(|e| e.to_string())?;
+    wait_line(&mut child, "got: first request", Duration::from_secs(60))?;
+    let reply = control(&sock, &format!("working-set {}", ws.display()))?;
+    let _ = control(&sock, "quit");
+    let _ = child.wait();
+    Ok((ws, reply))
+}
+
+fn drop_caches() -> Result<(), String> {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3")
+        .map_err(|e| format!("--cold needs root to drop the page cache: {e}"))
+}
+
+fn reply_once(vmm: &Path, snap: &Path, i: usize, cold: bool) -> Result<Duration, String> {
+    reply_once_with(vmm, snap, i, cold, &[])
+}
+
+fn reply_once_with(
+    vmm: &Path,
+    snap: &Path,
+    i: usize,
+    cold: bool,
+    extra: &[&std::ffi::OsStr],
+) -> Result<Duration, String> {
+    if cold {
+        drop_caches()?;
+    }
     let start = Instant::now();
-    let mut child = spawn_restore(vmm, snap, true)?;
+    let mut child = spawn_restore_with(vmm, snap, true, extra)?;
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     stdin
         .write_all(format!("ping-{i}\n").as_bytes())
         .map_err(|e| e.to_string())?;
-    let mut out = child.stdout.take().ok_or("no stdout")?;
-    let mut first = [0u8; 1];
-    // The guest echoes input as it arrives (tty echo): the first byte back
-    // is the reply's start.
-    let r = out
-        .read_exact(&mut first)
-        .map(|()| start.elapsed())
-        .map_err(|e| e.to_string());
+    // The reply is the entrypoint's answer line (the guest's tty echoes the
+    // input first; that echo is not the reply).
+    let r = wait_line(
+        &mut child,
+        &format!("got: ping-{i}"),
+        Duration::from_secs(60),
+    )
+    .map(|_| start.elapsed());
     let _ = child.kill();
     let _ = child.wait();
     r
@@ -358,9 +418,30 @@ fn main() -> ExitCode {
         report("restore: pre-spawned vmm, request -> running", &prespawned);
         let mut replies = Vec::new();
         for i in 0..args.replies {
-            replies.push(reply_once(&vmm, &snap, i)?);
+            replies.push(reply_once(&vmm, &snap, i, args.cold)?);
         }
-        report("restore: vmm exec -> first byte of reply", &replies);
+        let cache = if args.cold {
+            "cold page cache"
+        } else {
+            "warm page cache"
+        };
+        report(
+            &format!("restore: exec -> guest reply line ({cache})"),
+            &replies,
+        );
+        let (ws, ws_reply) = record_working_set(&vmm, &snap, &dir)?;
+        println!("working set after one request: {ws_reply}");
+        let mut prefetched = Vec::new();
+        for i in 0..args.replies {
+            prefetched.push(reply_once_with(
+                &vmm,
+                &snap,
+                i,
+                args.cold,
+                &["--working-set".as_ref(), ws.as_os_str()],
+            )?);
+        }
+        report("  ... with working-set prefetch", &prefetched);
         println!(
             "{:<8} {:>14} {:>14} {:>14} {:>14} {:>16}",
             "guests", "guest PSS", "guest private", "VMM PSS", "VMM private", "MemAvailable drop"

@@ -11,6 +11,7 @@
 pub mod format;
 pub mod memory;
 pub mod restore;
+pub mod working_set;
 
 use std::path::Path;
 
@@ -46,6 +47,9 @@ pub enum Error {
         String,
         #[source] crate::devices::virtio::transport::mmio::RestoreError,
     ),
+    /// The working-set file could not be used.
+    #[error("working set {0}")]
+    WorkingSet(String, #[source] working_set::Error),
     /// The state is internally inconsistent.
     #[error("snapshot {0} is inconsistent: {1}")]
     Invalid(String, &'static str),

@@ -10,6 +10,7 @@ use crate::config::{ConsoleOutput, MAX_MEM_MIB};
 use crate::devices::manager::DeviceManager;
 use crate::event_loop::EventLoop;
 use crate::host::HostKind;
+use crate::snapshot::working_set::WorkingSet;
 use crate::snapshot::{format, memory, Error, MicrovmState};
 use crate::vstate::persist;
 use crate::vstate::vcpu::Vcpu;
@@ -27,6 +28,8 @@ pub struct RestoreConfig {
     pub drives: Vec<crate::devices::virtio::block::BlockConfig>,
     /// The vsock device (its socket path may differ per restore).
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+    /// Pages to map ahead of use, recorded with the `working-set` command.
+    pub working_set: Option<PathBuf>,
 }
 
 impl RestoreConfig {
@@ -38,6 +41,7 @@ impl RestoreConfig {
             net: None,
             drives: Vec::new(),
             vsock: None,
+            working_set: None,
         }
     }
 }
@@ -67,6 +71,20 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
     let mem = memory::map_private(Arc::new(file), header.mem_offset, &state.regions)
         .map_err(|e| Error::Memory(name.clone(), e))?;
 
+    if let Some(path) = &config.working_set {
+        let ws =
+            WorkingSet::load(path).map_err(|e| Error::WorkingSet(path.display().to_string(), e))?;
+        // Populate in the background while the VM is created; a guest that
+        // reaches a page first simply faults it in itself.
+        let mem = mem.clone();
+        std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                let pages = ws.prefetch(&mem);
+                tracing::debug!("prefetched {pages} working-set pages");
+            })
+            .map_err(|e| Error::Open(name.clone(), e))?;
+    }
     let kvm = vm::open_kvm()?;
     let vm = if persist::pit_active(&state.vm.pit) {
         Vm::new(kvm, mem)?
