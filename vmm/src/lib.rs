@@ -20,7 +20,7 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod host;
-pub mod runtime;
 pub mod net;
+pub mod runtime;
 pub mod snapshot;
 pub mod vstate;
