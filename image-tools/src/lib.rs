@@ -21,4 +21,6 @@ pub mod oci;
 pub mod registry;
 pub mod runconfig;
 pub mod store;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod tree;
