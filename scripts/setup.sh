@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what little.cloud needs on a Debian machine with KVM and builds
 # everything: Debian packages, the guest kernel (cached), the workspace in
-# release mode, and the demo guest's initramfs.
+# release mode, the demo guest's initramfs and the OCI test images.
 source "$(dirname "$0")/common.sh"
 cd "$REPO"
 
@@ -9,6 +9,8 @@ install_packages
 check_kvm
 guest-kernel/build.sh >&2
 cargo build --release --workspace --quiet
+# Test images from Debian packages (cached; rebuilt when the script changes).
+image-tools/test-images/build.sh "$TARGET/test-images" >&2
 mkdir -p "$TARGET/little"
 "$TARGET/release/little-initramfs" \
 	--out "$TARGET/little/demo.cpio" \

@@ -4,6 +4,9 @@
 //! checked against `umoci unpack` as the oracle. The base images are read
 //! back with `fsck.erofs --extract` (erofs-utils), which also checks them.
 
+// STYLE.md: tests may unwrap.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -400,4 +403,82 @@ fn real_images_match_umoci_unpack_from_every_input_format() {
     let redis = store.find("redis").unwrap();
     assert_eq!(redis.run.entrypoint, ["redis-server"]);
     assert_ne!(redis.run.uid, 0, "redis runs as its own user");
+}
+
+/// Kills the registry when the test ends, pass or fail.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn images_pull_from_a_local_registry_over_http() {
+    let images = test_images();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    // Debian's default config turns on auth on :5000; ours serves
+    // anonymously on a free loopback port.
+    let config = dir.path().join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let _registry = Child(
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (Debian package docker-registry)"),
+    );
+    let up = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "registry did not start");
+    let reference = format!("127.0.0.1:{port}/little/httpd:v1");
+    run(Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:latest", images.join("httpd.oci").display()))
+        .arg(format!("docker://{reference}")));
+
+    let store = Store::new(dir.path().join("store"));
+    let pulled = store
+        .import(&Source::parse(&reference).unwrap(), &reference, &quiet())
+        .unwrap();
+    let local = store
+        .import(
+            &Source::Layout(images.join("httpd.oci"), None),
+            "local",
+            &quiet(),
+        )
+        .unwrap();
+    assert_eq!(pulled.id, local.id, "same config digest, converted once");
+    assert_eq!(local.refs.len(), 2);
+    let ours = dir.path().join("x");
+    extract(&store.rootfs(&pulled.id), &ours);
+    assert!(ours.join("www/index.html").exists());
+
+    let missing = format!("127.0.0.1:{port}/little/none:v1");
+    let err = store
+        .import(&Source::parse(&missing).unwrap(), &missing, &quiet())
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Registry(_)), "{err:?}");
 }
