@@ -161,3 +161,78 @@ fn other_version_is_refused() {
 fn missing_snapshot_is_refused() {
     assert_refused(Path::new("/nonexistent/app.snap"), "cannot open snapshot");
 }
+
+/// Suspend a running clone to a diff snapshot (only the pages it changed
+/// since its restore) and resume it later from there.
+#[test]
+fn diff_snapshot_suspends_and_resumes_a_clone() {
+    use std::os::unix::fs::MetadataExt;
+    let s = snapshot();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("clone.sock");
+    let diff = dir.path().join("clone.diff");
+    let mut clone = VmmProcess::spawn(&[
+        "--snapshot",
+        s.path.to_str().expect("utf-8"),
+        "--console-input",
+        "--api-sock",
+        sock.to_str().expect("utf-8"),
+    ]);
+    clone.send("before-suspend\n");
+    assert!(
+        clone.wait_for("got: before-suspend seen=1", Duration::from_secs(60)),
+        "{}",
+        clone.stdout()
+    );
+    let reply = api(&sock, &format!("snapshot-diff {}", diff.display()));
+    assert!(reply.starts_with("ok "), "{reply}");
+    assert_eq!(api(&sock, "quit"), "ok");
+    assert!(clone
+        .wait(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+
+    let full = std::fs::metadata(&s.path).expect("full").blocks();
+    let small = std::fs::metadata(&diff).expect("diff").blocks();
+    assert!(
+        small * 4 < full,
+        "diff holds only dirtied pages: {small} vs {full} blocks"
+    );
+
+    let mut resumed = VmmProcess::spawn(&[
+        "--snapshot",
+        diff.to_str().expect("utf-8"),
+        "--console-input",
+    ]);
+    resumed.send("after-resume\n");
+    assert!(
+        resumed.wait_for("got: after-resume seen=2", Duration::from_secs(60)),
+        "the resumed guest remembers its line: {} / {}",
+        resumed.stdout(),
+        resumed.stderr()
+    );
+}
+
+#[test]
+fn diff_snapshot_without_its_base_is_refused() {
+    let s = snapshot();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("base.snap");
+    std::fs::copy(&s.path, &base).expect("copy");
+    let sock = dir.path().join("c.sock");
+    let diff = dir.path().join("c.diff");
+    let mut clone = VmmProcess::spawn(&[
+        "--snapshot",
+        base.to_str().expect("utf-8"),
+        "--api-sock",
+        sock.to_str().expect("utf-8"),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(api(&sock, &format!("snapshot-diff {}", diff.display())).starts_with("ok "));
+    assert_eq!(api(&sock, "quit"), "ok");
+    let _ = clone.wait(Duration::from_secs(10));
+    std::fs::remove_file(&base).expect("remove base");
+    assert_refused(&diff, "base snapshot");
+}

@@ -217,6 +217,8 @@ pub struct BuiltVm {
     pub(crate) legacy: LegacyDevices,
     /// The saved PIT state of a restored VM that runs without a PIT.
     pub(crate) carried_pit: Option<kvm_bindings::kvm_pit_state2>,
+    /// The full snapshot a restored VM's memory is mapped from.
+    pub(crate) base: Option<crate::snapshot::BaseImage>,
 }
 
 /// Prepares `config` up to the first KVM_RUN.
@@ -287,6 +289,7 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
         reset,
         legacy,
         carried_pit: None,
+        base: None,
     })
 }
 

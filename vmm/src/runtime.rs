@@ -118,6 +118,7 @@ pub struct VmHandle {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     paused: Mutex<bool>,
     carried_pit: Option<kvm_bindings::kvm_pit_state2>,
+    base: Option<crate::snapshot::BaseImage>,
 }
 
 /// Statistics of one snapshot.
@@ -148,6 +149,9 @@ pub enum ControlError {
     /// An active device whose runtime cannot be saved.
     #[error("virtio device of type {0} cannot be snapshotted while active")]
     Unsupported(u32),
+    /// A diff snapshot of a VM that was not restored from a snapshot.
+    #[error("a diff snapshot needs a VM restored from a full snapshot (its base)")]
+    NoBase,
     /// Devices kept I/O in flight for too long.
     #[error("devices did not finish their in-flight I/O within {0:?}")]
     NotQuiescent(Duration),
@@ -184,8 +188,14 @@ impl VmHandle {
         &self,
         path: &Path,
         start: Instant,
+        diff: bool,
         ops: &mut Ops<'_>,
     ) -> Result<SnapshotStats, ControlError> {
+        let base = match (diff, &self.base) {
+            (false, _) => None,
+            (true, Some(base)) => Some(base.clone()),
+            (true, None) => return Err(ControlError::NoBase),
+        };
         let mut virtio = Vec::with_capacity(self.transports.len());
         for transport in &self.transports {
             let t = lock(transport);
@@ -215,8 +225,16 @@ impl VmHandle {
             i8042: lock(&self.legacy.i8042).save(),
         };
         let saved = start.elapsed();
-        let state = MicrovmState::new(&self.vm.mem, vm, vcpus, legacy, virtio);
-        let (state_bytes, mem_written, mem_len) = snapshot::write(path, &state, &self.vm.mem)?;
+        let mut state = MicrovmState::new(&self.vm.mem, vm, vcpus, legacy, virtio);
+        let (state_bytes, mem_written, mem_len) = match base {
+            None => snapshot::write(path, &state, &self.vm.mem)?,
+            Some(base) => {
+                state.dirty = snapshot::memory::dirty_pages(&self.vm.mem)
+                    .map_err(|e| snapshot::Error::Memory(path.display().to_string(), e))?;
+                state.base = Some(base);
+                snapshot::write_diff(path, &state, &self.vm.mem)?
+            }
+        };
         tracing::debug!(
             "snapshot: paused and saved state in {:?}, file written in {:?}",
             saved,
@@ -325,6 +343,7 @@ struct PendingSnapshot {
     path: PathBuf,
     start: Instant,
     was_paused: bool,
+    diff: bool,
 }
 
 /// How long a snapshot waits for in-flight device I/O.
@@ -343,7 +362,8 @@ impl ApiServer {
     fn try_finish_snapshot(&mut self, ops: &mut Ops<'_>) -> Option<(usize, String)> {
         let pending = self.pending.as_ref()?;
         let result = if ops.all_quiescent() {
-            self.handle.save_paused(&pending.path, pending.start, ops)
+            self.handle
+                .save_paused(&pending.path, pending.start, pending.diff, ops)
         } else if pending.start.elapsed() < QUIESCE_TIMEOUT {
             ops.timer(SNAPSHOT_TIMER, Duration::from_millis(1));
             return None;
@@ -401,10 +421,10 @@ impl ApiServer {
                     Err(e) => format!("error {}", error_chain(&e)),
                 }
             }
-            "snapshot" if self.pending.is_some() => {
+            "snapshot" | "snapshot-diff" if self.pending.is_some() => {
                 "error a snapshot is already in progress".into()
             }
-            "snapshot" if !arg.is_empty() => {
+            "snapshot" | "snapshot-diff" if !arg.is_empty() => {
                 let start = Instant::now();
                 let was_paused = self.handle.is_paused();
                 if let Err(e) = self.handle.pause() {
@@ -415,6 +435,7 @@ impl ApiServer {
                     path: PathBuf::from(arg),
                     start,
                     was_paused,
+                    diff: cmd == "snapshot-diff",
                 });
                 return self.try_finish_snapshot(ops).map(|(_, reply)| reply);
             }
@@ -424,7 +445,7 @@ impl ApiServer {
                 "ok".into()
             }
             _ => format!(
-                "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, working-set <path>, quit)"
+                "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, snapshot-diff <path>, working-set <path>, quit)"
             ),
         })
     }
@@ -554,6 +575,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         reset,
         legacy,
         carried_pit,
+        base,
     } = built;
     let api = match options.api_listener {
         Some(listener) => Some(listener),
@@ -634,6 +656,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         transports: devices.transports().to_vec(),
         paused: Mutex::new(false),
         carried_pit,
+        base,
     });
     if let Some(listener) = api {
         loop_handle

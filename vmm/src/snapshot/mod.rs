@@ -50,6 +50,9 @@ pub enum Error {
     /// The working-set file could not be used.
     #[error("working set {0}")]
     WorkingSet(String, #[source] working_set::Error),
+    /// A diff snapshot's base is missing or was replaced.
+    #[error("diff snapshot {0}: its base snapshot {1} is missing or has changed")]
+    Base(String, String),
     /// The state is internally inconsistent.
     #[error("snapshot {0} is inconsistent: {1}")]
     Invalid(String, &'static str),
@@ -70,6 +73,21 @@ pub struct MicrovmState {
     pub legacy: LegacyState,
     /// Virtio transports and device runtimes, in slot order.
     pub virtio: Vec<crate::devices::virtio::persist::TransportState>,
+    /// For a diff snapshot: the full snapshot whose memory it builds on.
+    pub base: Option<BaseImage>,
+    /// For a diff snapshot: the image pages it holds, `(first, count)` runs.
+    pub dirty: Vec<(u64, u64)>,
+}
+
+/// The full snapshot a diff snapshot's memory is relative to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseImage {
+    /// Path of the full snapshot file.
+    pub path: String,
+    /// Its state checksum, to detect a replaced base.
+    pub state_crc: u32,
+    /// Its memory image length.
+    pub mem_len: u64,
 }
 
 impl MicrovmState {
@@ -88,8 +106,36 @@ impl MicrovmState {
             vcpus,
             legacy,
             virtio,
+            base: None,
+            dirty: Vec::new(),
         }
     }
+}
+
+/// Writes a diff snapshot: `state` (with `base` and `dirty` set) and only
+/// the dirty pages of `mem`. Returns (state bytes, memory bytes written,
+/// memory image size).
+pub fn write_diff(
+    path: &Path,
+    state: &MicrovmState,
+    mem: &GuestMemoryMmap,
+) -> Result<(u64, u64, u64), Error> {
+    let name = path.display().to_string();
+    let tmp = path.with_extension("snap-partial");
+    let mut file = crate::runtime::create_file(&tmp).map_err(|e| Error::Create(name.clone(), e))?;
+    let mem_len: u64 = state.regions.iter().map(|r| r.len).sum();
+    let result = (|| {
+        let header = format::write_state(&mut file, state, mem_len)
+            .map_err(|e| Error::Format(name.clone(), e))?;
+        let written = memory::write_runs(mem, &state.dirty, &file, header.mem_offset)
+            .map_err(|e| Error::Memory(name.clone(), e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::Create(name.clone(), e))?;
+        Ok((header.state_len, written, mem_len))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Writes `state` and the memory image of `mem` to `path` through a

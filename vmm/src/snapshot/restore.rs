@@ -11,7 +11,7 @@ use crate::devices::manager::DeviceManager;
 use crate::event_loop::EventLoop;
 use crate::host::HostKind;
 use crate::snapshot::working_set::WorkingSet;
-use crate::snapshot::{format, memory, Error, MicrovmState};
+use crate::snapshot::{format, memory, BaseImage, Error, MicrovmState};
 use crate::vstate::persist;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{self, Vm};
@@ -68,8 +68,37 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
             HostKind::detect().name()
         );
     }
-    let mem = memory::map_private(Arc::new(file), header.mem_offset, &state.regions)
-        .map_err(|e| Error::Memory(name.clone(), e))?;
+    let (mem, base) = match &state.base {
+        None => {
+            let mem = memory::map_private(Arc::new(file), header.mem_offset, &state.regions)
+                .map_err(|e| Error::Memory(name.clone(), e))?;
+            let base = BaseImage {
+                path: std::fs::canonicalize(&config.snapshot)
+                    .unwrap_or_else(|_| config.snapshot.clone())
+                    .display()
+                    .to_string(),
+                state_crc: header.state_crc,
+                mem_len: header.mem_len,
+            };
+            (mem, base)
+        }
+        Some(base) => {
+            // Memory comes from the base, with the diff's pages on top.
+            let bad_base = || Error::Base(name.clone(), base.path.clone());
+            let mut base_file = File::open(&base.path).map_err(|_| bad_base())?;
+            let (base_header, _): (format::Header, MicrovmState) =
+                format::read_state(&mut base_file).map_err(|_| bad_base())?;
+            if base_header.state_crc != base.state_crc || base_header.mem_len != base.mem_len {
+                return Err(bad_base().into());
+            }
+            let mem =
+                memory::map_private(Arc::new(base_file), base_header.mem_offset, &state.regions)
+                    .map_err(|e| Error::Memory(name.clone(), e))?;
+            memory::read_runs(&mem, &state.dirty, &file, header.mem_offset)
+                .map_err(|e| Error::Memory(name.clone(), e))?;
+            (mem, base.clone())
+        }
+    };
 
     if let Some(path) = &config.working_set {
         let ws =
@@ -140,5 +169,6 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
         reset,
         legacy,
         carried_pit: (!vm_has_pit).then_some(state.vm.pit),
+        base: Some(base),
     })
 }
