@@ -214,18 +214,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            let mut msg = format!("vmm: error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                let text = cause.to_string();
-                // Some libraries repeat their cause in their own message.
-                if !msg.contains(&text) {
-                    msg.push_str(": ");
-                    msg.push_str(&text);
-                }
-                source = cause.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("vmm: error: {}", vmm::runtime::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,6 +1,7 @@
 //! A running microVM: vCPU threads, the device event loop on the calling
 //! thread, the control socket, console input, and snapshot creation.
 
+use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -12,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::builder::{BuiltVm, Error, GuestExit};
 use crate::devices::legacy::i8042::{I8042State, I8042};
 use crate::devices::legacy::serial::{SerialConsole, SerialConsoleState};
+use crate::devices::virtio::net::InboundHandle;
 use crate::devices::virtio::transport::mmio::MmioTransport;
 use crate::event_loop::{Event, EventHandler, Ops};
 use crate::snapshot::working_set::WorkingSet;
@@ -326,16 +329,26 @@ impl EventHandler for ConsoleInput {
 /// | `ping` | `ok pong` |
 /// | `pause` / `resume` | `ok` |
 /// | `snapshot <path>` | `ok state=<bytes> mem=<written>/<size> ms=<wall>` |
+/// | `accept <guest_port>` + a TCP socket (SCM_RIGHTS) | `ok`: the network device now carries that connection to the guest port |
+/// | `connections` | `ok open=<n> taken=<n>`: connections the network stack holds, and hand-overs taken so far |
 /// | `quit` | `ok`, then the VMM exits 0 |
 ///
 /// Errors are `error <message>`.
 struct ApiServer {
     listener: UnixListener,
-    clients: Vec<Option<(UnixStream, Vec<u8>)>>,
+    clients: Vec<Option<ApiClient>>,
     handle: Arc<VmHandle>,
+    inbound: Option<InboundHandle>,
     outcome: Outcome,
     pending: Option<PendingSnapshot>,
 }
+
+/// One control connection: its socket, unparsed input and the file
+/// descriptors passed with it (SCM_RIGHTS), oldest first.
+type ApiClient = (UnixStream, Vec<u8>, VecDeque<std::fs::File>);
+
+/// Most descriptors a client may pass ahead of its `accept` commands.
+const MAX_PASSED_FDS: usize = 64;
 
 /// A snapshot waiting for device I/O to drain (vCPUs already paused).
 struct PendingSnapshot {
@@ -388,7 +401,7 @@ impl ApiServer {
     }
 
     fn reply(&mut self, slot: usize, reply: &str) {
-        if let Some(Some((stream, _))) = self.clients.get_mut(slot) {
+        if let Some(Some((stream, ..))) = self.clients.get_mut(slot) {
             // Replies are short; a client that does not read is dropped.
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
@@ -439,33 +452,71 @@ impl ApiServer {
                 });
                 return self.try_finish_snapshot(ops).map(|(_, reply)| reply);
             }
+            "accept" => self.accept(slot, arg),
+            "connections" => match &self.inbound {
+                Some(inbound) => {
+                    let (open, taken) = inbound.counts();
+                    format!("ok open={open} taken={taken}")
+                }
+                None => "error the VM has no network device".into(),
+            },
             "quit" => {
                 set_outcome(&self.outcome, Ok(GuestExit::Quit));
                 ops.stop_loop();
                 "ok".into()
             }
             _ => format!(
-                "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, snapshot-diff <path>, working-set <path>, quit)"
+                "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, snapshot-diff <path>, working-set <path>, accept <guest_port>, connections, quit)"
             ),
         })
     }
 
+    /// `accept <guest_port>`: hands the oldest descriptor this client passed
+    /// to the network device. Only TCP sockets are taken.
+    fn accept(&mut self, slot: usize, arg: &str) -> String {
+        let Ok(port @ 1..) = arg.parse::<u16>() else {
+            return format!("error invalid guest port {arg:?}");
+        };
+        let Some(Some((_, _, fds))) = self.clients.get_mut(slot) else {
+            return "error no client".into();
+        };
+        let Some(file) = fds.pop_front() else {
+            return "error accept needs a TCP socket passed with SCM_RIGHTS".into();
+        };
+        let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
+        if stream.peer_addr().is_err() {
+            return "error the passed descriptor is not a connected TCP socket".into();
+        }
+        match &self.inbound {
+            Some(inbound) => match inbound.accept_inbound(stream, port) {
+                Ok(()) => "ok".into(),
+                Err(e) => format!("error {}", error_chain(&e)),
+            },
+            None => "error the VM has no network device".into(),
+        }
+    }
+
     fn serve(&mut self, slot: usize, ops: &mut Ops<'_>) {
-        let Some(Some((stream, buf))) = self.clients.get_mut(slot) else {
+        let Some(Some((stream, buf, fds))) = self.clients.get_mut(slot) else {
             return;
         };
         let mut chunk = [0u8; 1024];
-        let closed = match stream.read(&mut chunk) {
-            Ok(0) => true,
-            Ok(n) => {
+        let mut too_many_fds = false;
+        let closed = match stream.recv_with_fd(&mut chunk) {
+            Ok((0, _)) => true,
+            Ok((n, file)) => {
                 buf.extend_from_slice(&chunk[..n]);
+                if let Some(file) = file {
+                    too_many_fds = fds.len() >= MAX_PASSED_FDS;
+                    fds.push_back(file);
+                }
                 false
             }
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            Err(e) => e.errno() != libc::EAGAIN && e.errno() != libc::EINTR,
         };
         let mut replies = Vec::new();
-        let mut too_long = false;
-        if let Some(Some((_, buf))) = self.clients.get_mut(slot) {
+        let mut too_long = too_many_fds;
+        if let Some(Some((_, buf, _))) = self.clients.get_mut(slot) {
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
                 replies.push(String::from_utf8_lossy(&line).trim().to_owned());
@@ -493,7 +544,9 @@ impl ApiServer {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes on one line, skipping a cause whose text the
+/// message already contains (some libraries repeat their cause).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -546,7 +599,7 @@ impl EventHandler for ApiServer {
                 continue;
             }
             let fd = stream.as_raw_fd();
-            self.clients[slot] = Some((stream, Vec::new()));
+            self.clients[slot] = Some((stream, Vec::new(), VecDeque::new()));
             ops.watch(fd, u32::try_from(slot).unwrap_or(0), libc::POLLIN as u32);
         }
     }
@@ -576,6 +629,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         legacy,
         carried_pit,
         base,
+        inbound,
     } = built;
     let api = match options.api_listener {
         Some(listener) => Some(listener),
@@ -664,6 +718,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
                 listener,
                 clients: Vec::new(),
                 handle: handle.clone(),
+                inbound,
                 outcome: outcome.clone(),
                 pending: None,
             }))

@@ -112,40 +112,38 @@ impl MicrovmState {
     }
 }
 
-/// Writes a diff snapshot: `state` (with `base` and `dirty` set) and only
-/// the dirty pages of `mem`. Returns (state bytes, memory bytes written,
-/// memory image size).
-pub fn write_diff(
-    path: &Path,
-    state: &MicrovmState,
-    mem: &GuestMemoryMmap,
-) -> Result<(u64, u64, u64), Error> {
-    let name = path.display().to_string();
-    let tmp = path.with_extension("snap-partial");
-    let mut file = crate::runtime::create_file(&tmp).map_err(|e| Error::Create(name.clone(), e))?;
-    let mem_len: u64 = state.regions.iter().map(|r| r.len).sum();
-    let result = (|| {
-        let header = format::write_state(&mut file, state, mem_len)
-            .map_err(|e| Error::Format(name.clone(), e))?;
-        let written = memory::write_runs(mem, &state.dirty, &file, header.mem_offset)
-            .map_err(|e| Error::Memory(name.clone(), e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::Create(name.clone(), e))?;
-        Ok((header.state_len, written, mem_len))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Writes `state` and the memory image of `mem` to `path` through a
-/// temporary file renamed into place. Returns (state bytes, memory bytes
-/// written, memory image size).
+/// Writes a full snapshot: `state` and every non-zero page of `mem`, to
+/// `path` through a temporary file renamed into place. Returns (state bytes,
+/// memory bytes written, memory image size).
 pub fn write(
     path: &Path,
     state: &MicrovmState,
     mem: &GuestMemoryMmap,
 ) -> Result<(u64, u64, u64), Error> {
+    write_with(path, state, |file, offset| {
+        memory::write_sparse(mem, file, offset)
+    })
+}
+
+/// Writes a diff snapshot: `state` (with `base` and `dirty` set) and only
+/// the dirty pages of `mem`.
+pub fn write_diff(
+    path: &Path,
+    state: &MicrovmState,
+    mem: &GuestMemoryMmap,
+) -> Result<(u64, u64, u64), Error> {
+    write_with(path, state, |file, offset| {
+        memory::write_runs(mem, &state.dirty, file, offset)
+    })
+}
+
+/// Header and state, then `write_memory(file, image offset)`, in a
+/// temporary file that replaces `path` only once complete.
+fn write_with(
+    path: &Path,
+    state: &MicrovmState,
+    write_memory: impl FnOnce(&std::fs::File, u64) -> Result<u64, memory::Error>,
+) -> Result<(u64, u64, u64), Error> {
     let name = path.display().to_string();
     let tmp = path.with_extension("snap-partial");
     let mut file = crate::runtime::create_file(&tmp).map_err(|e| Error::Create(name.clone(), e))?;
@@ -153,8 +151,8 @@ pub fn write(
     let result = (|| {
         let header = format::write_state(&mut file, state, mem_len)
             .map_err(|e| Error::Format(name.clone(), e))?;
-        let written = memory::write_sparse(mem, &file, header.mem_offset)
-            .map_err(|e| Error::Memory(name.clone(), e))?;
+        let written =
+            write_memory(&file, header.mem_offset).map_err(|e| Error::Memory(name.clone(), e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::Create(name.clone(), e))?;
         Ok((header.state_len, written, mem_len))
     })();

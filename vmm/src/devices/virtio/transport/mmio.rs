@@ -207,24 +207,31 @@ impl MmioTransport {
             .map(|(i, q)| q.to_queue(i))
             .collect::<Result<Vec<_>, _>>()
             .map_err(RestoreError::State)?;
-        let queue_events = self
-            .queue_events
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
+        let ctx = self
+            .context(queues)
             .map_err(|e| RestoreError::Activate(ActivateError::Backend(e)))?;
-        let ctx = ActivateContext {
-            mem: self.mem.clone(),
-            queues,
-            queue_events,
-            interrupt: self.interrupt.clone(),
-            event_loop: self.event_loop.clone(),
-        };
         self.device
             .restore_runtime(ctx, &runtime.extra)
             .map_err(RestoreError::Activate)?;
         self.activated = true;
         Ok(())
+    }
+
+    /// What the device starts with: `queues`, duplicates of the queue
+    /// notification eventfds, the interrupt line and the event loop.
+    fn context(&self, queues: Vec<Queue>) -> std::io::Result<ActivateContext> {
+        let queue_events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            queue_events,
+            interrupt: self.interrupt.clone(),
+            event_loop: self.event_loop.clone(),
+        })
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -308,12 +315,6 @@ impl MmioTransport {
             self.needs_reset();
             return;
         }
-        let events: Result<Vec<EventFd>, _> =
-            self.queue_events.iter().map(EventFd::try_clone).collect();
-        let Ok(queue_events) = events else {
-            self.needs_reset();
-            return;
-        };
         let queues: Result<Vec<Queue>, _> = self
             .queues
             .iter()
@@ -323,12 +324,9 @@ impl MmioTransport {
             self.needs_reset();
             return;
         };
-        let ctx = ActivateContext {
-            mem: self.mem.clone(),
-            queues,
-            queue_events,
-            interrupt: self.interrupt.clone(),
-            event_loop: self.event_loop.clone(),
+        let Ok(ctx) = self.context(queues) else {
+            self.needs_reset();
+            return;
         };
         match self.device.activate(ctx) {
             Ok(()) => self.activated = true,
