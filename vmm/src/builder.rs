@@ -219,6 +219,9 @@ pub struct BuiltVm {
     pub(crate) carried_pit: Option<kvm_bindings::kvm_pit_state2>,
     /// The full snapshot a restored VM's memory is mapped from.
     pub(crate) base: Option<crate::snapshot::BaseImage>,
+    /// Hands host connections to the network device (the control socket's
+    /// `accept` command), when the VM has one.
+    pub(crate) inbound: Option<crate::devices::virtio::net::InboundHandle>,
 }
 
 /// Prepares `config` up to the first KVM_RUN.
@@ -253,7 +256,7 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
     let legacy = attach_legacy_devices(&vm, &mut devices, console, reset.clone(), None)?;
     // Virtio devices: each gets an MMIO window, an IRQ and a cmdline entry
     // (attached before the command line is written).
-    attach_virtio_devices(
+    let inbound = attach_virtio_devices(
         &vm,
         &mut devices,
         config.net.as_ref(),
@@ -290,21 +293,25 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
         legacy,
         carried_pit: None,
         base: None,
+        inbound,
     })
 }
 
 /// Attaches the virtio devices, always in the same order (net, disks in
 /// order, vsock), so that a restore with the same flags finds each device in
-/// the slot its snapshot state belongs to.
+/// the slot its snapshot state belongs to. Returns the network device's
+/// inbound handle.
 pub(crate) fn attach_virtio_devices(
     vm: &Vm,
     devices: &mut DeviceManager,
     net: Option<&crate::net::NetConfig>,
     drives: &[crate::devices::virtio::block::BlockConfig],
     vsock: Option<&crate::devices::virtio::vsock::VsockConfig>,
-) -> Result<(), Error> {
+) -> Result<Option<crate::devices::virtio::net::InboundHandle>, Error> {
+    let mut inbound = None;
     if let Some(net) = net {
         let device = crate::devices::virtio::net::Net::new(net)?;
+        inbound = Some(device.inbound());
         devices.attach_virtio(vm, Box::new(device))?;
     }
     for drive in drives {
@@ -316,7 +323,7 @@ pub(crate) fn attach_virtio_devices(
         let device = crate::devices::virtio::vsock::Vsock::new(vsock)?;
         devices.attach_virtio(vm, Box::new(device))?;
     }
-    Ok(())
+    Ok(inbound)
 }
 
 /// Serial console on COM1 (interrupt through an irqfd) and the i8042 whose

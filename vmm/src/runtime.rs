@@ -483,10 +483,9 @@ impl ApiServer {
         let Some(file) = fds.pop_front() else {
             return "error accept needs a TCP socket passed with SCM_RIGHTS".into();
         };
-        let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
-        if stream.peer_addr().is_err() {
+        let Some(stream) = connected_tcp(file) else {
             return "error the passed descriptor is not a connected TCP socket".into();
-        }
+        };
         match &self.inbound {
             Some(inbound) => match inbound.accept_inbound(stream, port) {
                 Ok(()) => "ok".into(),
@@ -521,7 +520,7 @@ impl ApiServer {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
                 replies.push(String::from_utf8_lossy(&line).trim().to_owned());
             }
-            too_long = buf.len() > MAX_COMMAND;
+            too_long |= buf.len() > MAX_COMMAND;
         }
         let mut out = Vec::new();
         for line in replies.iter().filter(|l| !l.is_empty()) {
@@ -542,6 +541,14 @@ impl ApiServer {
             }
         }
     }
+}
+
+/// A descriptor passed over the control socket, if it is a connected TCP
+/// socket (anything else would have the network stack read a file or a
+/// listener as if it were a client).
+fn connected_tcp(file: std::fs::File) -> Option<std::net::TcpStream> {
+    let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
+    stream.peer_addr().is_ok().then_some(stream)
 }
 
 /// An error and its causes on one line, skipping a cause whose text the
@@ -744,4 +751,48 @@ pub(crate) fn create_file(path: &Path) -> std::io::Result<std::fs::File> {
         .create(true)
         .truncate(true)
         .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+    use super::connected_tcp;
+
+    /// What the platform does: pass an accepted TCP socket with an
+    /// `accept` line; the VMM side gets the line and a working socket.
+    #[test]
+    fn a_tcp_socket_passed_with_scm_rights_arrives_connected() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        let (platform, vmm) = UnixStream::pair().expect("pair");
+        platform
+            .send_with_fd(&b"accept 8080\n"[..], accepted.as_raw_fd())
+            .expect("send");
+        drop(accepted);
+        let mut buf = [0u8; 64];
+        let (n, file) = vmm.recv_with_fd(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"accept 8080\n");
+        let mut stream = connected_tcp(file.expect("a descriptor came along")).expect("tcp");
+        stream.write_all(b"hello").expect("write");
+        drop(stream);
+        let mut got = String::new();
+        client.read_to_string(&mut got).expect("read");
+        assert_eq!(got, "hello", "the client sees the VMM's copy, then EOF");
+    }
+
+    #[test]
+    fn files_and_listeners_are_not_taken_as_connections() {
+        let file = tempfile::tempfile().expect("tempfile");
+        assert!(connected_tcp(file).is_none());
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let fd = std::os::fd::OwnedFd::from(listener);
+        assert!(connected_tcp(std::fs::File::from(fd)).is_none());
+    }
 }

@@ -134,7 +134,7 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
         reset.clone(),
         Some(&state.legacy),
     )?;
-    attach_virtio_devices(
+    let inbound = attach_virtio_devices(
         &vm,
         &mut devices,
         config.net.as_ref(),
@@ -170,5 +170,6 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
         legacy,
         carried_pit: (!vm_has_pit).then_some(state.vm.pit),
         base: Some(base),
+        inbound,
     })
 }

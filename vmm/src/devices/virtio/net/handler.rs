@@ -27,6 +27,8 @@ const TIMER_TOKEN: Token = 3;
 pub(super) struct Backend {
     pub(super) stack: Stack,
     pub(super) inbound: Receiver<(TcpStream, u16)>,
+    /// Counters for [`super::InboundHandle::counts`].
+    pub(super) stats: Arc<super::InboundStats>,
 }
 
 /// Where the backend waits while no handler runs.
@@ -124,6 +126,7 @@ impl NetHandler {
             return;
         };
         let stack = &mut backend.stack;
+        let mut taken = 0;
         match token {
             Some((RX_TOKEN | TIMER_TOKEN, _)) | None => {}
             Some((TX_TOKEN, _)) => {
@@ -134,6 +137,7 @@ impl NetHandler {
             }
             Some((INBOUND_TOKEN, _)) => {
                 while let Ok((stream, port)) = backend.inbound.try_recv() {
+                    taken += 1;
                     if let Err(e) = stack.accept_inbound(stream, port) {
                         tracing::warn!("virtio-net: inbound connection dropped: {e}");
                     }
@@ -142,6 +146,7 @@ impl NetHandler {
             Some((token, revents)) => stack.host_ready(token, revents),
         }
         stack.poll();
+        backend.stats.record(stack.connections(), taken);
         if let Err(e) = process_rx(&self.mem, &mut self.rx, stack, &self.interrupt) {
             self.fail(&e);
             return;

@@ -12,6 +12,7 @@ mod handler;
 pub mod queues;
 
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +55,25 @@ pub enum Error {
 pub struct InboundHandle {
     tx: Sender<(TcpStream, u16)>,
     wake: Arc<EventFd>,
+    stats: Arc<InboundStats>,
+}
+
+/// Counters the device's runtime keeps for [`InboundHandle`] holders, so a
+/// platform that hands over connections can tell when an instance is idle.
+#[derive(Debug, Default)]
+pub struct InboundStats {
+    /// Connections the stack holds (inbound and outbound, any phase), as of
+    /// the runtime's last pass.
+    open: AtomicUsize,
+    /// Handed-over connections the runtime has taken (or refused) so far.
+    taken: AtomicU64,
+}
+
+impl InboundStats {
+    pub(super) fn record(&self, open: usize, taken: u64) {
+        self.open.store(open, Ordering::Release);
+        self.taken.fetch_add(taken, Ordering::AcqRel);
+    }
 }
 
 impl InboundHandle {
@@ -64,6 +84,16 @@ impl InboundHandle {
             .send((stream, guest_port))
             .map_err(|_| Error::Stopped)?;
         self.wake.write(1).map_err(|_| Error::Stopped)
+    }
+
+    /// `(open, taken)`: connections the stack holds now, and how many
+    /// handed-over connections it has taken so far. A caller that counts
+    /// its own hand-overs knows `handed - taken` are still queued.
+    pub fn counts(&self) -> (usize, u64) {
+        (
+            self.stats.open.load(Ordering::Acquire),
+            self.stats.taken.load(Ordering::Acquire),
+        )
     }
 }
 
@@ -86,13 +116,19 @@ impl Net {
         let published = stack.published();
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
         let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(InboundStats::default());
         Ok(Self {
             mac: config.mac,
             acked_features: 0,
-            slot: Arc::new(Mutex::new(Some(Backend { stack, inbound: rx }))),
+            slot: Arc::new(Mutex::new(Some(Backend {
+                stack,
+                inbound: rx,
+                stats: stats.clone(),
+            }))),
             inbound: InboundHandle {
                 tx,
                 wake: wake.clone(),
+                stats,
             },
             wake,
             published,
