@@ -119,6 +119,11 @@ impl Source {
                 return Ok(Self::Layout(dir.into(), Some(tag.to_owned())));
             }
         }
+        if input.starts_with('/') || input.starts_with('.') {
+            return Err(StoreError::Format(format!(
+                "{input}: no such file or directory"
+            )));
+        }
         Ok(Self::Registry(Reference::parse(input)?))
     }
 }

@@ -13,7 +13,7 @@ use image_tools::store::{ImportOptions, Source, Store};
 /// Import container images (OCI layouts, OCI or `docker save` archives,
 /// registry references) and boot them unmodified under the little.cloud agent.
 #[derive(Parser, Debug)]
-#[command(name = "little-image", version, about)]
+#[command(name = "little-image", version)]
 struct Args {
     /// Image store (default: $LITTLE_HOME, else ~/.local/share/little).
     #[arg(long, global = true, value_name = "DIR")]
