@@ -1,0 +1,321 @@
+//! One served app: its listener, its instances, and the scaling rules.
+//!
+//! A connection goes to the least-loaded live instance below the app's
+//! concurrency; if every instance is full, a new one is restored (up to
+//! `max`; a wake already under way counts as `concurrency` free slots, so
+//! a burst wakes as many instances as it needs, not one per connection),
+//! else the connection waits (buffered in the kernel's socket) for a slot.
+//! [`App::tick`] (every [`TICK`]) reaps dead instances, polls connection
+//! counts, stops instances idle for the app's idle timeout (keeping
+//! `min`), and keeps the pool of standby VMMs filled.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::api::{AppStatus, InstanceStatus};
+use crate::daemon::Settings;
+use crate::db::AppRecord;
+use crate::instance::{lock, Instance, InstanceError, Standby};
+use crate::metrics::AppMetrics;
+
+/// How often the monitor polls instances.
+pub const TICK: Duration = Duration::from_millis(20);
+/// How long a connection waits for an instance before it is dropped.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct State {
+    instances: Vec<Arc<Instance>>,
+    standby: Vec<Standby>,
+    waking: usize,
+    waiting: usize,
+}
+
+/// A served app.
+pub struct App {
+    /// Its record.
+    pub record: AppRecord,
+    /// Its counters.
+    pub metrics: AppMetrics,
+    /// The bound listen address.
+    pub listen: SocketAddr,
+    settings: Arc<Settings>,
+    state: Mutex<State>,
+    changed: Condvar,
+    stopped: AtomicBool,
+    next_id: Arc<AtomicU64>,
+}
+
+impl App {
+    /// Binds the app's listen address and starts accepting.
+    pub fn start(
+        mut record: AppRecord,
+        settings: Arc<Settings>,
+        next_id: Arc<AtomicU64>,
+    ) -> std::io::Result<Arc<Self>> {
+        let listener = TcpListener::bind(&record.listen)?;
+        let listen = listener.local_addr()?;
+        record.listen = listen.to_string();
+        let app = Arc::new(Self {
+            record,
+            metrics: AppMetrics::default(),
+            listen,
+            settings,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            next_id,
+        });
+        let acceptor = app.clone();
+        std::thread::spawn(move || acceptor.accept_loop(listener));
+        Ok(app)
+    }
+
+    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        for stream in listener.incoming() {
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(stream) = stream else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            let accepted = Instant::now();
+            self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+            let app = self.clone();
+            std::thread::spawn(move || app.dispatch(stream, accepted));
+        }
+    }
+
+    /// The least-loaded live instance with a free slot, reserved.
+    fn pick(&self, st: &State) -> Option<Arc<Instance>> {
+        let limit = self.concurrency();
+        let chosen = st
+            .instances
+            .iter()
+            .filter(|i| i.alive())
+            .map(|i| (i.load(), i))
+            .filter(|(load, _)| *load < limit)
+            .min_by_key(|(load, _)| *load)
+            .map(|(_, i)| i.clone())?;
+        chosen.reserve();
+        Some(chosen)
+    }
+
+    fn concurrency(&self) -> usize {
+        usize::try_from(self.record.spec.concurrency).unwrap_or(usize::MAX)
+    }
+
+    /// Finds or wakes an instance for `stream` and hands the socket over.
+    fn dispatch(self: Arc<Self>, stream: TcpStream, accepted: Instant) {
+        let port = self.record.spec.port;
+        let max = usize::try_from(self.record.spec.max).unwrap_or(usize::MAX);
+        let mut woke = false;
+        while accepted.elapsed() < WAIT_LIMIT && !self.stopped.load(Ordering::Acquire) {
+            let mut st = lock(&self.state);
+            let mut chosen = self.pick(&st);
+            if chosen.is_none() {
+                // The polled counts may be a tick old: ask the VMMs.
+                for i in &st.instances {
+                    let _ = i.refresh();
+                }
+                chosen = self.pick(&st);
+            }
+            if let Some(instance) = chosen {
+                drop(st);
+                match instance.hand_over(&stream, port) {
+                    Ok(()) => {
+                        if woke {
+                            self.metrics.wake_latency.observe(accepted.elapsed());
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        eprintln!("little: {}: hand-over failed: {e}", self.record.spec.name);
+                        instance.mark_dead();
+                        continue;
+                    }
+                }
+            }
+            let live = st.instances.iter().filter(|i| i.alive()).count();
+            if live + st.waking < max && st.waking * self.concurrency() <= st.waiting {
+                st.waking += 1;
+                let standby = st.standby.pop();
+                drop(st);
+                let result = self.wake(standby);
+                let mut st = lock(&self.state);
+                st.waking -= 1;
+                match result {
+                    Ok(instance) => {
+                        st.instances.push(Arc::new(instance));
+                        woke = true;
+                    }
+                    Err(e) => {
+                        eprintln!("little: {}: wake failed: {e}", self.record.spec.name);
+                        drop(st);
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                }
+                self.changed.notify_all();
+                continue;
+            }
+            st.waiting += 1;
+            let (mut st, _) = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner());
+            st.waiting -= 1;
+        }
+        self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Restores the snapshot in `standby` (or in a fresh standby VMM).
+    fn wake(&self, standby: Option<Standby>) -> Result<Instance, InstanceError> {
+        let standby = match standby {
+            Some(mut s) => {
+                if s.alive() {
+                    s
+                } else {
+                    s.kill();
+                    self.spawn_standby()?
+                }
+            }
+            None => self.spawn_standby()?,
+        };
+        let instance = standby.restore(&self.record.snapshot)?;
+        self.metrics.restores.fetch_add(1, Ordering::Relaxed);
+        Ok(instance)
+    }
+
+    fn spawn_standby(&self) -> Result<Standby, InstanceError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Standby::spawn(&self.settings, &self.record, id)
+    }
+
+    /// The monitor's periodic pass: reap, poll, stop idle instances, keep
+    /// `min` running and the standby pool full.
+    pub fn tick(self: &Arc<Self>) {
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let idle_timeout = Duration::from_millis(self.record.spec.idle_timeout_ms);
+        let min = usize::try_from(self.record.spec.min).unwrap_or(usize::MAX);
+        let mut doomed = Vec::new();
+        let mut crashed = Vec::new();
+        let (short_of_min, short_of_standby) = {
+            let mut st = lock(&self.state);
+            let (live, dead): (Vec<_>, Vec<_>) = std::mem::take(&mut st.instances)
+                .into_iter()
+                .partition(|i| i.alive() && i.refresh().is_ok());
+            crashed.extend(dead);
+            st.instances = live;
+            let now = Instant::now();
+            for i in &st.instances {
+                let mut idle = lock(&i.idle_since);
+                if i.load() == 0 {
+                    idle.get_or_insert(now);
+                } else {
+                    *idle = None;
+                }
+            }
+            let mut keep = Vec::new();
+            let mut count = st.instances.len();
+            for i in std::mem::take(&mut st.instances) {
+                let expired = lock(&i.idle_since).is_some_and(|t| now - t >= idle_timeout);
+                if expired && count > min {
+                    count -= 1;
+                    doomed.push(i);
+                } else {
+                    keep.push(i);
+                }
+            }
+            st.instances = keep;
+            st.standby.retain_mut(Standby::alive);
+            (
+                st.instances.len() + st.waking < min,
+                st.standby.len() < self.settings.standby,
+            )
+        };
+        for i in crashed {
+            self.metrics.crashes.fetch_add(1, Ordering::Relaxed);
+            eprintln!("little: {}: instance {} died", self.record.spec.name, i.id);
+            i.kill();
+        }
+        for i in doomed {
+            self.metrics.kills.fetch_add(1, Ordering::Relaxed);
+            i.kill();
+        }
+        if short_of_standby {
+            match self.spawn_standby() {
+                Ok(s) => lock(&self.state).standby.push(s),
+                Err(e) => eprintln!("little: {}: standby: {e}", self.record.spec.name),
+            }
+        }
+        if short_of_min {
+            let standby = {
+                let mut st = lock(&self.state);
+                st.waking += 1;
+                st.standby.pop()
+            };
+            let result = self.wake(standby);
+            let mut st = lock(&self.state);
+            st.waking -= 1;
+            match result {
+                Ok(i) => st.instances.push(Arc::new(i)),
+                Err(e) => eprintln!("little: {}: min instance: {e}", self.record.spec.name),
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    /// Stops accepting and stops every instance and standby VMM.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        // Unblock the accept loop.
+        let _ = TcpStream::connect_timeout(&self.listen, Duration::from_millis(200));
+        let (instances, standby) = {
+            let mut st = lock(&self.state);
+            (
+                std::mem::take(&mut st.instances),
+                std::mem::take(&mut st.standby),
+            )
+        };
+        for i in instances {
+            self.metrics.kills.fetch_add(1, Ordering::Relaxed);
+            i.kill();
+        }
+        for mut s in standby {
+            s.kill();
+        }
+    }
+
+    /// Running instances.
+    pub fn instance_count(&self) -> usize {
+        lock(&self.state).instances.len()
+    }
+
+    /// What `little ps` shows.
+    pub fn status(&self) -> AppStatus {
+        let st = lock(&self.state);
+        AppStatus {
+            spec: self.record.spec.clone(),
+            listen: self.listen.to_string(),
+            snapshot: self.record.snapshot.display().to_string(),
+            instances: st
+                .instances
+                .iter()
+                .map(|i| InstanceStatus {
+                    id: i.id,
+                    pid: i.pid,
+                    age_ms: u64::try_from(i.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    connections: i.load(),
+                    rss_kib: i.rss_kib(),
+                })
+                .collect(),
+            standby: st.standby.len(),
+        }
+    }
+}

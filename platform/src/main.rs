@@ -1,0 +1,266 @@
+//! `little`: the little.cloud daemon (`little serve`) and its CLI.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use platform::api::{self, AppSpec, AppStatus, Request};
+use platform::daemon::{Daemon, Settings};
+
+/// little.cloud: run OCI images as KVM microVMs that wake on a request and
+/// scale to zero.
+#[derive(Parser, Debug)]
+#[command(name = "little", version)]
+struct Cli {
+    /// State folder: database, image store, snapshots, logs and the API
+    /// socket `little.sock` [default: $LITTLE_HOME, else ~/.little]
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the daemon: serve every deployed app, answer the CLI.
+    Serve {
+        /// Guest kernel [default: $LITTLE_VMLINUX, else
+        /// <dir of little>/../guest-kernel/vmlinux]
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// The vmm binary [default: next to little]
+        #[arg(long, value_name = "PATH")]
+        vmm: Option<PathBuf>,
+        /// The static guest-agent binary [default: next to little]
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
+        /// Prometheus metrics at http://ADDR/metrics
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+        metrics: SocketAddr,
+        /// Pre-spawned standby VMMs per app (no guest, ~2 MiB each) that
+        /// restore on a request; 0 spawns the VMM on the request.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        standby: usize,
+    },
+    /// Import an image, boot it once, snapshot it when its port accepts,
+    /// and serve it (replaces an app of the same name).
+    Deploy {
+        /// App name (letters, digits, '-', '_').
+        name: String,
+        /// Image: registry reference, OCI layout directory, OCI or
+        /// `docker save` archive.
+        #[arg(long)]
+        image: String,
+        /// The port the app listens on in the guest.
+        #[arg(long)]
+        port: u16,
+        /// Host address the daemon listens on for this app.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Guest memory, MiB.
+        #[arg(long, value_name = "MiB", default_value_t = 128)]
+        memory: u32,
+        /// Connections one instance serves at once.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        concurrency: u32,
+        /// Instances kept running when idle.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        min: u32,
+        /// Most instances at once.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        max: u32,
+        /// Stop an instance after this long without a connection (500ms, 1s, 2m).
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration_ms)]
+        idle_timeout: u64,
+        /// Extra environment for the app (repeatable).
+        #[arg(long, value_name = "KEY=VALUE")]
+        env: Vec<String>,
+    },
+    /// List apps and their instances (age, connections, memory).
+    Ps {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an app's console output (first boot and every instance).
+    Logs {
+        /// The app.
+        app: String,
+    },
+    /// Stop an app's instances and forget it.
+    Rm {
+        /// The app.
+        app: String,
+    },
+}
+
+/// `500ms`, `1s`, `2m` or bare milliseconds.
+fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let (digits, scale) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 1)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000)
+    } else if let Some(v) = s.strip_suffix('m') {
+        (v, 60_000)
+    } else {
+        (s, 1)
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|v| v.checked_mul(scale))
+        .ok_or_else(|| format!("invalid duration {s:?}: expected e.g. 500ms, 1s, 2m"))
+}
+
+fn home(cli: &Cli) -> PathBuf {
+    cli.home
+        .clone()
+        .or_else(|| std::env::var_os("LITTLE_HOME").map(PathBuf::from))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".little")))
+        .unwrap_or_else(|| PathBuf::from(".little"))
+}
+
+fn beside_me(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn print_ps(apps: &[AppStatus]) {
+    if apps.is_empty() {
+        println!("no apps deployed");
+    }
+    for a in apps {
+        println!(
+            "{}  http://{}  -> guest :{}  instances {}  standby {}  (concurrency {}, min {}, max {}, idle {} ms)",
+            a.spec.name,
+            a.listen,
+            a.spec.port,
+            a.instances.len(),
+            a.standby,
+            a.spec.concurrency,
+            a.spec.min,
+            a.spec.max,
+            a.spec.idle_timeout_ms
+        );
+        if !a.instances.is_empty() {
+            println!(
+                "  {:>6} {:>8} {:>10} {:>6} {:>10}",
+                "ID", "PID", "AGE", "CONNS", "RSS"
+            );
+        }
+        for i in &a.instances {
+            println!(
+                "  {:>6} {:>8} {:>9.1}s {:>6} {:>7} MiB",
+                i.id,
+                i.pid,
+                Duration::from_millis(i.age_ms).as_secs_f64(),
+                i.connections,
+                i.rss_kib / 1024
+            );
+        }
+    }
+}
+
+use std::time::Duration;
+
+fn run(cli: Cli) -> Result<(), String> {
+    let home = home(&cli);
+    let sock = home.join("little.sock");
+    let call = |r: Request| api::call(&sock, &r).map_err(|e| platform::daemon::error_chain(&e));
+    match cli.command {
+        Cmd::Serve {
+            kernel,
+            vmm,
+            agent,
+            metrics,
+            standby,
+        } => {
+            let kernel = kernel
+                .or_else(|| std::env::var_os("LITTLE_VMLINUX").map(PathBuf::from))
+                .unwrap_or_else(|| beside_me("../guest-kernel/vmlinux"));
+            let settings = Settings {
+                home,
+                kernel,
+                vmm: vmm.unwrap_or_else(|| beside_me("vmm")),
+                agent: agent.unwrap_or_else(|| beside_me("guest-agent")),
+                standby,
+            };
+            let daemon = Daemon::open(settings).map_err(|e| platform::daemon::error_chain(&e))?;
+            eprintln!("little: metrics on http://{metrics}/metrics");
+            daemon
+                .serve(Some(metrics))
+                .map_err(|e| platform::daemon::error_chain(&e))
+        }
+        Cmd::Deploy {
+            name,
+            image,
+            port,
+            listen,
+            memory,
+            concurrency,
+            min,
+            max,
+            idle_timeout,
+            env,
+        } => {
+            let image = match std::fs::canonicalize(&image) {
+                Ok(p) => p.display().to_string(),
+                Err(_) => image,
+            };
+            let spec = AppSpec {
+                name,
+                image,
+                port,
+                listen,
+                memory_mib: memory,
+                concurrency,
+                min,
+                max,
+                idle_timeout_ms: idle_timeout,
+                env,
+            };
+            spec.validate()?;
+            let data = call(Request::Deploy(spec))?;
+            let status: AppStatus = serde_json::from_value(data).map_err(|e| e.to_string())?;
+            println!(
+                "deployed {}: http://{}  (snapshot {})",
+                status.spec.name, status.listen, status.snapshot
+            );
+            println!("try: curl http://{}/", status.listen);
+            Ok(())
+        }
+        Cmd::Ps { json } => {
+            let data = call(Request::Ps)?;
+            if json {
+                println!("{data}");
+                return Ok(());
+            }
+            let apps: Vec<AppStatus> = serde_json::from_value(data).map_err(|e| e.to_string())?;
+            print_ps(&apps);
+            Ok(())
+        }
+        Cmd::Logs { app } => {
+            let data = call(Request::Logs { app })?;
+            print!("{}", data.as_str().unwrap_or_default());
+            Ok(())
+        }
+        Cmd::Rm { app } => {
+            call(Request::Rm { app: app.clone() })?;
+            println!("removed {app}");
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("little: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

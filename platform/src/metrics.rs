@@ -1,0 +1,144 @@
+//! Counters per app, rendered in the Prometheus text format on `/metrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the wake-latency histogram buckets.
+pub const WAKE_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+/// A cumulative histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; WAKE_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (bound, count) in WAKE_BUCKETS.iter().zip(&self.counts) {
+            if secs <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
+/// What one app counts.
+#[derive(Debug, Default)]
+pub struct AppMetrics {
+    /// Connections accepted.
+    pub requests: AtomicU64,
+    /// Connections dropped (no instance within the deadline).
+    pub failed: AtomicU64,
+    /// Instances restored from the snapshot.
+    pub restores: AtomicU64,
+    /// Instances stopped for idleness or removal.
+    pub kills: AtomicU64,
+    /// Instances found dead (crashed or killed from outside).
+    pub crashes: AtomicU64,
+    /// Connection accepted → handed to a freshly restored instance.
+    pub wake_latency: Histogram,
+}
+
+/// A counter's name, help text and getter.
+type Counter = (&'static str, &'static str, fn(&AppMetrics) -> u64);
+
+/// One app's line set: name, counters, running instances.
+pub struct Sample<'a> {
+    /// The app.
+    pub app: &'a str,
+    /// Its counters.
+    pub metrics: &'a AppMetrics,
+    /// Instances running now.
+    pub instances: usize,
+}
+
+/// The Prometheus text exposition of `samples`.
+///
+/// ```
+/// use platform::metrics::{render, AppMetrics, Sample};
+/// let m = AppMetrics::default();
+/// m.wake_latency.observe(std::time::Duration::from_millis(3));
+/// let text = render(&[Sample { app: "web", metrics: &m, instances: 1 }]);
+/// assert!(text.contains("little_instances{app=\"web\"} 1"));
+/// assert!(text.contains("little_wake_seconds_bucket{app=\"web\",le=\"0.005\"} 1"));
+/// ```
+pub fn render(samples: &[Sample<'_>]) -> String {
+    let mut out = String::new();
+    let counters: [Counter; 5] = [
+        ("little_requests_total", "Connections accepted.", |m| {
+            m.requests.load(Ordering::Relaxed)
+        }),
+        (
+            "little_failed_total",
+            "Connections dropped without an instance.",
+            |m| m.failed.load(Ordering::Relaxed),
+        ),
+        (
+            "little_restores_total",
+            "Instances restored from the snapshot.",
+            |m| m.restores.load(Ordering::Relaxed),
+        ),
+        (
+            "little_kills_total",
+            "Instances stopped (idle or removed).",
+            |m| m.kills.load(Ordering::Relaxed),
+        ),
+        ("little_crashes_total", "Instances found dead.", |m| {
+            m.crashes.load(Ordering::Relaxed)
+        }),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for s in samples {
+            let _ = writeln!(out, "{name}{{app=\"{}\"}} {}", s.app, get(s.metrics));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP little_instances Instances running.\n# TYPE little_instances gauge"
+    );
+    for s in samples {
+        let _ = writeln!(out, "little_instances{{app=\"{}\"}} {}", s.app, s.instances);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP little_wake_seconds Connection accepted to handed to a restored instance.\n# TYPE little_wake_seconds histogram"
+    );
+    for s in samples {
+        let h = &s.metrics.wake_latency;
+        for (bound, count) in WAKE_BUCKETS.iter().zip(&h.counts) {
+            let _ = writeln!(
+                out,
+                "little_wake_seconds_bucket{{app=\"{}\",le=\"{bound}\"}} {}",
+                s.app,
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let count = h.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "little_wake_seconds_bucket{{app=\"{}\",le=\"+Inf\"}} {count}",
+            s.app
+        );
+        // Microseconds to seconds for display only.
+        #[allow(clippy::cast_precision_loss)]
+        let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "little_wake_seconds_sum{{app=\"{}\"}} {sum}", s.app);
+        let _ = writeln!(
+            out,
+            "little_wake_seconds_count{{app=\"{}\"}} {count}",
+            s.app
+        );
+    }
+    out
+}
