@@ -215,6 +215,11 @@ pub fn call(sock: &Path, request: &Request) -> Result<serde_json::Value, ApiErro
     }
 }
 
+/// Every app and its instances (`little ps`).
+pub fn ps(sock: &Path) -> Result<Vec<AppStatus>, ApiError> {
+    Ok(serde_json::from_value(call(sock, &Request::Ps)?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

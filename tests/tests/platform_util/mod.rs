@@ -1,0 +1,138 @@
+//! A `little serve` daemon on a fresh home for the platform tests, and the
+//! `little` CLI around it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use little_tests::{free_port, kernel, release_bin, target_dir};
+use platform::api::AppStatus;
+
+/// A running daemon, killed on drop.
+pub struct Daemon {
+    pub home: PathBuf,
+    pub metrics: u16,
+    child: Child,
+}
+
+impl Daemon {
+    pub fn start(home: &Path) -> Self {
+        let metrics = free_port();
+        let child = Command::new(release_bin("little"))
+            .arg("--home")
+            .arg(home)
+            .arg("serve")
+            .arg("--kernel")
+            .arg(kernel())
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{metrics}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("little serve starts");
+        let sock = home.join("little.sock");
+        let start = Instant::now();
+        while platform::api::ps(&sock).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon never answered"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            home: home.to_owned(),
+            metrics,
+            child,
+        }
+    }
+
+    pub fn little(&self, args: &[&str]) -> Output {
+        Command::new(release_bin("little"))
+            .arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .output()
+            .expect("little runs")
+    }
+
+    pub fn ps(&self) -> Vec<AppStatus> {
+        platform::api::ps(&self.home.join("little.sock")).expect("ps")
+    }
+
+    pub fn app(&self, name: &str) -> AppStatus {
+        self.ps()
+            .into_iter()
+            .find(|a| a.spec.name == name)
+            .expect("app listed")
+    }
+
+    /// Kills the daemon (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The metrics text.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("send");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    }
+
+    /// `vmm` processes started for this home.
+    pub fn vmm_processes(&self) -> Vec<u32> {
+        let marker = self.home.join("apps").display().to_string();
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd).into_owned();
+                (cmd.split('\0').next()?.ends_with("vmm") && cmd.contains(&marker)).then_some(pid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        // Its instances and standby VMMs are its children's business: stop
+        // them too so a failed test leaves nothing running.
+        for pid in self.vmm_processes() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
+
+/// A test image's OCI layout, or `None` (with a note) when it was not built.
+pub fn test_image(name: &str) -> Option<PathBuf> {
+    let path = target_dir().join("test-images").join(format!("{name}.oci"));
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!(
+            "{} is missing: run image-tools/test-images/build.sh (scripts/setup.sh does)",
+            path.display()
+        );
+        None
+    }
+}
+
+/// Waits until `check` holds, polling every 50 ms.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
