@@ -86,7 +86,20 @@ fn command(stream: &mut UnixStream, line: &str, fd: Option<&TcpStream>) -> std::
 }
 
 fn connect_control(sock: &Path) -> std::io::Result<UnixStream> {
-    let stream = UnixStream::connect(sock)?;
+    // The socket file appears at bind(2), a moment before listen(2).
+    let start = Instant::now();
+    let stream = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e)
+                if start.elapsed() < Duration::from_secs(1)
+                    && e.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
     stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
     Ok(stream)
