@@ -117,6 +117,9 @@ impl Daemon {
             deploying: Mutex::new(()),
             next_id: Arc::new(AtomicU64::new(1)),
         });
+        // Before any other thread starts, so that every thread inherits
+        // the blocked mask and only the waiter receives these signals.
+        daemon.stop_on_signals();
         for record in daemon.db.list()? {
             let name = record.spec.name.clone();
             match App::start(record, daemon.settings.clone(), daemon.next_id.clone()) {
@@ -159,6 +162,40 @@ impl Daemon {
             std::thread::spawn(move || me.client(stream));
         }
         Ok(())
+    }
+
+    /// SIGTERM, SIGINT and SIGHUP stop every instance and standby VMM,
+    /// then end the process (a restarted daemon restores on demand again).
+    fn stop_on_signals(self: &Arc<Self>) {
+        // SAFETY: sigset_t is plain data that sigemptyset initializes.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid, exclusively borrowed sigset_t; the
+        // signal numbers are valid. Blocking them in this thread before
+        // the API threads start makes them pending for sigwait below
+        // (threads spawned from here inherit the mask).
+        let blocked = unsafe {
+            libc::sigemptyset(&mut set);
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        if blocked != 0 {
+            return;
+        }
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` is initialized above and `sig` is a valid out
+            // pointer for the duration of the call.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            eprintln!("little: signal {sig}: stopping every instance");
+            let apps: Vec<Arc<App>> = lock(&me.apps).values().cloned().collect();
+            for app in apps {
+                app.stop();
+            }
+            std::process::exit(0);
+        });
     }
 
     fn client(&self, stream: UnixStream) {
