@@ -17,6 +17,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(home: &Path) -> Self {
+        Self::start_with(home, &[])
+    }
+
+    /// Starts `little serve` with `extra` serve flags (`--standby 0`).
+    pub fn start_with(home: &Path, extra: &[&str]) -> Self {
         let metrics = free_port();
         let child = Command::new(release_bin("little"))
             .arg("--home")
@@ -26,6 +31,7 @@ impl Daemon {
             .arg(kernel())
             .arg("--metrics")
             .arg(format!("127.0.0.1:{metrics}"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
