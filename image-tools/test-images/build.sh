@@ -13,6 +13,9 @@
 #          serving /www, two layers (busybox, then accounts and pages)
 #   redis  Debian's redis-server on 6379 as user "redis", two layers (the
 #          second deletes a file of the first: a whiteout)
+#   postgresql  Debian's PostgreSQL 15 on 5432 as user "postgres", one layer;
+#          $PGDATA (/var/lib/postgresql/data) is made by initdb at build
+#          time (superuser postgres, password "little" over TCP)
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -109,5 +112,48 @@ build_redis() {
 	rm -rf "$work"
 }
 
+# Runs in mmdebstrap's customize hook, $1 the new root: drops the cluster
+# Debian's postinst made, initdb's $PGDATA as postgres, trims the image.
+POSTGRES_HOOK='set -eu
+bin=/usr/lib/postgresql/15/bin data=/var/lib/postgresql/data
+[ -x "$1$bin/postgres" ] || { echo "test-images: no $bin/postgres" >&2; exit 1; }
+if [ -d "$1/etc/postgresql/15/main" ]; then chroot "$1" pg_dropcluster 15 main; fi
+chroot "$1" install -d -o postgres -g postgres -m 0700 "$data"
+echo little >"$1/tmp/pw" && chroot "$1" chown postgres /tmp/pw
+chroot "$1" runuser -u postgres -- "$bin/initdb" --pgdata="$data" \
+	--username=postgres --pwfile=/tmp/pw --auth-local=peer \
+	--auth-host=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8 \
+	--no-sync --no-instructions >/dev/null
+rm -f "$1/tmp/pw"
+printf "listen_addresses = \047*\047\nunix_socket_directories = \047/tmp\047\n%s\n" \
+	"dynamic_shared_memory_type = posix" >>"$1$data/postgresql.conf"
+printf "%s\n" "host all all 0.0.0.0/0 scram-sha-256" \
+	"host all all ::/0 scram-sha-256" >>"$1$data/pg_hba.conf"
+rm -rf "$1/var/lib/apt/lists"/* "$1/var/cache/apt"/* "$1/usr/share/doc" "$1/usr/share/man"'
+
+build_postgresql() {
+	fresh postgresql && return 0
+	local work
+	work=$(mktemp -d "$OUT/.postgresql.XXXXXX")
+	trap 'rm -rf "$work"' RETURN
+	mmdebstrap --quiet --variant=minbase --include=postgresql \
+		--customize-hook="$POSTGRES_HOOK" \
+		"$SUITE" "$work/rootfs.tar" "$MIRROR"
+	umoci init --layout "$work/oci"
+	umoci new --image "$work/oci:latest"
+	umoci raw add-layer --image "$work/oci:latest" "$work/rootfs.tar"
+	umoci config --image "$work/oci:latest" \
+		--config.entrypoint /usr/lib/postgresql/15/bin/postgres \
+		--config.user postgres --config.workingdir /var/lib/postgresql \
+		--config.exposedports 5432/tcp \
+		--config.env PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+		--config.env PGDATA=/var/lib/postgresql/data \
+		--config.stopsignal SIGINT \
+		--architecture amd64 --os linux
+	finish postgresql "$work/oci"
+	rm -rf "$work"
+}
+
 build_httpd
 build_redis
+build_postgresql

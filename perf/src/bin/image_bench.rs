@@ -20,7 +20,7 @@ use perf::target_dir;
 #[command(name = "image-bench", about)]
 struct Args {
     /// Test image names under target/test-images (NAME.oci).
-    #[arg(long, default_values_t = ["httpd".to_string(), "redis".to_string()])]
+    #[arg(long, default_values_t = ["httpd", "redis", "postgresql"].map(String::from))]
     images: Vec<String>,
     /// Runs per measurement (the median is printed).
     #[arg(long, default_value_t = 3)]
@@ -77,7 +77,7 @@ fn baseline(layout: &Path, work: &Path) -> Result<(Duration, u64), String> {
 fn bench(args: &Args) -> Result<(), String> {
     let images = target_dir().join("test-images");
     println!(
-        "{:<8} {:>12} {:>12} {:>14} {:>14} {:>8}",
+        "{:<10} {:>12} {:>12} {:>14} {:>14} {:>8}",
         "image", "import ms", "baseline ms", "erofs bytes", "baseline bytes", "speedup"
     );
     for name in &args.images {
@@ -101,7 +101,7 @@ fn bench(args: &Args) -> Result<(), String> {
         }
         let (o, b) = (median(ours_t), median(base_t));
         println!(
-            "{:<8} {:>12.0} {:>12.0} {:>14} {:>14} {:>7.2}x",
+            "{:<10} {:>12.0} {:>12.0} {:>14} {:>14} {:>7.2}x",
             name,
             o.as_secs_f64() * 1e3,
             b.as_secs_f64() * 1e3,
