@@ -283,7 +283,8 @@ fn svg(rows: &[Row], title: &str) -> String {
         for t in 0..=4 {
             let v = ymax * f64::from(t) / 4.0;
             let (x1, x2, yv) = (off + left, off + W - right, y(v));
-            let label = if ymax < 4.0 {
+            // Quarter ticks of a small scale need decimals (1.25, 2.5...).
+            let label = if ymax < 40.0 && v.fract() != 0.0 {
                 format!("{v:.2}")
             } else {
                 format!("{v:.0}")
