@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -122,6 +122,8 @@ pub struct VmHandle {
     paused: Mutex<bool>,
     carried_pit: Option<kvm_bindings::kvm_pit_state2>,
     base: Option<crate::snapshot::BaseImage>,
+    /// MSRs to save, shared with the vCPU threads; fetched by the first snapshot.
+    msr_indices: Arc<OnceLock<Vec<u32>>>,
 }
 
 /// Statistics of one snapshot.
@@ -211,6 +213,9 @@ impl VmHandle {
                 state.runtime = Some(runtime);
             }
             virtio.push(state);
+        }
+        if self.msr_indices.get().is_none() {
+            let _ = self.msr_indices.set(persist::saveable_msrs(&self.vm.kvm)?);
         }
         let vcpus = self
             .vcpus
@@ -664,7 +669,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
             .map_err(Error::EventLoop)?;
     }
 
-    let msr_indices = Arc::new(persist::saveable_msrs(&vm.kvm)?);
+    let msr_indices = Arc::new(OnceLock::new());
     let has_xcrs = vm.kvm.check_extension(kvm_ioctls::Cap::Xcrs);
     let vm = Arc::new(vm);
     let mut threads = Vec::with_capacity(vcpus.len());
@@ -718,6 +723,7 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
         paused: Mutex::new(false),
         carried_pit,
         base,
+        msr_indices,
     });
     if let Some(listener) = api {
         loop_handle

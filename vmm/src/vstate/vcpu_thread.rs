@@ -2,7 +2,7 @@
 //! resume, or let run until the guest ends.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::devices::bus::Bus;
@@ -25,6 +25,9 @@ pub enum Error {
     /// Saving the vCPU's state failed.
     #[error("failed to save vCPU state")]
     Save(#[source] persist::Error),
+    /// A save was asked before the MSR list was fetched.
+    #[error("the MSR list was not fetched before saving the vCPU")]
+    NoMsrList,
     /// A save was asked of a running vCPU.
     #[error("the vCPU must be paused before it is saved")]
     NotPaused,
@@ -66,8 +69,9 @@ pub struct VcpuContext {
     pub mmio: Bus,
     /// Set by the i8042 (or another vCPU) when the guest resets.
     pub reset: Arc<AtomicBool>,
-    /// MSRs to save.
-    pub msr_indices: Arc<Vec<u32>>,
+    /// MSRs to save, fetched from KVM by the first snapshot (not on the
+    /// restore path, which never needs them).
+    pub msr_indices: Arc<OnceLock<Vec<u32>>>,
     /// Whether KVM saves extended control registers (KVM_CAP_XCRS).
     pub has_xcrs: bool,
 }
@@ -205,8 +209,14 @@ fn run_loop(
                     Request::Run => break,
                     Request::Save => {
                         drop(ctl);
-                        let saved = persist::save_vcpu(vcpu.fd(), &ctx.msr_indices, ctx.has_xcrs)
-                            .map_err(Error::Save);
+                        let saved =
+                            ctx.msr_indices
+                                .get()
+                                .ok_or(Error::NoMsrList)
+                                .and_then(|msrs| {
+                                    persist::save_vcpu(vcpu.fd(), msrs, ctx.has_xcrs)
+                                        .map_err(Error::Save)
+                                });
                         ctl = shared.lock();
                         ctl.saved = Some(saved);
                         ctl.request = Request::Pause;
