@@ -284,3 +284,37 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     out.starts_with("HTTP/1").then_some(out)
 }
+
+/// Waits up to `timeout` for a connection on `listener` (a host-side vsock
+/// port socket, say); the stream it returns blocks, with reads timing out
+/// after `read_timeout`.
+pub fn accept_within(
+    listener: &std::os::unix::net::UnixListener,
+    timeout: Duration,
+    read_timeout: Duration,
+) -> Option<std::os::unix::net::UnixStream> {
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok((stream, _)) = listener.accept() {
+            stream.set_nonblocking(false).expect("blocking stream");
+            stream
+                .set_read_timeout(Some(read_timeout))
+                .expect("read timeout");
+            return Some(stream);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// One line without its line ending, or `None` at EOF or on an error.
+pub fn read_line(reader: &mut impl std::io::BufRead) -> Option<String> {
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(n) if n > 0 => Some(line.trim_end().to_owned()),
+        _ => None,
+    }
+}

@@ -10,12 +10,14 @@
 //! Guest forks are few: httpd's daemonizing fork, one child per HTTP
 //! request, one `sync` per clone.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufReader, Write};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use little_tests::{agent_initramfs, api, free_port, http_get, kernel, VmmProcess};
+use little_tests::{
+    accept_within, agent_initramfs, api, free_port, http_get, kernel, read_line, VmmProcess,
+};
 
 const INDEX: &str = "served-from-the-snapshot";
 /// httpd in the background, then one console line per write: the word goes
@@ -32,28 +34,6 @@ const STEP: Duration = Duration::from_secs(60);
 
 fn utf8(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-fn accept_within(listener: &UnixListener, timeout: Duration) -> Option<UnixStream> {
-    listener.set_nonblocking(true).expect("nonblocking");
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Ok((stream, _)) = listener.accept() {
-            stream.set_nonblocking(false).expect("blocking");
-            stream.set_read_timeout(Some(STEP)).expect("timeout");
-            return Some(stream);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-fn read_line(reader: &mut impl BufRead) -> Option<String> {
-    let mut line = String::new();
-    match reader.read_line(&mut line) {
-        Ok(n) if n > 0 => Some(line.trim_end().to_owned()),
-        _ => None,
-    }
 }
 
 fn wait_for_http(port: u16, path: &str, vmm: &VmmProcess) -> String {
@@ -99,7 +79,7 @@ fn take_snapshot(dir: &Path) -> PathBuf {
         "--drive",
         &format!("path={}", utf8(&disk)),
     ]);
-    let channel = accept_within(&agent, DEADLINE).unwrap_or_else(|| {
+    let channel = accept_within(&agent, DEADLINE, STEP).unwrap_or_else(|| {
         panic!(
             "the agent never connected: {} / {}",
             vmm.stdout(),
@@ -169,7 +149,7 @@ fn three_clones_of_a_vm_with_net_vsock_and_a_disk() {
     // its own clone's host socket: HELLO, READY (it was ready before), then
     // the host, which knows it restored this instance, says RESTORED.
     for (i, c) in clones.iter().enumerate() {
-        let stream = accept_within(&c.agent, DEADLINE).unwrap_or_else(|| {
+        let stream = accept_within(&c.agent, DEADLINE, STEP).unwrap_or_else(|| {
             panic!(
                 "clone {i}: the agent did not reconnect: {} / {}",
                 c.vmm.stdout(),

@@ -4,13 +4,13 @@
 //! `--vsock-test` mode) talks vsock in both directions. Every test below
 //! checks one thing about that boot.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use little_tests::{agent_initramfs, kernel, VmmProcess};
+use little_tests::{accept_within, agent_initramfs, kernel, read_line, VmmProcess};
 
 /// The entrypoint: connect to host port 2000, then listen on TCP 8080 (the
 /// readiness port) and echo one vsock stream on port 5000.
@@ -37,30 +37,6 @@ struct Seen {
     vmm_exit: Option<std::process::ExitStatus>,
     console: String,
     stderr: String,
-}
-
-fn accept_within(listener: &UnixListener, timeout: Duration) -> Option<UnixStream> {
-    listener
-        .set_nonblocking(true)
-        .expect("nonblocking listener");
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Ok((stream, _)) = listener.accept() {
-            stream.set_nonblocking(false).expect("blocking stream");
-            stream.set_read_timeout(Some(STEP)).expect("timeout");
-            return Some(stream);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-fn read_line(reader: &mut impl BufRead) -> Option<String> {
-    let mut line = String::new();
-    match reader.read_line(&mut line) {
-        Ok(n) if n > 0 => Some(line.trim_end().to_owned()),
-        _ => None,
-    }
 }
 
 /// `CONNECT 5000` until the guest listens (it starts listening just after
@@ -115,7 +91,7 @@ fn scenario() -> Seen {
 
     // Guest -> host beyond the agent: the entrypoint says hello on port 2000.
     let hello = std::thread::spawn(move || {
-        let stream = accept_within(&hello_listener, BOOT_DEADLINE)?;
+        let stream = accept_within(&hello_listener, BOOT_DEADLINE, STEP)?;
         let mut reader = BufReader::new(stream.try_clone().ok()?);
         let line = read_line(&mut reader)?;
         let at = Instant::now();
@@ -123,7 +99,7 @@ fn scenario() -> Seen {
         Some((line, at))
     });
 
-    if let Some(agent) = accept_within(&agent_listener, BOOT_DEADLINE) {
+    if let Some(agent) = accept_within(&agent_listener, BOOT_DEADLINE, STEP) {
         let mut reader = BufReader::new(agent.try_clone().expect("clone"));
         // HELLO, then READY once the readiness port accepts.
         while seen.agent_lines.len() < 2 {
