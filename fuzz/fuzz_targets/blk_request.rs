@@ -9,15 +9,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use little_fuzz::{guest_memory, load_table_and_payload, QUEUE_SIZE};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
 use vmm::devices::virtio::block::request::{self, Limits, RequestType, MAX_SEGMENTS};
 use vmm::devices::virtio::block::SECTOR_SIZE;
-
-const QUEUE_SIZE: u16 = 16;
-const PAYLOAD_AT: u64 = 0x1000;
-const REGION: usize = 0x1_0000;
 
 fuzz_target!(|data: &[u8]| {
     let Some((ctl, rest)) = data.split_first_chunk::<11>() else {
@@ -33,19 +30,9 @@ fuzz_target!(|data: &[u8]| {
     let head = u16::from_le_bytes([ctl[9], ctl[10]]);
 
     // Two regions with a 4 KiB hole between them.
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), REGION),
-        (GuestAddress(REGION as u64 + 0x1000), REGION),
-    ])
-    .expect("small mapping");
+    let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    let table_len = usize::from(QUEUE_SIZE) * 16;
-    let (table, payload) = rest.split_at(rest.len().min(table_len));
-    mem.write_slice(table, vq.desc_table_addr())
-        .expect("table fits");
-    let payload = &payload[..payload.len().min(REGION - PAYLOAD_AT as usize)];
-    mem.write_slice(payload, GuestAddress(PAYLOAD_AT))
-        .expect("payload fits");
+    load_table_and_payload(&mem, &vq, rest);
     // One available chain, starting at the fuzzed head index.
     mem.write_obj(head, vq.avail_addr().unchecked_add(4))
         .expect("avail ring");

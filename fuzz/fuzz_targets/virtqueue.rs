@@ -14,13 +14,10 @@
 use std::io::{Read, Write};
 
 use libfuzzer_sys::fuzz_target;
+use little_fuzz::{guest_memory, load_table_and_payload, QUEUE_SIZE, REGION};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
-
-const QUEUE_SIZE: u16 = 16;
-const PAYLOAD_AT: u64 = 0x1000;
-const REGION: usize = 0x1_0000;
+use vm_memory::{Address, Bytes};
 
 fuzz_target!(|data: &[u8]| {
     let Some((idx, rest)) = data.split_first_chunk::<2>() else {
@@ -29,19 +26,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((ring, rest)) = rest.split_first_chunk::<32>() else {
         return;
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), REGION),
-        (GuestAddress(REGION as u64 + 0x1000), REGION),
-    ])
-    .expect("small mapping");
+    let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    let table_len = usize::from(QUEUE_SIZE) * 16;
-    let (table, payload) = rest.split_at(rest.len().min(table_len));
-    mem.write_slice(table, vq.desc_table_addr())
-        .expect("table fits");
-    let payload = &payload[..payload.len().min(REGION - PAYLOAD_AT as usize)];
-    mem.write_slice(payload, GuestAddress(PAYLOAD_AT))
-        .expect("payload fits");
+    load_table_and_payload(&mem, &vq, rest);
     mem.write_slice(ring, vq.avail_addr().unchecked_add(4))
         .expect("avail ring");
     mem.write_slice(idx, vq.avail_addr().unchecked_add(2))

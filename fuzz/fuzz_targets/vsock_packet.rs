@@ -8,14 +8,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use little_fuzz::{guest_memory, load_table_and_payload, QUEUE_SIZE};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes};
 use vmm::devices::virtio::vsock::packet::{self, Header, Op, RxBuffer, MAX_PAYLOAD};
 
-const QUEUE_SIZE: u16 = 16;
-const PAYLOAD_AT: u64 = 0x1000;
-const REGION: usize = 0x1_0000;
 const GUEST_CID: u64 = 3;
 
 fuzz_target!(|data: &[u8]| {
@@ -23,19 +21,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let head = u16::from_le_bytes(*ctl);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), REGION),
-        (GuestAddress(REGION as u64 + 0x1000), REGION),
-    ])
-    .expect("small mapping");
+    let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
-    let table_len = usize::from(QUEUE_SIZE) * 16;
-    let (table, payload) = rest.split_at(rest.len().min(table_len));
-    mem.write_slice(table, vq.desc_table_addr())
-        .expect("table fits");
-    let payload = &payload[..payload.len().min(REGION - PAYLOAD_AT as usize)];
-    mem.write_slice(payload, GuestAddress(PAYLOAD_AT))
-        .expect("payload fits");
+    let payload_len = load_table_and_payload(&mem, &vq, rest);
     mem.write_obj(head, vq.avail_addr().unchecked_add(4))
         .expect("avail ring");
     mem.write_obj(2u16, vq.avail_addr().unchecked_add(2))
@@ -66,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(chain) = chains.next() {
         if let Ok(buffer) = RxBuffer::new(&mem, chain) {
             let room = buffer.payload_capacity();
-            let body = vec![0xa5u8; room.min(payload.len())];
+            let body = vec![0xa5u8; room.min(payload_len)];
             let written = buffer
                 .write(Header::default(), &body)
                 .expect("a payload within capacity fits");
