@@ -543,7 +543,7 @@ fn resolve_registry(
     progress: &Progress,
     existing: &dyn Fn(&Digest) -> Option<StoredImage>,
 ) -> Result<RegistryResult, StoreError> {
-    let mut client = Client::new(reference, &options.registry);
+    let mut client = Client::new(reference, &options.registry)?;
     let (mut doc, _) = client.manifest(&reference.reference())?;
     for _ in 0..MAX_INDEX_DEPTH {
         match AnyManifest::parse(&doc)? {

@@ -29,8 +29,13 @@ struct Args {
 enum Command {
     /// Import an image: an OCI layout directory (DIR or DIR:TAG), an OCI
     /// archive or `docker save` tar file, or a registry reference
-    /// (`[host[:port]/]name[:tag|@sha256:...]`; loopback registries use HTTP).
-    /// Prints the image id.
+    /// (`[host[:port]/]name[:tag|@sha256:...]`). Prints the image id.
+    ///
+    /// Registries are spoken to over HTTPS, except loopback ones
+    /// (localhost, 127.*, [::1]), which get plain HTTP unless --tls is
+    /// passed or a CA is given (--ca-cert, $LITTLE_REGISTRY_CA, or a *.crt
+    /// file in /etc/docker/certs.d/HOST[:PORT]/). --plain-http forces HTTP.
+    /// HTTPS never falls back to HTTP.
     Import {
         /// What to import.
         #[arg(value_name = "REF|PATH")]
@@ -39,8 +44,15 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
         /// Talk plain HTTP to the registry.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["tls", "ca_cert"])]
         plain_http: bool,
+        /// Talk HTTPS even to a loopback registry.
+        #[arg(long)]
+        tls: bool,
+        /// Trust the CA certificates of this PEM file too (repeatable; else
+        /// the ':'-separated files of $LITTLE_REGISTRY_CA).
+        #[arg(long, value_name = "PATH")]
+        ca_cert: Vec<PathBuf>,
         /// Registry credentials as USER:PASSWORD (or $LITTLE_REGISTRY_AUTH).
         #[arg(long, value_name = "USER:PASSWORD")]
         creds: Option<String>,
@@ -84,11 +96,22 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             source,
             name,
             plain_http,
+            tls,
+            ca_cert,
             creds,
         } => {
+            let ca_certs = match std::env::var_os("LITTLE_REGISTRY_CA") {
+                Some(list) if ca_cert.is_empty() && !plain_http => std::env::split_paths(&list)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect(),
+                _ => ca_cert,
+            };
             let options = ImportOptions {
                 registry: ClientOptions {
                     plain_http,
+                    tls,
+                    ca_certs,
+                    certs_dir: None,
                     credentials: creds.or_else(|| std::env::var("LITTLE_REGISTRY_AUTH").ok()),
                 },
                 quiet: args.quiet,
