@@ -3,6 +3,9 @@
 //! layers, and the offline test images built by `test-images/build.sh`,
 //! checked against `umoci unpack` as the oracle. The base images are read
 //! back with `fsck.erofs --extract` (erofs-utils), which also checks them.
+//! Registry pulls run against a real `docker-registry`: plain HTTP, HTTPS
+//! with a private CA, htpasswd basic auth and bearer tokens
+//! (`local_registry`).
 
 // STYLE.md: tests may unwrap.
 #![allow(clippy::unwrap_used)]
@@ -13,10 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use image_tools::layer::{apply_tar_bytes, Budget, LayerError, Limits};
-use image_tools::oci::ContainerConfig;
-use image_tools::store::{ImportOptions, Source, Store, StoreError};
+use image_tools::oci::{ContainerConfig, Digest};
+use image_tools::registry::{ClientOptions, RegistryError};
+use image_tools::store::{ImportOptions, Source, Store, StoreError, StoredImage};
 use image_tools::test_utils::{write_layout, Compress, LayerBuilder};
 use image_tools::tree::{Kind, Tree};
+use local_registry::{htpasswd, Registry, ServerPki, TokenServer};
+
+mod local_registry;
 
 fn quiet() -> ImportOptions {
     ImportOptions {
@@ -455,80 +462,244 @@ fn real_images_match_umoci_unpack_from_every_input_format() {
     assert_eq!(postgres.run.stop_signal.as_deref(), Some("SIGINT"));
 }
 
-/// Kills the registry when the test ends, pass or fail.
-struct Child(std::process::Child);
+/// Imports registry `reference` with `registry` options.
+fn pull(
+    store: &Store,
+    reference: &str,
+    registry: ClientOptions,
+) -> Result<StoredImage, StoreError> {
+    let options = ImportOptions {
+        registry,
+        ..quiet()
+    };
+    store.import(&Source::parse(reference).unwrap(), reference, &options)
+}
 
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Client options that ignore the machine's `/etc/docker/certs.d`.
+fn hermetic(dir: &Path) -> ClientOptions {
+    ClientOptions {
+        certs_dir: Some(dir.join("no-certs.d")),
+        ..ClientOptions::default()
     }
+}
+
+/// The image id of the httpd test image imported from its OCI layout.
+fn local_httpd(store: &Store) -> Digest {
+    let layout = test_images().join("httpd.oci");
+    store
+        .import(&Source::Layout(layout, None), "local", &quiet())
+        .unwrap()
+        .id
+}
+
+/// An error and its causes on one line, as the CLI prints them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
 }
 
 #[test]
 fn images_pull_from_a_local_registry_over_http() {
     let images = test_images();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    // Debian's default config turns on auth on :5000; ours serves
-    // anonymously on a free loopback port.
-    let config = dir.path().join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
-    let _registry = Child(
-        Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("docker-registry (Debian package docker-registry)"),
+    let registry = Registry::start(dir.path(), None, "");
+    let reference = registry.push(
+        &images.join("httpd.oci"),
+        "little/httpd:v1",
+        &["--dest-tls-verify=false"],
     );
-    let up = (0..100).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    assert!(up, "registry did not start");
-    let reference = format!("127.0.0.1:{port}/little/httpd:v1");
-    run(Command::new("skopeo")
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-        ])
-        .arg(format!("oci:{}:latest", images.join("httpd.oci").display()))
-        .arg(format!("docker://{reference}")));
 
     let store = Store::new(dir.path().join("store"));
-    let pulled = store
-        .import(&Source::parse(&reference).unwrap(), &reference, &quiet())
-        .unwrap();
-    let local = store
-        .import(
-            &Source::Layout(images.join("httpd.oci"), None),
-            "local",
-            &quiet(),
-        )
-        .unwrap();
-    assert_eq!(pulled.id, local.id, "same config digest, converted once");
-    assert_eq!(local.refs.len(), 2);
+    let pulled = pull(&store, &reference, hermetic(dir.path())).unwrap();
+    assert_eq!(
+        pulled.id,
+        local_httpd(&store),
+        "same config digest, converted once"
+    );
+    assert_eq!(store.find("local").unwrap().refs.len(), 2);
     let ours = dir.path().join("x");
     extract(&store.rootfs(&pulled.id), &ours);
     assert!(ours.join("www/index.html").exists());
 
-    let missing = format!("127.0.0.1:{port}/little/none:v1");
-    let err = store
-        .import(&Source::parse(&missing).unwrap(), &missing, &quiet())
-        .unwrap_err();
+    let missing = format!("{}/little/none:v1", registry.host());
+    let err = pull(&store, &missing, hermetic(dir.path())).unwrap_err();
     assert!(matches!(err, StoreError::Registry(_)), "{err:?}");
+}
+
+#[test]
+fn images_pull_over_https_trusting_a_private_ca() {
+    let images = test_images();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = ServerPki::new(dir.path());
+    let registry = Registry::start(dir.path(), Some(&pki), "");
+    let ca_dir = pki.ca_dir().to_str().unwrap();
+    let reference = registry.push(
+        &images.join("httpd.oci"),
+        "little/httpd:v1",
+        &["--dest-cert-dir", ca_dir],
+    );
+    let store = Store::new(dir.path().join("store"));
+
+    // HTTPS without the CA: a certificate error, and no fallback to HTTP.
+    let tls_only = ClientOptions {
+        tls: true,
+        ..hermetic(dir.path())
+    };
+    let err = pull(&store, &reference, tls_only).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Registry(RegistryError::Tls { url, .. })
+            if url.starts_with(&format!("https://{}/", registry.host()))),
+        "{err:?}"
+    );
+    let msg = chain(&err);
+    assert!(
+        msg.contains("invalid peer certificate: UnknownIssuer"),
+        "{msg}"
+    );
+
+    let with_ca = ClientOptions {
+        ca_certs: vec![pki.ca.clone()],
+        ..hermetic(dir.path())
+    };
+    let pulled = pull(&store, &reference, with_ca).unwrap();
+    assert_eq!(pulled.id, local_httpd(&store));
+
+    // Docker's convention: a CA in certs.d/<host:port>/ means HTTPS with it.
+    let certs_d = dir.path().join("certs.d");
+    std::fs::create_dir_all(certs_d.join(registry.host())).unwrap();
+    std::fs::copy(&pki.ca, certs_d.join(registry.host()).join("ca.crt")).unwrap();
+    let docker_style = ClientOptions {
+        certs_dir: Some(certs_d),
+        ..ClientOptions::default()
+    };
+    assert_eq!(
+        pull(&store, &reference, docker_style).unwrap().id,
+        pulled.id
+    );
+
+    // The CLI: --ca-cert, $LITTLE_REGISTRY_CA, and the message without a CA.
+    let cli = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_little-image"));
+        cmd.arg("--store")
+            .arg(dir.path().join("store"))
+            .args(["--quiet", "import"])
+            .args(args)
+            .arg(&reference)
+            .env_remove("LITTLE_REGISTRY_CA")
+            .env_remove("LITTLE_REGISTRY_AUTH");
+        cmd
+    };
+    let ca = pki.ca.to_str().unwrap();
+    let mut by_env = cli(&[]);
+    by_env.env("LITTLE_REGISTRY_CA", ca);
+    for mut cmd in [cli(&["--ca-cert", ca]), by_env] {
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            pulled.id.to_string()
+        );
+    }
+    let out = cli(&["--tls"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("TLS connection for https://")
+            && stderr.contains("failed: invalid peer certificate: UnknownIssuer"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn images_pull_with_basic_auth_over_https() {
+    let images = test_images();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = ServerPki::new(dir.path());
+    let users = dir.path().join("htpasswd");
+    htpasswd(&users, "alice", "s3cret");
+    let auth = format!(
+        "  htpasswd:\n    realm: little-test\n    path: {}\n",
+        users.display()
+    );
+    let registry = Registry::start(dir.path(), Some(&pki), &auth);
+    let reference = registry.push(
+        &images.join("httpd.oci"),
+        "little/httpd:v1",
+        &[
+            "--dest-cert-dir",
+            pki.ca_dir().to_str().unwrap(),
+            "--dest-creds",
+            "alice:s3cret",
+        ],
+    );
+    let store = Store::new(dir.path().join("store"));
+    let with = |credentials: Option<&str>| ClientOptions {
+        ca_certs: vec![pki.ca.clone()],
+        credentials: credentials.map(str::to_owned),
+        ..hermetic(dir.path())
+    };
+
+    let err = pull(&store, &reference, with(None)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Registry(RegistryError::NoCredentials { .. })
+        ),
+        "{err:?}"
+    );
+    let err = pull(&store, &reference, with(Some("alice:wrong"))).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Registry(RegistryError::Refused { url }) if url.contains("/little/httpd/")),
+        "{err:?}"
+    );
+    assert!(chain(&err).contains("refused the credentials"), "{err}");
+    let pulled = pull(&store, &reference, with(Some("alice:s3cret"))).unwrap();
+    assert_eq!(pulled.id, local_httpd(&store));
+}
+
+#[test]
+fn images_pull_with_bearer_tokens_from_a_token_server() {
+    let images = test_images();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(dir.path(), "alice", "s3cret");
+    let registry = Registry::start(dir.path(), None, &tokens.auth_config());
+    let reference = registry.push(
+        &images.join("httpd.oci"),
+        "little/httpd:v1",
+        &["--dest-tls-verify=false", "--dest-creds", "alice:s3cret"],
+    );
+    let pushed = tokens.take_scopes();
+    assert!(
+        pushed
+            .iter()
+            .any(|s| s.contains("repository:little/httpd:") && s.contains("push")),
+        "skopeo pushed with a token: {pushed:?}"
+    );
+    let store = Store::new(dir.path().join("store"));
+    let with = |credentials: Option<&str>| ClientOptions {
+        credentials: credentials.map(str::to_owned),
+        ..hermetic(dir.path())
+    };
+
+    let pulled = pull(&store, &reference, with(Some("alice:s3cret")))
+        .unwrap_or_else(|e| panic!("{}\nregistry log:\n{}", chain(&e), registry.log()));
+    assert_eq!(pulled.id, local_httpd(&store));
+    // One token, asked for with the scope of the registry's challenge.
+    assert_eq!(tokens.take_scopes(), ["repository:little/httpd:pull"]);
+
+    let err = pull(&store, &reference, with(Some("alice:wrong"))).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Registry(RegistryError::Refused { url }) if url.starts_with(&tokens.realm())),
+        "{err:?}"
+    );
+    let err = pull(&store, &reference, with(None)).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Registry(RegistryError::NoCredentials { url }) if url.starts_with(&tokens.realm())),
+        "{err:?}"
+    );
 }
