@@ -103,7 +103,8 @@ struct Args {
     #[arg(long, value_name = "uds=PATH[,cid=N]")]
     vsock: Option<vmm::devices::virtio::vsock::VsockConfig>,
 
-    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `vmm=debug`);
+    /// Log filter: a level or `target=level` list, e.g. `info` or
+    /// `vmm=debug,warn`;
     /// `RUST_LOG` works too. Logs go to stderr.
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
@@ -114,13 +115,13 @@ fn init_logging(filter: Option<&str>) {
         .map(str::to_owned)
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "warn".to_owned());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let log = vmm::logging::StderrLog::new(&filter).unwrap_or_else(|e| {
+        eprintln!("vmm: {e}; logging warnings only");
+        vmm::logging::StderrLog::new("warn").expect("\"warn\" is a valid filter")
+    });
+    if let Err(e) = log.install() {
+        eprintln!("vmm: {e}");
+    }
 }
 
 fn main() -> ExitCode {

@@ -737,6 +737,12 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
             }))
             .map_err(Error::EventLoop)?;
     }
+    // The VM runs: give back what start-up (or restore) used and an idle
+    // VMM does not need.
+    match crate::footprint::release_startup_memory() {
+        Ok(bytes) => tracing::debug!("released {} KiB of start-up stack", bytes >> 10),
+        Err(e) => tracing::debug!("start-up memory not released: {e}"),
+    }
     event_loop.run().map_err(Error::EventLoop)?;
     if let Some(path) = &options.api_sock {
         let _ = std::fs::remove_file(path);
