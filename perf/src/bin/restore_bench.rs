@@ -56,6 +56,16 @@ struct Args {
     /// A static busybox for the guest (default: /bin/busybox).
     #[arg(long, default_value = "/bin/busybox")]
     busybox: PathBuf,
+    /// Restore this snapshot (made by an earlier run with `--dir`) instead
+    /// of booting and snapshotting a guest first.
+    #[arg(long)]
+    snapshot: Option<PathBuf>,
+    /// Internal: hold an empty KVM VM shaped like a restored guest (irqchip,
+    /// one vCPU, `--mem` MiB memslot) until killed; the memory table's
+    /// "empty VM" column runs N of these to show the host kernel's own
+    /// per-VM cost, which no VMM can avoid.
+    #[arg(long, hide = true)]
+    hold_empty_vm: bool,
 }
 
 const AGENT_CONF: &str = "arg=/bin/sh\narg=-c\narg=echo ready; while read line; do echo \"got: $line\"; done\nenv=PATH=/bin\n";
@@ -321,6 +331,25 @@ fn report(name: &str, samples: &[Duration]) {
     );
 }
 
+/// The summed memory of the children still running, and how many they are.
+fn sum_memory(children: &mut [Child], snap: &Path) -> (ProcessMemory, u64) {
+    let mut sum = ProcessMemory::default();
+    let mut alive = 0u64;
+    for c in children {
+        if !matches!(c.try_wait(), Ok(None)) {
+            continue;
+        }
+        if let Ok(m) = process_memory(c.id(), snap) {
+            sum.guest_pss += m.guest_pss;
+            sum.guest_private += m.guest_private;
+            sum.vmm_pss += m.vmm_pss;
+            sum.vmm_private += m.vmm_private;
+            alive += 1;
+        }
+    }
+    (sum, alive)
+}
+
 fn density(vmm: &Path, snap: &Path, n: usize) -> Result<(ProcessMemory, u64), String> {
     let before = mem_available().map_err(|e| e.to_string())?;
     let mut children = Vec::with_capacity(n);
@@ -336,23 +365,23 @@ fn density(vmm: &Path, snap: &Path, n: usize) -> Result<(ProcessMemory, u64), St
             .map_err(|e| e.to_string())?;
         children.push(c);
     }
-    // Let every guest settle into idle.
+    // Let every guest settle into idle: a restored guest writes a few
+    // pages while it resumes, and with many guests on few cores that takes
+    // a while. Wait until the guests' private memory stops growing.
     std::thread::sleep(Duration::from_secs(3));
-    let after = mem_available().map_err(|e| e.to_string())?;
-    let mut sum = ProcessMemory::default();
-    let mut alive = 0u64;
-    for c in &mut children {
-        if !matches!(c.try_wait(), Ok(None)) {
-            continue;
-        }
-        if let Ok(m) = process_memory(c.id(), snap) {
-            sum.guest_pss += m.guest_pss;
-            sum.guest_private += m.guest_private;
-            sum.vmm_pss += m.vmm_pss;
-            sum.vmm_private += m.vmm_private;
-            alive += 1;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut sample = sum_memory(&mut children, snap);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let next = sum_memory(&mut children, snap);
+        let settled = next.0.guest_private <= sample.0.guest_private + sample.0.guest_private / 200;
+        sample = next;
+        if settled || Instant::now() > deadline {
+            break;
         }
     }
+    let after = mem_available().map_err(|e| e.to_string())?;
+    let (sum, alive) = sum_memory(&mut children, snap);
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
@@ -372,8 +401,91 @@ fn density(vmm: &Path, snap: &Path, n: usize) -> Result<(ProcessMemory, u64), St
     ))
 }
 
+/// Creates a VM with an in-kernel irqchip, one vCPU (its `kvm_run` page
+/// mapped) and `mem_mib` of private anonymous memory, then sleeps.
+fn hold_empty_vm(mem_mib: u64) -> Result<(), String> {
+    use kvm_bindings::kvm_userspace_memory_region;
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    vm.set_tss_address(0xfffb_d000)
+        .map_err(|e| format!("KVM_SET_TSS_ADDR: {e}"))?;
+    vm.create_irq_chip()
+        .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
+    let len = usize::try_from(mem_mib << 20).map_err(|e| e.to_string())?;
+    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: mem_mib << 20,
+        userspace_addr: addr as u64,
+    };
+    // SAFETY: the region is the mapping made above, which stays mapped
+    // until the process exits (it is never unmapped).
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+    let _vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Starts `n` empty VMs (see [`hold_empty_vm`]) and returns the
+/// MemAvailable drop per VM.
+fn empty_vm_floor(mem_mib: u64, n: usize) -> Result<u64, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let before = mem_available().map_err(|e| e.to_string())?;
+    let mut children = Vec::with_capacity(n);
+    for _ in 0..n {
+        children.push(
+            Command::new(&me)
+                .args(["--hold-empty-vm", "--mem", &mem_mib.to_string()])
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let after = mem_available().map_err(|e| e.to_string())?;
+    let mut alive = 0;
+    for c in &mut children {
+        if matches!(c.try_wait(), Ok(None)) {
+            alive += 1;
+        }
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if alive != n {
+        return Err(format!("only {alive} of {n} empty VMs were running"));
+    }
+    Ok(before.saturating_sub(after) / n.max(1) as u64)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.hold_empty_vm {
+        if let Err(e) = hold_empty_vm(args.mem) {
+            eprintln!("restore-bench: {e}");
+        }
+        return ExitCode::FAILURE;
+    }
     let vmm = args
         .vmm
         .clone()
@@ -397,11 +509,17 @@ fn main() -> ExitCode {
     };
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let run = || -> Result<(), String> {
-        let (snap, snap_times) = make_snapshots(&args, &vmm, &dir)?;
-        report(
-            &format!("snapshot ({} MiB guest, sparse file)", args.mem),
-            &snap_times,
-        );
+        let snap = match &args.snapshot {
+            Some(snap) => snap.clone(),
+            None => {
+                let (snap, snap_times) = make_snapshots(&args, &vmm, &dir)?;
+                report(
+                    &format!("snapshot ({} MiB guest, sparse file)", args.mem),
+                    &snap_times,
+                );
+                snap
+            }
+        };
         let mut external = Vec::new();
         let mut internal = Vec::new();
         for _ in 0..args.restores {
@@ -443,21 +561,33 @@ fn main() -> ExitCode {
         }
         report("  ... with working-set prefetch", &prefetched);
         println!(
-            "{:<8} {:>14} {:>14} {:>14} {:>14} {:>16}",
-            "guests", "guest PSS", "guest private", "VMM PSS", "VMM private", "MemAvailable drop"
+            "{:<8} {:>14} {:>14} {:>14} {:>14} {:>18} {:>16}",
+            "guests",
+            "guest PSS",
+            "guest private",
+            "VMM PSS",
+            "VMM private",
+            "MemAvailable drop",
+            "empty KVM VM"
         );
         for &n in &args.density {
             let (m, drop) = density(&vmm, &snap, n)?;
+            let floor = empty_vm_floor(args.mem, n)?;
             println!(
-                "{n:<8} {:>14} {:>14} {:>14} {:>14} {:>16}",
+                "{n:<8} {:>14} {:>14} {:>14} {:>14} {:>18} {:>16}",
                 mib(m.guest_pss),
                 mib(m.guest_private),
                 mib(m.vmm_pss),
                 mib(m.vmm_private),
-                mib(drop)
+                mib(drop),
+                mib(floor)
             );
         }
-        println!("(memory columns are per guest)");
+        println!(
+            "(memory columns are per guest; \"empty KVM VM\" is the MemAvailable drop of a \
+             process holding only a VM, an irqchip, one vCPU and the memslot: the host \
+             kernel's own cost per VM)"
+        );
         Ok(())
     };
     match run() {
