@@ -1,6 +1,7 @@
 //! little.cloud benchmarks: shared helpers for the `boot-time` tool and the
 //! criterion benches.
 
+pub mod cgroup;
 pub mod memory;
 
 use std::path::PathBuf;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use image_tools::initramfs::Initramfs;
+use perf::cgroup::{Charge, MemoryCgroup};
 use perf::memory::{mem_available, process_memory, ProcessMemory};
 use perf::{default_kernel, percentile, target_dir};
 use vmm::host::HostKind;
@@ -350,11 +351,35 @@ fn sum_memory(children: &mut [Child], snap: &Path) -> (ProcessMemory, u64) {
     (sum, alive)
 }
 
-fn density(vmm: &Path, snap: &Path, n: usize) -> Result<(ProcessMemory, u64), String> {
+/// A memory cgroup for one measurement, if this host lets us make one.
+fn bench_cgroup(what: &str, n: usize) -> Option<MemoryCgroup> {
+    let name = format!("little-bench-{}-{what}-{n}", std::process::id());
+    match MemoryCgroup::create(&name) {
+        Ok(cg) => Some(cg),
+        Err(e) => {
+            eprintln!("restore-bench: no memory cgroup ({e}); cgroup columns left empty");
+            None
+        }
+    }
+}
+
+/// Per-guest memory of one density run.
+struct Density {
+    smaps: ProcessMemory,
+    mem_available_drop: u64,
+    charged: Option<Charge>,
+}
+
+fn density(vmm: &Path, snap: &Path, n: usize) -> Result<Density, String> {
+    let cgroup = bench_cgroup("guests", n);
     let before = mem_available().map_err(|e| e.to_string())?;
     let mut children = Vec::with_capacity(n);
     for _ in 0..n {
-        let c = Command::new(vmm)
+        let mut cmd = Command::new(vmm);
+        if let Some(cg) = &cgroup {
+            cg.join_on_spawn(&mut cmd);
+        }
+        let c = cmd
             .arg("--snapshot")
             .arg(snap)
             .args(["--console", "null"])
@@ -381,6 +406,7 @@ fn density(vmm: &Path, snap: &Path, n: usize) -> Result<(ProcessMemory, u64), St
         }
     }
     let after = mem_available().map_err(|e| e.to_string())?;
+    let charged = cgroup.as_ref().and_then(|cg| cg.charge().ok());
     let (sum, alive) = sum_memory(&mut children, snap);
     for mut c in children {
         let _ = c.kill();
@@ -390,15 +416,20 @@ fn density(vmm: &Path, snap: &Path, n: usize) -> Result<(ProcessMemory, u64), St
         return Err(format!("only {alive} of {n} guests were running"));
     }
     let per = |v: u64| v / alive.max(1);
-    Ok((
-        ProcessMemory {
+    Ok(Density {
+        smaps: ProcessMemory {
             guest_pss: per(sum.guest_pss),
             guest_private: per(sum.guest_private),
             vmm_pss: per(sum.vmm_pss),
             vmm_private: per(sum.vmm_private),
         },
-        before.saturating_sub(after) / alive.max(1),
-    ))
+        mem_available_drop: per(before.saturating_sub(after)),
+        charged: charged.map(|c| Charge {
+            total: per(c.total),
+            kernel: per(c.kernel),
+            file: per(c.file),
+        }),
+    })
 }
 
 /// Creates a VM with an in-kernel irqchip, one vCPU (its `kvm_run` page
@@ -447,14 +478,18 @@ fn hold_empty_vm(mem_mib: u64) -> Result<(), String> {
 
 /// Starts `n` empty VMs (see [`hold_empty_vm`]) and returns the
 /// MemAvailable drop per VM.
-fn empty_vm_floor(mem_mib: u64, n: usize) -> Result<u64, String> {
+fn empty_vm_floor(mem_mib: u64, n: usize) -> Result<(u64, Option<Charge>), String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let cgroup = bench_cgroup("empty-vms", n);
     let before = mem_available().map_err(|e| e.to_string())?;
     let mut children = Vec::with_capacity(n);
     for _ in 0..n {
+        let mut cmd = Command::new(&me);
+        if let Some(cg) = &cgroup {
+            cg.join_on_spawn(&mut cmd);
+        }
         children.push(
-            Command::new(&me)
-                .args(["--hold-empty-vm", "--mem", &mem_mib.to_string()])
+            cmd.args(["--hold-empty-vm", "--mem", &mem_mib.to_string()])
                 .stdin(Stdio::null())
                 .spawn()
                 .map_err(|e| e.to_string())?,
@@ -462,6 +497,7 @@ fn empty_vm_floor(mem_mib: u64, n: usize) -> Result<u64, String> {
     }
     std::thread::sleep(Duration::from_secs(3));
     let after = mem_available().map_err(|e| e.to_string())?;
+    let charged = cgroup.as_ref().and_then(|cg| cg.charge().ok());
     let mut alive = 0;
     for c in &mut children {
         if matches!(c.try_wait(), Ok(None)) {
@@ -475,7 +511,15 @@ fn empty_vm_floor(mem_mib: u64, n: usize) -> Result<u64, String> {
     if alive != n {
         return Err(format!("only {alive} of {n} empty VMs were running"));
     }
-    Ok(before.saturating_sub(after) / n.max(1) as u64)
+    let per = |v: u64| v / n.max(1) as u64;
+    Ok((
+        per(before.saturating_sub(after)),
+        charged.map(|c| Charge {
+            total: per(c.total),
+            kernel: per(c.kernel),
+            file: per(c.file),
+        }),
+    ))
 }
 
 fn main() -> ExitCode {
@@ -561,32 +605,41 @@ fn main() -> ExitCode {
         }
         report("  ... with working-set prefetch", &prefetched);
         println!(
-            "{:<8} {:>14} {:>14} {:>14} {:>14} {:>18} {:>16}",
+            "{:<7} {:>10} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>11} {:>11}",
             "guests",
             "guest PSS",
-            "guest private",
+            "guest priv",
             "VMM PSS",
-            "VMM private",
-            "MemAvailable drop",
-            "empty KVM VM"
+            "VMM priv",
+            "MemAvail -",
+            "charged",
+            "of it kern",
+            "empty VM",
+            "MemAvail -"
         );
+        let opt = |c: Option<u64>| c.map(mib).unwrap_or_else(|| "n/a".into());
         for &n in &args.density {
-            let (m, drop) = density(&vmm, &snap, n)?;
-            let floor = empty_vm_floor(args.mem, n)?;
+            let d = density(&vmm, &snap, n)?;
+            let (floor_drop, floor) = empty_vm_floor(args.mem, n)?;
             println!(
-                "{n:<8} {:>14} {:>14} {:>14} {:>14} {:>18} {:>16}",
-                mib(m.guest_pss),
-                mib(m.guest_private),
-                mib(m.vmm_pss),
-                mib(m.vmm_private),
-                mib(drop),
-                mib(floor)
+                "{n:<7} {:>10} {:>10} {:>10} {:>10} {:>11} {:>10} {:>10} {:>11} {:>11}",
+                mib(d.smaps.guest_pss),
+                mib(d.smaps.guest_private),
+                mib(d.smaps.vmm_pss),
+                mib(d.smaps.vmm_private),
+                mib(d.mem_available_drop),
+                opt(d.charged.map(|c| c.total)),
+                opt(d.charged.map(|c| c.kernel)),
+                opt(floor.map(|c| c.total)),
+                mib(floor_drop)
             );
         }
         println!(
-            "(memory columns are per guest; \"empty KVM VM\" is the MemAvailable drop of a \
-             process holding only a VM, an irqchip, one vCPU and the memslot: the host \
-             kernel's own cost per VM)"
+            "(per guest. smaps: guest = the snapshot mapping, VMM = the rest of the process; \
+             MemAvail - = MemAvailable drop; charged = memory-cgroup charge of the guests' \
+             processes less page cache, of which kernel memory (KVM, page tables, stacks, \
+             io_uring); empty VM = the same for a process holding only a VM, irqchip, one \
+             vCPU and the memslot: the host kernel's own per-VM cost)"
         );
         Ok(())
     };
