@@ -3,6 +3,12 @@
 //! basic and bearer-token authentication. Blobs stream to disk while they
 //! are hashed; nothing larger than a manifest is held in memory.
 //!
+//! Why not `oci-client`: it is async (tokio and reqwest), and the importer is
+//! a synchronous, single-purpose tool. A pull needs a handful of GETs: the
+//! manifest or index, the config, the layers. Doing those with `ureq` (and
+//! its rustls) keeps the CLI free of an async runtime and lets each blob be
+//! hashed and written to disk in one streaming pass.
+//!
 //! # Scheme
 //!
 //! [`ClientOptions::plain_http`] forces `http://` for any registry. Otherwise
