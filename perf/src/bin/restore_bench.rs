@@ -251,6 +251,8 @@ fn prespawned_once(vmm: &Path, snap: &Path, dir: &Path, i: usize) -> Result<Dura
     let elapsed = start.elapsed();
     let _ = child.kill();
     let _ = child.wait();
+    // A killed VMM leaves its control socket behind.
+    let _ = std::fs::remove_file(&sock);
     if !line.starts_with("ok running") {
         return Err(format!("standby restore failed: {line}"));
     }
