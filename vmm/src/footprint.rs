@@ -30,8 +30,8 @@ const STACK_MARGIN: usize = 16 << 10;
 const PAGE: usize = 4096;
 
 /// Returns the heap's free pages and the unused part of the calling
-/// thread's stack to the kernel. Call it from the main thread once the VM
-/// runs; returns the bytes of stack address space advised away.
+/// thread's stack to the kernel. Call it from the thread that built the VM,
+/// once the VM runs; returns the bytes of stack address space advised away.
 pub fn release_startup_memory() -> Result<usize, Error> {
     // SAFETY: malloc_trim only returns free heap memory to the kernel; it
     // touches no memory in use and is safe to call at any time.
@@ -44,7 +44,7 @@ pub fn release_startup_memory() -> Result<usize, Error> {
 fn release_unused_stack() -> Result<usize, Error> {
     let marker = 0u8;
     let here = std::hint::black_box(&marker) as *const u8 as usize;
-    let (start, _end) = mapping_containing(here)?.ok_or(Error::NoStack)?;
+    let start = mapping_start(here)?.ok_or(Error::NoStack)?;
     let top = here.saturating_sub(STACK_MARGIN) & !(PAGE - 1);
     if top <= start {
         return Ok(0);
@@ -62,14 +62,14 @@ fn release_unused_stack() -> Result<usize, Error> {
     Ok(len)
 }
 
-/// The `[start, end)` of the mapping in `/proc/self/maps` that holds `addr`.
-fn mapping_containing(addr: usize) -> Result<Option<(usize, usize)>, Error> {
+/// The start of the mapping in `/proc/self/maps` that holds `addr`.
+fn mapping_start(addr: usize) -> Result<Option<usize>, Error> {
     let maps = std::fs::File::open("/proc/self/maps").map_err(Error::Maps)?;
     for line in BufReader::new(maps).lines() {
         let line = line.map_err(Error::Maps)?;
-        if let Some(range) = parse_range(&line) {
-            if (range.0..range.1).contains(&addr) {
-                return Ok(Some(range));
+        if let Some((start, end)) = parse_range(&line) {
+            if (start..end).contains(&addr) {
+                return Ok(Some(start));
             }
         }
     }

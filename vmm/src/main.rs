@@ -103,9 +103,8 @@ struct Args {
     #[arg(long, value_name = "uds=PATH[,cid=N]")]
     vsock: Option<vmm::devices::virtio::vsock::VsockConfig>,
 
-    /// Log filter: a level or `target=level` list, e.g. `info` or
-    /// `vmm=debug,warn`;
-    /// `RUST_LOG` works too. Logs go to stderr.
+    /// Log filter: a level or a `target=level` list, e.g. `info` or
+    /// `vmm=debug,warn`; `RUST_LOG` works too. Logs go to stderr.
     #[arg(long, value_name = "FILTER")]
     log: Option<String>,
 }
