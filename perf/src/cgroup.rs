@@ -30,8 +30,16 @@ pub struct Charge {
     pub total: u64,
     /// Of which kernel memory (slab, stacks, page tables, vmalloc, ...).
     pub kernel: u64,
-    /// Page cache charged (not in `total`).
-    pub file: u64,
+}
+
+impl Charge {
+    /// The charge per process of `n`.
+    pub fn per(self, n: u64) -> Self {
+        Self {
+            total: self.total / n.max(1),
+            kernel: self.kernel / n.max(1),
+        }
+    }
 }
 
 /// A child memory cgroup, removed on drop.
@@ -92,7 +100,6 @@ impl MemoryCgroup {
             Ok(Charge {
                 total: current.saturating_sub(file),
                 kernel: key("kernel"),
-                file,
             })
         } else {
             let usage: u64 = self.read_number("memory.usage_in_bytes")?;
@@ -100,7 +107,6 @@ impl MemoryCgroup {
             Ok(Charge {
                 total: usage.saturating_sub(file),
                 kernel: self.read_number("memory.kmem.usage_in_bytes")?,
-                file,
             })
         }
     }

@@ -353,14 +353,70 @@ fn sum_memory(children: &mut [Child], snap: &Path) -> (ProcessMemory, u64) {
     (sum, alive)
 }
 
-/// A memory cgroup for one measurement, if this host lets us make one.
-fn bench_cgroup(what: &str, n: usize) -> Option<MemoryCgroup> {
-    let name = format!("little-bench-{}-{what}-{n}", std::process::id());
-    match MemoryCgroup::create(&name) {
-        Ok(cg) => Some(cg),
-        Err(e) => {
-            eprintln!("restore-bench: no memory cgroup ({e}); cgroup columns left empty");
-            None
+/// `n` processes in one memory cgroup (when this host lets us make one),
+/// with MemAvailable from before they started; killed when dropped.
+struct Group {
+    children: Vec<Child>,
+    cgroup: Option<MemoryCgroup>,
+    mem_available_before: u64,
+}
+
+impl Group {
+    /// Spawns `n` processes made by `command`, labelled `what`.
+    fn spawn(what: &str, n: usize, command: impl Fn() -> Command) -> Result<Self, String> {
+        let name = format!("little-bench-{}-{what}-{n}", std::process::id());
+        let cgroup = match MemoryCgroup::create(&name) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                eprintln!("restore-bench: no memory cgroup ({e}); cgroup columns left empty");
+                None
+            }
+        };
+        let mut group = Self {
+            children: Vec::with_capacity(n),
+            cgroup,
+            mem_available_before: mem_available().map_err(|e| e.to_string())?,
+        };
+        for _ in 0..n {
+            let mut cmd = command();
+            if let Some(cg) = &group.cgroup {
+                cg.join_on_spawn(&mut cmd);
+            }
+            let child = cmd.spawn().map_err(|e| e.to_string())?;
+            group.children.push(child);
+        }
+        Ok(group)
+    }
+
+    /// The MemAvailable drop and the cgroup charge, per process, now;
+    /// an error unless every process is still running.
+    fn measure(&mut self) -> Result<(u64, Option<Charge>), String> {
+        let after = mem_available().map_err(|e| e.to_string())?;
+        let charged = self.cgroup.as_ref().and_then(|cg| cg.charge().ok());
+        let n = self.children.len();
+        let alive = self
+            .children
+            .iter_mut()
+            .filter_map(|c| c.try_wait().ok())
+            .filter(Option::is_none)
+            .count();
+        if alive != n {
+            return Err(format!("only {alive} of {n} were running"));
+        }
+        let n = n as u64;
+        Ok((
+            self.mem_available_before.saturating_sub(after) / n.max(1),
+            charged.map(|c| c.per(n)),
+        ))
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // The processes go before their cgroup (a field, dropped after this).
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -373,50 +429,33 @@ struct Density {
 }
 
 fn density(vmm: &Path, snap: &Path, n: usize) -> Result<Density, String> {
-    let cgroup = bench_cgroup("guests", n);
-    let before = mem_available().map_err(|e| e.to_string())?;
-    let mut children = Vec::with_capacity(n);
-    for _ in 0..n {
+    let mut group = Group::spawn("guests", n, || {
         let mut cmd = Command::new(vmm);
-        if let Some(cg) = &cgroup {
-            cg.join_on_spawn(&mut cmd);
-        }
-        let c = cmd
-            .arg("--snapshot")
+        cmd.arg("--snapshot")
             .arg(snap)
             .args(["--console", "null"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        children.push(c);
-    }
+            .stderr(Stdio::null());
+        cmd
+    })?;
     // Let every guest settle into idle: a restored guest writes a few
     // pages while it resumes, and with many guests on few cores that takes
     // a while. Wait until the guests' private memory stops growing.
     std::thread::sleep(Duration::from_secs(3));
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut sample = sum_memory(&mut children, snap);
+    let mut sample = sum_memory(&mut group.children, snap);
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let next = sum_memory(&mut children, snap);
+        let next = sum_memory(&mut group.children, snap);
         let settled = next.0.guest_private <= sample.0.guest_private + sample.0.guest_private / 200;
         sample = next;
         if settled || Instant::now() > deadline {
             break;
         }
     }
-    let after = mem_available().map_err(|e| e.to_string())?;
-    let charged = cgroup.as_ref().and_then(|cg| cg.charge().ok());
-    let (sum, alive) = sum_memory(&mut children, snap);
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    if alive != n as u64 {
-        return Err(format!("only {alive} of {n} guests were running"));
-    }
+    let (mem_available_drop, charged) = group.measure().map_err(|e| format!("guests: {e}"))?;
+    let (sum, alive) = sum_memory(&mut group.children, snap);
     let per = |v: u64| v / alive.max(1);
     Ok(Density {
         smaps: ProcessMemory {
@@ -425,12 +464,8 @@ fn density(vmm: &Path, snap: &Path, n: usize) -> Result<Density, String> {
             vmm_pss: per(sum.vmm_pss),
             vmm_private: per(sum.vmm_private),
         },
-        mem_available_drop: per(before.saturating_sub(after)),
-        charged: charged.map(|c| Charge {
-            total: per(c.total),
-            kernel: per(c.kernel),
-            file: per(c.file),
-        }),
+        mem_available_drop,
+        charged,
     })
 }
 
@@ -503,50 +538,19 @@ fn hold_empty_vm(mem_mib: u64) -> Result<(), String> {
     }
 }
 
-/// Starts `n` empty VMs (see [`hold_empty_vm`]) and returns the
-/// MemAvailable drop per VM.
+/// Starts `n` empty VMs (see [`hold_empty_vm`]) and returns their
+/// MemAvailable drop and cgroup charge per VM.
 fn empty_vm_floor(mem_mib: u64, n: usize) -> Result<(u64, Option<Charge>), String> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let cgroup = bench_cgroup("empty-vms", n);
-    let before = mem_available().map_err(|e| e.to_string())?;
-    let mut children = Vec::with_capacity(n);
-    for _ in 0..n {
+    let mut group = Group::spawn("empty-vms", n, || {
         let mut cmd = Command::new(&me);
-        if let Some(cg) = &cgroup {
-            cg.join_on_spawn(&mut cmd);
-        }
-        children.push(
-            cmd.args(["--hold-empty-vm", "--mem", &mem_mib.to_string()])
-                .stdin(Stdio::null())
-                .spawn()
-                .map_err(|e| e.to_string())?,
-        );
-    }
+        // stderr stays: a VM that cannot be made says why.
+        cmd.args(["--hold-empty-vm", "--mem", &mem_mib.to_string()])
+            .stdin(Stdio::null());
+        cmd
+    })?;
     std::thread::sleep(Duration::from_secs(3));
-    let after = mem_available().map_err(|e| e.to_string())?;
-    let charged = cgroup.as_ref().and_then(|cg| cg.charge().ok());
-    let mut alive = 0;
-    for c in &mut children {
-        if matches!(c.try_wait(), Ok(None)) {
-            alive += 1;
-        }
-    }
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    if alive != n {
-        return Err(format!("only {alive} of {n} empty VMs were running"));
-    }
-    let per = |v: u64| v / n.max(1) as u64;
-    Ok((
-        per(before.saturating_sub(after)),
-        charged.map(|c| Charge {
-            total: per(c.total),
-            kernel: per(c.kernel),
-            file: per(c.file),
-        }),
-    ))
+    group.measure().map_err(|e| format!("empty VMs: {e}"))
 }
 
 fn main() -> ExitCode {
