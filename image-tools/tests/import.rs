@@ -21,7 +21,7 @@ use image_tools::registry::{ClientOptions, RegistryError};
 use image_tools::store::{ImportOptions, Source, Store, StoreError, StoredImage};
 use image_tools::test_utils::{write_layout, Compress, LayerBuilder};
 use image_tools::tree::{Kind, Tree};
-use local_registry::{htpasswd, Registry, ServerPki, TokenServer};
+use local_registry::{htpasswd, run_tool, Registry, ServerPki, TokenServer};
 
 mod local_registry;
 
@@ -32,16 +32,14 @@ fn quiet() -> ImportOptions {
     }
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {out:?}");
-}
-
 /// Extracts a base image with fsck.erofs, which checks it on the way.
 fn extract(image: &Path, to: &Path) {
-    run(Command::new("fsck.erofs")
-        .arg(format!("--extract={}", to.display()))
-        .arg(image));
+    run_tool(
+        Command::new("fsck.erofs")
+            .arg(format!("--extract={}", to.display()))
+            .arg(image),
+        "erofs-utils",
+    );
 }
 
 fn is_root() -> bool {
@@ -374,12 +372,15 @@ fn real_images_match_umoci_unpack_from_every_input_format() {
             assert_eq!(from_layout.id, from_docker.id, "one image, one base image");
             // An OCI archive: a tar of the layout.
             let oci_tar = dir.path().join(format!("{name}.oci.tar"));
-            run(Command::new("tar")
-                .arg("-C")
-                .arg(images.join(format!("{name}.oci")))
-                .arg("-cf")
-                .arg(&oci_tar)
-                .arg("."));
+            run_tool(
+                Command::new("tar")
+                    .arg("-C")
+                    .arg(images.join(format!("{name}.oci")))
+                    .arg("-cf")
+                    .arg(&oci_tar)
+                    .arg("."),
+                "tar",
+            );
             let from_oci_tar = store
                 .import(&Source::Archive(oci_tar), "oci-archive", &quiet())
                 .unwrap();
@@ -394,13 +395,16 @@ fn real_images_match_umoci_unpack_from_every_input_format() {
         if !is_root() {
             umoci.arg("--rootless");
         }
-        run(umoci
-            .arg("--image")
-            .arg(format!(
-                "{}:latest",
-                images.join(format!("{name}.oci")).display()
-            ))
-            .arg(&bundle));
+        run_tool(
+            umoci
+                .arg("--image")
+                .arg(format!(
+                    "{}:latest",
+                    images.join(format!("{name}.oci")).display()
+                ))
+                .arg(&bundle),
+            "umoci",
+        );
         let (ours, theirs) = (listing(&tree), listing(&bundle.join("rootfs")));
         let differ: Vec<_> = theirs
             .iter()
