@@ -61,11 +61,11 @@ pub fn restore(config: RestoreConfig) -> Result<BuiltVm, BuildError> {
     if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS {
         return Err(Error::Invalid(name, "vCPU count").into());
     }
-    if state.host != HostKind::detect().name() {
+    let host = HostKind::detect().name();
+    if state.host != host {
         tracing::warn!(
-            "snapshot taken on a {} host, restoring on a {} host",
-            state.host,
-            HostKind::detect().name()
+            "snapshot taken on a {} host, restoring on a {host} host",
+            state.host
         );
     }
     let (mem, base) = match &state.base {
