@@ -22,8 +22,12 @@ use crate::metrics::AppMetrics;
 
 /// How often the monitor polls instances.
 pub const TICK: Duration = Duration::from_millis(20);
-/// How long a connection waits for an instance before it is dropped.
-const WAIT_LIMIT: Duration = Duration::from_secs(30);
+/// How long an accepted connection may queue for a free slot before it is
+/// dropped: the request timeout that Cloud Run and Knative default to. A
+/// queued connection waits for earlier requests to finish, and on a slow
+/// host those can take tens of seconds; dropping it sooner would lose a
+/// request that was only slow.
+const QUEUE_LIMIT: Duration = Duration::from_secs(300);
 
 #[derive(Default)]
 struct State {
@@ -113,7 +117,7 @@ impl App {
         let port = self.record.spec.port;
         let max = usize::try_from(self.record.spec.max).unwrap_or(usize::MAX);
         let mut woke = false;
-        while accepted.elapsed() < WAIT_LIMIT && !self.stopped.load(Ordering::Acquire) {
+        while accepted.elapsed() < QUEUE_LIMIT && !self.stopped.load(Ordering::Acquire) {
             let mut st = lock(&self.state);
             let mut chosen = self.pick(&st);
             if chosen.is_none() {

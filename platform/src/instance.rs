@@ -23,10 +23,14 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::daemon::Settings;
 use crate::db::AppRecord;
 
-/// How long a standby VMM may take to open its control socket.
-const STANDBY_START: Duration = Duration::from_secs(5);
-/// How long a control command may take (a restore maps the snapshot).
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a standby VMM may take to open its control socket. Starting
+/// a process takes milliseconds; this only catches one that hangs, on a
+/// host whose cores are busy with guests.
+const STANDBY_START: Duration = Duration::from_secs(30);
+/// How long a control command may take (a restore maps the snapshot). A
+/// VMM that misses it is taken for dead and its connections are lost, so
+/// it is far above what a loaded host needs (milliseconds).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of an instance.
 #[derive(Debug, thiserror::Error)]
@@ -219,16 +223,18 @@ impl Standby {
 }
 
 /// Answers the restored agent's `HELLO` with `RESTORED`, then watches for
-/// `EXIT` (the entrypoint ended: the instance is finished).
+/// `EXIT` (the entrypoint ended: the instance is finished). The agent
+/// reconnects whenever its guest gets to it, which on a busy host may take
+/// a while: the wait ends when it does or when the instance is stopped.
 fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>) {
     let _ = listener.set_nonblocking(true);
-    let start = Instant::now();
     let stream = loop {
         match listener.accept() {
             Ok((s, _)) => break s,
-            Err(_)
-                if start.elapsed() < Duration::from_secs(30) && !exited.load(Ordering::Acquire) =>
-            {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if exited.load(Ordering::Acquire) {
+                    return;
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(_) => return,

@@ -14,6 +14,30 @@ use std::time::{Duration, Instant};
 
 use image_tools::initramfs::Initramfs;
 
+pub mod client;
+
+pub use client::{http_get, wait_for_http, RequestError};
+
+/// How long an end-to-end wait may last before the test calls it a hang.
+///
+/// Every wait in these tests returns as soon as its event happens (a line
+/// on the console, the agent's READY, a socket answering, the daemon's
+/// state changing); these ceilings never pace a test, they only turn a
+/// hang into a failure that says what it waited for. They are set far
+/// above the slowest host seen (a nested, emulated KVM host with one of
+/// its two cores kept busy), so no test depends on how fast this host is.
+pub mod ceiling {
+    use std::time::Duration;
+
+    /// A real kernel boot up to its app serving (or its agent's READY).
+    pub const BOOT: Duration = Duration::from_secs(600);
+    /// One step of a running guest: a request answered, a line printed.
+    pub const GUEST: Duration = Duration::from_secs(300);
+    /// Host-side work: a control command answered, a process exiting, the
+    /// daemon's state changing.
+    pub const HOST: Duration = Duration::from_secs(60);
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -203,19 +227,41 @@ impl VmmProcess {
             .clone()
     }
 
-    /// Waits until stdout contains `needle`; false on timeout or exit.
-    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+    /// Waits until stdout contains `needle`: how long that took, or why it
+    /// never came (the process exited, or `ceiling` passed), with the
+    /// console and stderr so far.
+    pub fn wait_for(&mut self, needle: &str, ceiling: Duration) -> Result<Duration, String> {
         let start = Instant::now();
-        while start.elapsed() < timeout {
+        loop {
             if self.stdout().contains(needle) {
-                return true;
+                return Ok(start.elapsed());
             }
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return self.stdout().contains(needle);
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // The readers may still hold the last output.
+                std::thread::sleep(Duration::from_millis(100));
+                if self.stdout().contains(needle) {
+                    return Ok(start.elapsed());
+                }
+                return Err(format!(
+                    "vmm exited ({status}) after {:.1?} without printing {needle:?}\n{}",
+                    start.elapsed(),
+                    self.output()
+                ));
+            }
+            if start.elapsed() > ceiling {
+                return Err(format!(
+                    "timed out after {:.1?} waiting for {needle:?}\n{}",
+                    start.elapsed(),
+                    self.output()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        false
+    }
+
+    /// The console and stderr so far, labelled, for failure messages.
+    pub fn output(&self) -> String {
+        format!("console:\n{}\nstderr:\n{}", self.stdout(), self.stderr())
     }
 
     /// Writes to the guest's console input (needs `--console-input`).
@@ -254,13 +300,15 @@ pub fn api(sock: &Path, command: &str) -> String {
     use std::io::{BufRead, BufReader, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("control socket");
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(ceiling::HOST))
         .expect("timeout");
     stream
         .write_all(format!("{command}\n").as_bytes())
         .expect("send command");
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).expect("reply");
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("no reply to {command:?} within {:?}: {e}", ceiling::HOST));
     line.trim().to_owned()
 }
 
@@ -270,19 +318,6 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
         .port()
-}
-
-/// One HTTP/1.0 GET to `127.0.0.1:port`; the whole reply, or `None` if
-/// nothing that looks like HTTP came back (nobody serving yet).
-pub fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1").then_some(out)
 }
 
 /// Waits up to `timeout` for a connection on `listener` (a host-side vsock

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use little_tests::{agent_initramfs, busybox, kernel, release_bin, run_vmm, VmmRun};
 
-const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+const BOOT_DEADLINE: Duration = little_tests::ceiling::BOOT;
 const MARKER: &str = "root-disk-marker-5f3c";
 
 /// Builtins, plus three forks: mount, umount and nothing else (~0.5 s each

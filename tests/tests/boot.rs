@@ -22,7 +22,7 @@ gid=1000
 hostname=e2e-guest
 "#;
 
-const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+const BOOT_DEADLINE: Duration = little_tests::ceiling::BOOT;
 
 fn boot(vcpus: u8) -> VmmRun {
     let dir = tempfile::tempdir().expect("tempdir");

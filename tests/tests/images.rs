@@ -6,17 +6,13 @@
 //! busybox httpd answers HTTP 200 as user `web`, redis-server (glibc, as
 //! user `redis`) answers PING.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use image_tools::runconfig::agent_initramfs;
 use image_tools::store::{ImportOptions, Source, Store};
-use little_tests::{kernel, release_bin, target_dir, VmmProcess};
-
-/// Boot plus entrypoint start on a nested, emulated host.
-const DEADLINE: Duration = Duration::from_secs(180);
+use little_tests::client::{wait_until_serving, Until};
+use little_tests::{ceiling, kernel, release_bin, target_dir, VmmProcess};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -75,31 +71,17 @@ fn boot(name: &str, guest_port: u16) -> (VmmProcess, u16, tempfile::TempDir) {
     (vmm, host_port, dir)
 }
 
-/// Sends `request` until the reply contains `expect`; returns the reply.
+/// Sends `request` until the guest serves, then reads until the reply
+/// contains `expect`; returns the reply.
 fn poll(port: u16, request: &[u8], expect: &str, vmm: &VmmProcess) -> String {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < DEADLINE {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-            if s.write_all(request).is_ok() {
-                // Both servers answer and close (HTTP/1.0) or answer one
-                // short line (RESP): read until close or a pause.
-                let mut buf = Vec::new();
-                let _ = (&mut s).take(64 << 10).read_to_end(&mut buf);
-                last = String::from_utf8_lossy(&buf).into_owned();
-                if last.contains(expect) {
-                    return last;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!(
-        "no {expect:?} from the guest in {DEADLINE:?} (last reply {last:?})\nconsole:\n{}\nstderr:\n{}",
-        vmm.stdout(),
-        vmm.stderr()
+    let reply = wait_until_serving(
+        port,
+        request,
+        Until::Contains(expect.as_bytes()),
+        ceiling::BOOT,
+        || vmm.output(),
     );
+    String::from_utf8_lossy(&reply).into_owned()
 }
 
 #[test]

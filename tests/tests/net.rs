@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use little_tests::{agent_initramfs, kernel, VmmProcess};
+use little_tests::{agent_initramfs, ceiling, free_port, http_get, kernel, VmmProcess};
 
 /// How long the guest gets to boot and start serving.
-const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+const BOOT_DEADLINE: Duration = little_tests::ceiling::BOOT;
 /// Number of tests in this file: the last one to finish stops the guest.
 const TESTS: usize = 4;
 const HOST_BODY: &str = "from-the-host-loopback";
@@ -44,13 +44,6 @@ impl Drop for Finished {
 }
 
 static GUEST: OnceLock<Guest> = OnceLock::new();
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
 
 /// A one-line HTTP/1.0 responder on the host's loopback, recording request lines.
 fn host_server(requests: Arc<Mutex<Vec<String>>>) -> u16 {
@@ -127,27 +120,9 @@ fn console(g: &Guest) -> String {
         .unwrap_or_default()
 }
 
-/// One HTTP GET through the published port; `None` until the guest serves.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1").then_some(out)
-}
-
 /// Retries until the guest's httpd answers through the published port.
 fn wait_for_http(g: &Guest) -> String {
-    let start = Instant::now();
-    while start.elapsed() < BOOT_DEADLINE {
-        if let Some(reply) = http_get(g.http_port, "/index.html") {
-            return reply;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    panic!("no HTTP answer through the published port: {}", console(g));
+    little_tests::wait_for_http(g.http_port, "/index.html", BOOT_DEADLINE, || console(g))
 }
 
 #[test]
@@ -158,7 +133,8 @@ fn published_port_reaches_the_guest_http_server() {
     assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
     assert!(reply.contains(GUEST_BODY), "{reply}");
     // A second connection works too, after the first one closed.
-    let again = http_get(g.http_port, "/index.html").expect("second request");
+    let again = http_get(g.http_port, "/index.html")
+        .unwrap_or_else(|e| panic!("second request: {e}\n{}", console(g)));
     assert!(again.contains(GUEST_BODY), "{again}");
 }
 
@@ -181,7 +157,7 @@ fn guest_reaches_the_host_loopback_through_the_gateway() {
         console(g)
     );
     let start = Instant::now();
-    while !console(g).contains(HOST_BODY) && start.elapsed() < Duration::from_secs(30) {
+    while !console(g).contains(HOST_BODY) && start.elapsed() < ceiling::GUEST {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(console(g).contains(HOST_BODY), "{}", console(g));
@@ -193,8 +169,7 @@ fn connection_to_a_closed_guest_port_is_reset() {
     let g = guest();
     wait_for_http(g);
     let mut s = TcpStream::connect(("127.0.0.1", g.closed_port)).expect("the VMM listens");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    s.set_read_timeout(Some(ceiling::GUEST)).expect("timeout");
     let mut buf = [0u8; 16];
     match s.read(&mut buf) {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),

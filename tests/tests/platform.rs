@@ -11,18 +11,61 @@ mod platform_util;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use little_tests::{free_port, http_get};
+use little_tests::{ceiling, free_port, http_get};
 use platform_util::{test_image, wait_until, Daemon};
 
-const IDLE: Duration = Duration::from_secs(10);
+/// Concurrent clients in the burst: ten per instance at concurrency 10.
+const CLIENTS: usize = 50;
 
 fn get_200(port: u16) -> String {
-    let reply = http_get(port, "/index.html").expect("an HTTP reply");
+    let reply = http_get(port, "/index.html").unwrap_or_else(|e| panic!("GET /index.html: {e}"));
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("little-test-httpd"), "{reply}");
     reply
+}
+
+/// `CLIENTS` GETs at once; every failure with its reason, and the most
+/// instances the daemon ran at one time while they were served.
+fn burst(daemon: &Daemon, port: u16) -> (Vec<String>, usize) {
+    let done = Arc::new(AtomicBool::new(false));
+    let sock = daemon.home.join("little.sock");
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(Ordering::Acquire) {
+                if let Ok(apps) = platform::api::ps(&sock) {
+                    let running = apps.iter().map(|a| a.instances.len()).sum();
+                    peak = peak.max(running);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let start = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| std::thread::spawn(move || http_get(port, "/index.html")))
+        .collect();
+    let mut failures = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        match c.join().expect("client thread") {
+            Ok(reply) if reply.starts_with("HTTP/1.1 200") => {}
+            Ok(reply) => failures.push(format!("client {i}: not a 200: {reply:?}")),
+            Err(e) => failures.push(format!("client {i}: {e}")),
+        }
+    }
+    done.store(true, Ordering::Release);
+    let peak = sampler.join().expect("sampler thread");
+    eprintln!(
+        "{CLIENTS} clients served in {:.1?} by at most {peak} instances",
+        start.elapsed()
+    );
+    (failures, peak)
 }
 
 #[test]
@@ -64,30 +107,32 @@ fn httpd_wakes_from_zero_scales_out_and_back_to_zero() {
 
     // From zero: one request restores an instance and gets its answer.
     get_200(port);
-    assert_eq!(daemon.app("web").instances.len(), 1);
+    let restores = || daemon.metric("little_restores_total{app=\"web\"}");
+    assert_eq!(restores(), 1, "one request restores one instance");
 
-    // 50 concurrent clients, 10 connections per instance: scale out.
-    let clients: Vec<_> = (0..50)
-        .map(|_| std::thread::spawn(move || http_get(port, "/index.html")))
-        .collect();
-    let mut ok = 0;
-    for c in clients {
-        let reply = c.join().expect("client thread").unwrap_or_default();
-        assert!(reply.starts_with("HTTP/1.1 200"), "a client got {reply:?}");
-        ok += 1;
-    }
-    assert_eq!(ok, 50);
-    let running = daemon.app("web").instances.len();
+    // 50 concurrent clients, 10 connections per instance: scale out, and
+    // lose or reset none of them however slowly the guests answer.
+    let before = restores();
+    let (failures, peak) = burst(&daemon, port);
     assert!(
-        running >= 2,
-        "50 clients at concurrency 10 ran on {running} instance(s)"
+        failures.is_empty(),
+        "{} of {CLIENTS} clients got no reply:\n{}",
+        failures.len(),
+        failures.join("\n")
     );
+    assert!(
+        peak >= 2,
+        "{CLIENTS} clients at concurrency 10 ran on at most {peak} instance(s)"
+    );
+    assert!(restores() > before, "the burst restored instances");
+    assert_eq!(daemon.metric("little_failed_total{app=\"web\"}"), 0);
 
     // Idle for 1 s: every instance is stopped, and its VMM with it; what
     // is left is the standby pool (VMMs with no guest).
-    wait_until("scale to zero", IDLE, || {
+    let idle = wait_until("scale to zero", ceiling::HOST, || {
         daemon.app("web").instances.is_empty()
     });
+    eprintln!("scaled to zero {idle:.1?} after the last reply (idle timeout 1 s)");
     let app = daemon.app("web");
     let vmms = daemon.vmm_processes();
     assert_eq!(
@@ -106,21 +151,34 @@ fn httpd_wakes_from_zero_scales_out_and_back_to_zero() {
     );
 
     // The next request wakes one again.
+    let before = restores();
     get_200(port);
-    let app = daemon.app("web");
-    assert_eq!(app.instances.len(), 1);
+    assert_eq!(
+        restores(),
+        before + 1,
+        "the next request wakes one instance"
+    );
 
     // SIGKILL the instance in the middle of a request: the daemon lives on
     // and the next request is served by a new instance.
-    let victim = app.instances[0].pid;
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
+        .set_read_timeout(Some(ceiling::GUEST))
         .expect("timeout");
     stream
         .write_all(b"GET /index.html HTTP/1.0\r\n")
         .expect("half a request");
-    std::thread::sleep(Duration::from_millis(100));
+    let mut victim = 0;
+    wait_until(
+        "the half request to reach an instance",
+        ceiling::HOST,
+        || {
+            let app = daemon.app("web");
+            let busy = app.instances.iter().find(|i| i.connections > 0);
+            victim = busy.map_or(0, |i| i.pid);
+            victim != 0
+        },
+    );
     let killed = std::process::Command::new("kill")
         .args(["-9", &victim.to_string()])
         .status()
@@ -151,7 +209,7 @@ fn httpd_wakes_from_zero_scales_out_and_back_to_zero() {
     let out = daemon.little(&["rm", "web"]);
     assert!(out.status.success());
     assert!(daemon.ps().is_empty());
-    wait_until("no vmm left after rm", IDLE, || {
+    wait_until("no vmm left after rm", ceiling::HOST, || {
         daemon.vmm_processes().is_empty()
     });
 }

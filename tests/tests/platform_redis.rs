@@ -8,27 +8,21 @@
 #[allow(dead_code)]
 mod platform_util;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use little_tests::free_port;
+use little_tests::client::{exchange, Until};
+use little_tests::{ceiling, free_port};
 use platform_util::{test_image, wait_until, Daemon};
 
 /// One RESP `PING` (an array of one bulk string); the reply line.
 fn ping(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("timeout");
-    s.write_all(b"*1\r\n$4\r\nPING\r\n").expect("send PING");
-    let mut reply = Vec::new();
-    let mut chunk = [0u8; 64];
-    while !reply.ends_with(b"\r\n") {
-        match s.read(&mut chunk) {
-            Ok(n) if n > 0 => reply.extend_from_slice(&chunk[..n]),
-            _ => break,
-        }
-    }
+    let reply = exchange(
+        port,
+        b"*1\r\n$4\r\nPING\r\n",
+        Until::Contains(b"\r\n"),
+        ceiling::GUEST,
+    )
+    .unwrap_or_else(|e| panic!("PING: {e}"));
     String::from_utf8_lossy(&reply).into_owned()
 }
 
@@ -63,7 +57,7 @@ fn redis_answers_ping_from_zero_and_scales_to_zero_vmms() {
     );
     let app = daemon.app("kv");
     assert_eq!((app.instances.len(), app.standby), (0, 0));
-    wait_until("no vmm after deploy", Duration::from_secs(5), || {
+    wait_until("no vmm after deploy", ceiling::HOST, || {
         daemon.vmm_processes().is_empty()
     });
 
@@ -75,10 +69,10 @@ fn redis_answers_ping_from_zero_and_scales_to_zero_vmms() {
     assert_eq!(daemon.app("kv").instances.len(), 1);
 
     // Idle for 1 s: the instance is stopped and no vmm process is left.
-    wait_until("scale to zero", Duration::from_secs(10), || {
+    wait_until("scale to zero", ceiling::HOST, || {
         daemon.app("kv").instances.is_empty()
     });
-    wait_until("no vmm process left", Duration::from_secs(3), || {
+    wait_until("no vmm process left", ceiling::HOST, || {
         daemon.vmm_processes().is_empty()
     });
     assert_eq!(daemon.app("kv").standby, 0);

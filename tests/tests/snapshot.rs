@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use little_tests::{agent_initramfs, api, kernel, run_vmm, VmmProcess};
+use little_tests::{agent_initramfs, api, ceiling, kernel, run_vmm, VmmProcess};
 
 /// Reads console lines; remembers each in /tmp (guest memory, tmpfs) and
 /// prints how many it has seen, so a clone that saw another clone's line
@@ -42,15 +42,13 @@ fn snapshot() -> &'static Snapshot {
             "--api-sock",
             sock.to_str().expect("utf-8"),
         ]);
-        assert!(
-            vmm.wait_for("ready", Duration::from_secs(120)),
-            "guest never got ready: {} {}",
-            vmm.stdout(),
-            vmm.stderr()
-        );
+        let booted = vmm
+            .wait_for("ready", ceiling::BOOT)
+            .unwrap_or_else(|e| panic!("the guest never got ready: {e}"));
+        eprintln!("host speed: the guest booted to its entrypoint in {booted:.1?}");
         let reply = api(&sock, &format!("snapshot {}", path.display()));
         assert_eq!(api(&sock, "quit"), "ok");
-        let status = vmm.wait(Duration::from_secs(10)).expect("vmm quits");
+        let status = vmm.wait(ceiling::HOST).expect("vmm quits");
         assert!(status.success(), "quit exits 0: {}", vmm.stderr());
         Snapshot {
             _dir: dir,
@@ -87,23 +85,18 @@ fn three_clones_run_at_once_and_do_not_share_writes() {
     }
     for (i, clone) in clones.iter_mut().enumerate() {
         let want = format!("got: first-{i} seen=1");
-        assert!(
-            clone.wait_for(&want, Duration::from_secs(60)),
-            "clone {i}: {} / {}",
-            clone.stdout(),
-            clone.stderr()
-        );
+        if let Err(e) = clone.wait_for(&want, ceiling::GUEST) {
+            panic!("clone {i}: {e}");
+        }
     }
     for (i, clone) in clones.iter_mut().enumerate() {
         clone.send(&format!("second-{i}\n"));
     }
     for (i, clone) in clones.iter_mut().enumerate() {
         let want = format!("got: second-{i} seen=2");
-        assert!(
-            clone.wait_for(&want, Duration::from_secs(60)),
-            "clone {i} counts only its own lines: {}",
-            clone.stdout()
-        );
+        if let Err(e) = clone.wait_for(&want, ceiling::GUEST) {
+            panic!("clone {i} counts only its own lines: {e}");
+        }
         assert!(!clone.stdout().contains("seen=3"), "{}", clone.stdout());
     }
 }
@@ -120,7 +113,7 @@ fn damaged(name: &str, edit: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir, P
 fn assert_refused(path: &Path, expect: &str) {
     let run = run_vmm(
         &["--snapshot", path.to_str().expect("utf-8")],
-        Duration::from_secs(30),
+        ceiling::HOST,
     );
     let status = run.status.expect("exits by itself");
     assert_eq!(status.code(), Some(1), "{run:?}");
@@ -179,17 +172,13 @@ fn diff_snapshot_suspends_and_resumes_a_clone() {
         sock.to_str().expect("utf-8"),
     ]);
     clone.send("before-suspend\n");
-    assert!(
-        clone.wait_for("got: before-suspend seen=1", Duration::from_secs(60)),
-        "{}",
-        clone.stdout()
-    );
+    if let Err(e) = clone.wait_for("got: before-suspend seen=1", ceiling::GUEST) {
+        panic!("{e}");
+    }
     let reply = api(&sock, &format!("snapshot-diff {}", diff.display()));
     assert!(reply.starts_with("ok "), "{reply}");
     assert_eq!(api(&sock, "quit"), "ok");
-    assert!(clone
-        .wait(Duration::from_secs(10))
-        .is_some_and(|s| s.success()));
+    assert!(clone.wait(ceiling::HOST).is_some_and(|s| s.success()));
 
     let full = std::fs::metadata(&s.path).expect("full").blocks();
     let small = std::fs::metadata(&diff).expect("diff").blocks();
@@ -204,12 +193,9 @@ fn diff_snapshot_suspends_and_resumes_a_clone() {
         "--console-input",
     ]);
     resumed.send("after-resume\n");
-    assert!(
-        resumed.wait_for("got: after-resume seen=2", Duration::from_secs(60)),
-        "the resumed guest remembers its line: {} / {}",
-        resumed.stdout(),
-        resumed.stderr()
-    );
+    if let Err(e) = resumed.wait_for("got: after-resume seen=2", ceiling::GUEST) {
+        panic!("the resumed guest remembers its line: {e}");
+    }
 }
 
 #[test]
@@ -226,13 +212,13 @@ fn diff_snapshot_without_its_base_is_refused() {
         "--api-sock",
         sock.to_str().expect("utf-8"),
     ]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + ceiling::HOST;
     while !sock.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(api(&sock, &format!("snapshot-diff {}", diff.display())).starts_with("ok "));
     assert_eq!(api(&sock, "quit"), "ok");
-    let _ = clone.wait(Duration::from_secs(10));
+    let _ = clone.wait(ceiling::HOST);
     std::fs::remove_file(&base).expect("remove base");
     assert_refused(&diff, "base snapshot");
 }

@@ -13,10 +13,9 @@
 use std::io::{BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use little_tests::{
-    accept_within, agent_initramfs, api, free_port, http_get, kernel, read_line, VmmProcess,
+    accept_within, agent_initramfs, api, ceiling, free_port, kernel, read_line, VmmProcess,
 };
 
 const INDEX: &str = "served-from-the-snapshot";
@@ -29,26 +28,13 @@ env=PATH=/bin
 ";
 const DISK_LEN: usize = 1 << 20;
 const ORIGINAL: &[u8] = b"original-disk\n";
-const DEADLINE: Duration = Duration::from_secs(180);
-const STEP: Duration = Duration::from_secs(60);
 
 fn utf8(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
 fn wait_for_http(port: u16, path: &str, vmm: &VmmProcess) -> String {
-    let start = Instant::now();
-    while start.elapsed() < DEADLINE {
-        if let Some(reply) = http_get(port, path) {
-            return reply;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    panic!(
-        "no HTTP answer on port {port}: {} / {}",
-        vmm.stdout(),
-        vmm.stderr()
-    );
+    little_tests::wait_for_http(port, path, ceiling::BOOT, || vmm.output())
 }
 
 /// Boots the guest, checks it serves and reports, snapshots it, quits.
@@ -79,7 +65,7 @@ fn take_snapshot(dir: &Path) -> PathBuf {
         "--drive",
         &format!("path={}", utf8(&disk)),
     ]);
-    let channel = accept_within(&agent, DEADLINE, STEP).unwrap_or_else(|| {
+    let channel = accept_within(&agent, ceiling::BOOT, ceiling::GUEST).unwrap_or_else(|| {
         panic!(
             "the agent never connected: {} / {}",
             vmm.stdout(),
@@ -99,7 +85,7 @@ fn take_snapshot(dir: &Path) -> PathBuf {
     );
     assert_eq!(api(&api_sock, "quit"), "ok");
     let mut vmm = vmm;
-    let status = vmm.wait(Duration::from_secs(10)).expect("vmm quits");
+    let status = vmm.wait(ceiling::HOST).expect("vmm quits");
     assert!(status.success(), "quit exits 0: {}", vmm.stderr());
     snap
 }
@@ -149,7 +135,7 @@ fn three_clones_of_a_vm_with_net_vsock_and_a_disk() {
     // its own clone's host socket: HELLO, READY (it was ready before), then
     // the host, which knows it restored this instance, says RESTORED.
     for (i, c) in clones.iter().enumerate() {
-        let stream = accept_within(&c.agent, DEADLINE, STEP).unwrap_or_else(|| {
+        let stream = accept_within(&c.agent, ceiling::BOOT, ceiling::GUEST).unwrap_or_else(|| {
             panic!(
                 "clone {i}: the agent did not reconnect: {} / {}",
                 c.vmm.stdout(),
@@ -193,12 +179,9 @@ fn three_clones_of_a_vm_with_net_vsock_and_a_disk() {
     }
     for (i, c) in clones.iter_mut().enumerate() {
         let done = format!("marked clone-{i}");
-        assert!(
-            c.vmm.wait_for(&done, STEP),
-            "clone {i}: {} / {}",
-            c.vmm.stdout(),
-            c.vmm.stderr()
-        );
+        if let Err(e) = c.vmm.wait_for(&done, ceiling::GUEST) {
+            panic!("clone {i}: {e}");
+        }
     }
     for (i, c) in clones.iter().enumerate() {
         let reply = wait_for_http(c.port, "/mark", &c.vmm);

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use little_tests::{accept_within, agent_initramfs, kernel, read_line, VmmProcess};
+use little_tests::{accept_within, agent_initramfs, ceiling, kernel, read_line, VmmProcess};
 
 /// The entrypoint: connect to host port 2000, then listen on TCP 8080 (the
 /// readiness port) and echo one vsock stream on port 5000.
@@ -23,8 +23,8 @@ ready_port=8080
 stop_grace_ms=200
 ";
 
-const BOOT_DEADLINE: Duration = Duration::from_secs(240);
-const STEP: Duration = Duration::from_secs(60);
+const BOOT_DEADLINE: Duration = ceiling::BOOT;
+const STEP: Duration = ceiling::GUEST;
 
 #[derive(Debug, Default)]
 struct Seen {
@@ -42,7 +42,8 @@ struct Seen {
 /// `CONNECT 5000` until the guest listens (it starts listening just after
 /// it reports ready), then one echo round trip.
 fn host_to_guest(uds: &Path, seen: &mut Seen) {
-    for _ in 0..50 {
+    let start = Instant::now();
+    while start.elapsed() < STEP {
         let mut stream = UnixStream::connect(uds).expect("the VMM listens");
         stream.set_read_timeout(Some(STEP)).expect("timeout");
         stream.write_all(b"CONNECT 5000\n").expect("write CONNECT");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use little_tests::{free_port, kernel, release_bin, target_dir};
+use little_tests::{ceiling, free_port, kernel, release_bin, target_dir};
 use platform::api::AppStatus;
 
 /// A running daemon, killed on drop.
@@ -38,14 +38,9 @@ impl Daemon {
             .spawn()
             .expect("little serve starts");
         let sock = home.join("little.sock");
-        let start = Instant::now();
-        while platform::api::ps(&sock).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "daemon never answered"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until("the daemon to answer on little.sock", ceiling::HOST, || {
+            platform::api::ps(&sock).is_ok()
+        });
         Self {
             home: home.to_owned(),
             metrics,
@@ -81,6 +76,15 @@ impl Daemon {
 
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The value of the metric line that starts with `series` (such as
+    /// `little_failed_total{app="web"}`).
+    pub fn metric(&self, series: &str) -> u64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in the metrics:\n{text}"))
     }
 
     /// The metrics text.
@@ -134,11 +138,17 @@ pub fn test_image(name: &str) -> Option<PathBuf> {
     }
 }
 
-/// Waits until `check` holds, polling every 50 ms.
-pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+/// Waits until `check` holds, polling every 20 ms; `ceiling` only catches
+/// a hang. Returns how long it took.
+pub fn wait_until(what: &str, ceiling: Duration, mut check: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !check() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            start.elapsed() < ceiling,
+            "timed out after {:.1?} waiting for {what}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
+    start.elapsed()
 }

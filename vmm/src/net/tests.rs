@@ -37,7 +37,7 @@ fn segments(s: &mut Stack) -> Vec<Segment> {
 /// Polls until `f` yields something (host sockets need a moment), or panics.
 fn until<T>(s: &mut Stack, mut f: impl FnMut(&mut Stack) -> Option<T>) -> T {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
+    while start.elapsed() < Duration::from_secs(60) {
         s.poll();
         if let Some(t) = f(s) {
             return t;
@@ -123,7 +123,7 @@ fn inbound_connection_handshakes_and_copies_both_ways() {
     s.guest_frame(&tcp(guest(8080), syn.src, isn + 1, ack, b"pong"));
     s.poll();
     client
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let mut buf = [0u8; 4];
     client.read_exact(&mut buf).expect("pong reaches the host");
@@ -169,7 +169,7 @@ fn outbound_syn_to_the_gateway_reaches_host_loopback() {
     s.guest_frame(&tcp(guest(40000), gateway(port), 5001, ack, b"hello host"));
     s.poll();
     accepted
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let mut buf = [0u8; 10];
     accepted
@@ -244,7 +244,7 @@ fn dns_queries_are_forwarded_to_the_resolver_and_answered() {
         .pop()
         .expect("upstream socket watched");
     resolver
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let mut buf = [0u8; 64];
     let (n, from) = resolver.recv_from(&mut buf).expect("query forwarded");

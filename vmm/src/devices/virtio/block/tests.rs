@@ -385,7 +385,7 @@ impl Harness {
         let start = Instant::now();
         while self.used_idx() < n {
             assert!(
-                start.elapsed() < Duration::from_secs(5),
+                start.elapsed() < Duration::from_secs(60),
                 "device did not complete request {n}"
             );
             std::thread::sleep(Duration::from_millis(1));
@@ -517,7 +517,7 @@ fn a_chain_without_status_sets_needs_reset() {
     h.submit(&[(HDR, 16, false), (DATA, 512, false)]);
     let start = Instant::now();
     while !h.interrupt.needs_reset() {
-        assert!(start.elapsed() < Duration::from_secs(5), "no NEEDS_RESET");
+        assert!(start.elapsed() < Duration::from_secs(60), "no NEEDS_RESET");
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(h.interrupt.status() & 2 != 0, "config interrupt");

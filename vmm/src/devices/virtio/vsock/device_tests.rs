@@ -179,7 +179,8 @@ fn guest_stream_to_a_host_listener_round_trips() {
         VIRTIO_MMIO_INT_VRING
     );
     let (mut peer, _) = host.accept().unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
 
     d.send(Op::Rw, 5000, 2000, b"guest says hi");
     rt.process_tx();
