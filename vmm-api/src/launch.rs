@@ -1,0 +1,288 @@
+//! The `vmm` command line, built from typed parts.
+//!
+//! A snapshot restores only into a VMM with the devices it was taken with:
+//! the same `--drive`s in the same order, `--net`, `--vsock` (the host-side
+//! paths may differ). Giving the boot that makes a snapshot and every
+//! restore of it one [`Devices`] value keeps them the same.
+//!
+//! ```
+//! use vmm_api::launch::{Boot, Console, Devices, Drive, Start, VmmArgs};
+//!
+//! let devices = Devices {
+//!     drives: vec![Drive { path: "rootfs.erofs".into(), read_only: true }],
+//!     net: true,
+//!     vsock: Some("v.sock".into()),
+//! };
+//! let standby = VmmArgs {
+//!     start: Start::Standby,
+//!     devices: devices.clone(),
+//!     api_sock: Some("api.sock".into()),
+//!     console: Console::Null,
+//! };
+//! assert_eq!(
+//!     standby.to_args(),
+//!     ["--drive", "path=rootfs.erofs,ro", "--net", "--vsock", "uds=v.sock",
+//!      "--api-sock", "api.sock", "--console", "null"],
+//! );
+//! let boot = VmmArgs {
+//!     start: Start::Boot(Boot::new("vmlinux")),
+//!     ..standby
+//! };
+//! assert_eq!(boot.to_args()[..2], ["--kernel", "vmlinux"]);
+//! ```
+
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+
+/// A virtio-blk disk (`--drive path=PATH[,ro]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drive {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Offer it read-only.
+    pub read_only: bool,
+}
+
+/// The guest's devices besides the console.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Devices {
+    /// Disks, `/dev/vda`, `/dev/vdb`, … in order.
+    pub drives: Vec<Drive>,
+    /// A virtio-net NIC on the VMM's private userspace network (`--net`).
+    pub net: bool,
+    /// A virtio-vsock device whose host end is the Unix socket at this path
+    /// (`--vsock uds=PATH`).
+    pub vsock: Option<PathBuf>,
+}
+
+/// What a fresh boot needs besides the devices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Boot {
+    /// The uncompressed kernel (`--kernel`).
+    pub kernel: PathBuf,
+    /// The initramfs (`--initrd`).
+    pub initrd: Option<PathBuf>,
+    /// Guest memory in MiB (`--mem`); `None` for the VMM's default.
+    pub mem_mib: Option<u64>,
+    /// Kernel arguments appended to the VMM's (`--cmdline`); empty for none.
+    pub cmdline: String,
+}
+
+impl Boot {
+    /// A boot of `kernel` with the VMM's defaults for everything else.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            mem_mib: None,
+            cmdline: String::new(),
+        }
+    }
+}
+
+/// How the VMM gets its guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Boot a kernel.
+    Boot(Boot),
+    /// Restore a snapshot right away (`--snapshot`).
+    Restore {
+        /// The snapshot file.
+        snapshot: PathBuf,
+        /// Pages to read ahead (`--working-set`).
+        working_set: Option<PathBuf>,
+    },
+    /// Start with no guest and wait for [`Command::Restore`](crate::Command::Restore)
+    /// on the control socket, which [`VmmArgs::api_sock`] must name.
+    Standby,
+}
+
+/// Where the guest's serial console goes (`--console`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Console {
+    /// The VMM's stdout.
+    #[default]
+    Stdout,
+    /// Nowhere.
+    Null,
+    /// This file (a path spelled `stdout` or `null` reads as the others).
+    File(PathBuf),
+}
+
+/// A whole `vmm` command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmmArgs {
+    /// Boot, restore, or standby.
+    pub start: Start,
+    /// The guest's devices.
+    pub devices: Devices,
+    /// The control socket (`--api-sock`).
+    pub api_sock: Option<PathBuf>,
+    /// The serial console.
+    pub console: Console,
+}
+
+impl VmmArgs {
+    /// The arguments, without the program name.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args = Args::default();
+        match &self.start {
+            Start::Boot(boot) => {
+                args.flag_value("--kernel", &boot.kernel);
+                if let Some(initrd) = &boot.initrd {
+                    args.flag_value("--initrd", initrd);
+                }
+                if let Some(mem) = boot.mem_mib {
+                    args.flag_value("--mem", mem.to_string());
+                }
+                if !boot.cmdline.is_empty() {
+                    args.flag_value("--cmdline", &boot.cmdline);
+                }
+            }
+            Start::Restore {
+                snapshot,
+                working_set,
+            } => {
+                args.flag_value("--snapshot", snapshot);
+                if let Some(ws) = working_set {
+                    args.flag_value("--working-set", ws);
+                }
+            }
+            Start::Standby => {}
+        }
+        for drive in &self.devices.drives {
+            let mut spec = OsString::from("path=");
+            spec.push(&drive.path);
+            if drive.read_only {
+                spec.push(",ro");
+            }
+            args.flag_value("--drive", spec);
+        }
+        if self.devices.net {
+            args.0.push("--net".into());
+        }
+        if let Some(uds) = &self.devices.vsock {
+            let mut spec = OsString::from("uds=");
+            spec.push(uds);
+            args.flag_value("--vsock", spec);
+        }
+        if let Some(sock) = &self.api_sock {
+            args.flag_value("--api-sock", sock);
+        }
+        match &self.console {
+            Console::Stdout => {}
+            Console::Null => args.flag_value("--console", "null"),
+            Console::File(path) => args.flag_value("--console", path),
+        }
+        args.0
+    }
+
+    /// A [`std::process::Command`] running `vmm` with these arguments.
+    pub fn command(&self, vmm: impl AsRef<OsStr>) -> std::process::Command {
+        let mut command = std::process::Command::new(vmm);
+        command.args(self.to_args());
+        command
+    }
+}
+
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn flag_value(&mut self, flag: &str, value: impl AsRef<OsStr>) {
+        self.0.push(flag.into());
+        self.0.push(value.as_ref().to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boot_names_every_part() {
+        let args = VmmArgs {
+            start: Start::Boot(Boot {
+                kernel: "/k/vmlinux".into(),
+                initrd: Some("/a/agent.cpio".into()),
+                mem_mib: Some(256),
+                cmdline: "little.root=/dev/vda".into(),
+            }),
+            devices: Devices {
+                drives: vec![
+                    Drive {
+                        path: "/a/rootfs.erofs".into(),
+                        read_only: true,
+                    },
+                    Drive {
+                        path: "/a/data.img".into(),
+                        read_only: false,
+                    },
+                ],
+                net: false,
+                vsock: None,
+            },
+            api_sock: None,
+            console: Console::File("/a/boot.log".into()),
+        };
+        assert_eq!(
+            args.to_args(),
+            [
+                "--kernel",
+                "/k/vmlinux",
+                "--initrd",
+                "/a/agent.cpio",
+                "--mem",
+                "256",
+                "--cmdline",
+                "little.root=/dev/vda",
+                "--drive",
+                "path=/a/rootfs.erofs,ro",
+                "--drive",
+                "path=/a/data.img",
+                "--console",
+                "/a/boot.log",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_restore_names_its_snapshot_and_working_set() {
+        let args = VmmArgs {
+            start: Start::Restore {
+                snapshot: "/a/app.snap".into(),
+                working_set: Some("/a/app.ws".into()),
+            },
+            devices: Devices::default(),
+            api_sock: Some("/a/api.sock".into()),
+            console: Console::Stdout,
+        };
+        assert_eq!(
+            args.to_args(),
+            [
+                "--snapshot",
+                "/a/app.snap",
+                "--working-set",
+                "/a/app.ws",
+                "--api-sock",
+                "/a/api.sock",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_command_runs_the_given_binary() {
+        let args = VmmArgs {
+            start: Start::Standby,
+            devices: Devices::default(),
+            api_sock: Some("api.sock".into()),
+            console: Console::Null,
+        };
+        let command = args.command("/usr/bin/vmm");
+        assert_eq!(command.get_program(), "/usr/bin/vmm");
+        assert_eq!(
+            command.get_args().collect::<Vec<_>>(),
+            ["--api-sock", "api.sock", "--console", "null"]
+        );
+    }
+}
