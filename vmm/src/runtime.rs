@@ -12,6 +12,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vmm_api::{Command, Reply, MAX_LINE};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -68,18 +69,17 @@ pub mod standby {
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::path::{Path, PathBuf};
 
-    use crate::builder::Error;
+    use vmm_api::{Command, Reply, MAX_LINE};
 
-    /// Longest `restore` command accepted.
-    const MAX_LINE: u64 = 4096;
+    use crate::builder::Error;
 
     /// What a standby VMM was asked to restore.
     pub type Request = (PathBuf, Option<PathBuf>, UnixListener, UnixStream);
 
-    /// Binds `sock`, and waits for a client to send
-    /// `restore <snapshot> [<working-set>]`. Returns the snapshot and
-    /// working-set paths, the listener (to keep serving control commands) and
-    /// the client (told `ok running <ms>` once restored).
+    /// Binds `sock`, answers `ping` and waits for a client to send
+    /// [`Command::Restore`]. Returns the snapshot and working-set paths, the
+    /// listener (to keep serving control commands) and the client (told
+    /// [`Reply::Running`] once restored).
     pub fn wait_for_restore(sock: &Path) -> Result<Request, Error> {
         let name = sock.display().to_string();
         let listener = super::bind_api(sock)?;
@@ -91,24 +91,21 @@ pub mod standby {
                 .accept()
                 .map_err(|e| Error::ApiSocket(name.clone(), e))?;
             let mut line = String::new();
-            let read = BufReader::new(Read::take(&client, MAX_LINE)).read_line(&mut line);
-            match (read, line.trim().split_once(' ')) {
-                (Ok(_), Some(("restore", paths))) if !paths.trim().is_empty() => {
+            let read = BufReader::new(Read::take(&client, MAX_LINE as u64)).read_line(&mut line);
+            let reply = match read.map(|_| Command::parse(&line)) {
+                Ok(Ok(Command::Restore {
+                    snapshot,
+                    working_set,
+                })) => {
                     listener
                         .set_nonblocking(true)
                         .map_err(|e| Error::ApiSocket(name.clone(), e))?;
-                    let mut parts = paths.split_whitespace();
-                    let snapshot = PathBuf::from(parts.next().unwrap_or_default());
-                    let working_set = parts.next().map(PathBuf::from);
                     return Ok((snapshot, working_set, listener, client));
                 }
-                (Ok(_), _) if line.trim() == "ping" => {
-                    let _ = writeln!(client, "ok standby");
-                }
-                _ => {
-                    let _ = writeln!(client, "error standby: expected `restore <snapshot>`");
-                }
-            }
+                Ok(Ok(Command::Ping)) => Reply::Standby,
+                _ => Reply::Error("standby: expected `restore <snapshot>`".into()),
+            };
+            let _ = writeln!(client, "{reply}");
         }
     }
 }
@@ -327,18 +324,8 @@ impl EventHandler for ConsoleInput {
     }
 }
 
-/// The control socket: one text command per line, one reply line each.
-///
-/// | command | reply |
-/// |---|---|
-/// | `ping` | `ok pong` |
-/// | `pause` / `resume` | `ok` |
-/// | `snapshot <path>` | `ok state=<bytes> mem=<written>/<size> ms=<wall>` |
-/// | `accept <guest_port>` + a TCP socket (SCM_RIGHTS) | `ok`: the network device now carries that connection to the guest port |
-/// | `connections` | `ok open=<n> taken=<n>`: connections the network stack holds, and hand-overs taken so far |
-/// | `quit` | `ok`, then the VMM exits 0 |
-///
-/// Errors are `error <message>`.
+/// The control socket: one [`Command`] per line, one [`Reply`] line each
+/// (the protocol is [`vmm_api`]'s).
 struct ApiServer {
     listener: UnixListener,
     clients: Vec<Option<ApiClient>>,
@@ -368,8 +355,6 @@ struct PendingSnapshot {
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(5);
 const SNAPSHOT_TIMER: u32 = u32::MAX - 1;
 
-/// Longest command line accepted.
-const MAX_COMMAND: usize = 4096;
 /// Most simultaneous control clients.
 const MAX_CLIENTS: usize = 16;
 const LISTENER_TOKEN: u32 = u32::MAX;
@@ -377,7 +362,7 @@ const LISTENER_TOKEN: u32 = u32::MAX;
 impl ApiServer {
     /// Runs a pending snapshot if the devices are quiescent (or gives up
     /// after [`QUIESCE_TIMEOUT`]); returns the client slot and reply when done.
-    fn try_finish_snapshot(&mut self, ops: &mut Ops<'_>) -> Option<(usize, String)> {
+    fn try_finish_snapshot(&mut self, ops: &mut Ops<'_>) -> Option<(usize, Reply)> {
         let pending = self.pending.as_ref()?;
         let result = if ops.all_quiescent() {
             self.handle
@@ -393,19 +378,18 @@ impl ApiServer {
             self.handle.resume();
         }
         let reply = match result {
-            Ok(s) => format!(
-                "ok state={} mem={}/{} ms={:.3}",
-                s.state_bytes,
-                s.mem_written,
-                s.mem_len,
-                s.elapsed.as_secs_f64() * 1e3
-            ),
-            Err(e) => format!("error {}", error_chain(&e)),
+            Ok(s) => Reply::Snapshot {
+                state_bytes: s.state_bytes,
+                mem_written: s.mem_written,
+                mem_len: s.mem_len,
+                elapsed: s.elapsed,
+            },
+            Err(e) => refusal(&e),
         };
         Some((pending.slot, reply))
     }
 
-    fn reply(&mut self, slot: usize, reply: &str) {
+    fn reply(&mut self, slot: usize, reply: &Reply) {
         if let Some(Some((stream, ..))) = self.clients.get_mut(slot) {
             // Replies are short; a client that does not read is dropped.
             let _ = stream.set_nonblocking(false);
@@ -417,86 +401,92 @@ impl ApiServer {
 
     /// Runs one command; `None` when the reply comes later (a snapshot
     /// waiting for devices).
-    fn execute(&mut self, slot: usize, line: &str, ops: &mut Ops<'_>) -> Option<String> {
-        let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
-        let arg = arg.trim();
-        Some(match cmd {
-            "ping" => "ok pong".into(),
-            "pause" => match self.handle.pause() {
-                Ok(()) => "ok".into(),
-                Err(e) => format!("error {e}"),
+    fn execute(&mut self, slot: usize, command: Command, ops: &mut Ops<'_>) -> Option<Reply> {
+        Some(match command {
+            Command::Ping => Reply::Pong,
+            Command::Pause => match self.handle.pause() {
+                Ok(()) => Reply::Ok,
+                Err(e) => Reply::Error(e.to_string()),
             },
-            "resume" => {
+            Command::Resume => {
                 self.handle.resume();
-                "ok".into()
+                Reply::Ok
             }
-            "working-set" if !arg.is_empty() => {
+            Command::WorkingSet { path } => {
                 match WorkingSet::record(&self.handle.vm.mem).and_then(|ws| {
-                    ws.save(Path::new(arg))?;
+                    ws.save(&path)?;
                     Ok(ws.pages())
                 }) {
-                    Ok(pages) => format!("ok pages={pages}"),
-                    Err(e) => format!("error {}", error_chain(&e)),
+                    Ok(pages) => Reply::WorkingSet { pages },
+                    Err(e) => refusal(&e),
                 }
             }
-            "snapshot" | "snapshot-diff" if self.pending.is_some() => {
-                "error a snapshot is already in progress".into()
+            Command::Snapshot { .. } | Command::SnapshotDiff { .. } if self.pending.is_some() => {
+                Reply::Error("a snapshot is already in progress".into())
             }
-            "snapshot" | "snapshot-diff" if !arg.is_empty() => {
-                let start = Instant::now();
-                let was_paused = self.handle.is_paused();
-                if let Err(e) = self.handle.pause() {
-                    return Some(format!("error {}", error_chain(&e)));
-                }
-                self.pending = Some(PendingSnapshot {
-                    slot,
-                    path: PathBuf::from(arg),
-                    start,
-                    was_paused,
-                    diff: cmd == "snapshot-diff",
-                });
-                return self.try_finish_snapshot(ops).map(|(_, reply)| reply);
-            }
-            "accept" => self.accept(slot, arg),
-            "connections" => match &self.inbound {
+            Command::Snapshot { path } => return self.snapshot(slot, path, false, ops),
+            Command::SnapshotDiff { path } => return self.snapshot(slot, path, true, ops),
+            Command::Accept { guest_port } => self.accept(slot, guest_port),
+            Command::Connections => match &self.inbound {
                 Some(inbound) => {
                     let (open, taken) = inbound.counts();
-                    format!("ok open={open} taken={taken}")
+                    Reply::Connections { open, taken }
                 }
-                None => "error the VM has no network device".into(),
+                None => Reply::Error("the VM has no network device".into()),
             },
-            "quit" => {
+            Command::Quit => {
                 set_outcome(&self.outcome, Ok(GuestExit::Quit));
                 ops.stop_loop();
-                "ok".into()
+                Reply::Ok
             }
-            _ => format!(
-                "error unknown command {cmd:?} (ping, pause, resume, snapshot <path>, snapshot-diff <path>, working-set <path>, accept <guest_port>, connections, quit)"
+            Command::Restore { .. } => Reply::Error(
+                "restore: this vmm already runs a guest (only a standby vmm restores)".into(),
             ),
         })
     }
 
+    /// Pauses the VM and writes a snapshot once the devices are quiescent;
+    /// `None` while they are not.
+    fn snapshot(
+        &mut self,
+        slot: usize,
+        path: PathBuf,
+        diff: bool,
+        ops: &mut Ops<'_>,
+    ) -> Option<Reply> {
+        let start = Instant::now();
+        let was_paused = self.handle.is_paused();
+        if let Err(e) = self.handle.pause() {
+            return Some(refusal(&e));
+        }
+        self.pending = Some(PendingSnapshot {
+            slot,
+            path,
+            start,
+            was_paused,
+            diff,
+        });
+        self.try_finish_snapshot(ops).map(|(_, reply)| reply)
+    }
+
     /// `accept <guest_port>`: hands the oldest descriptor this client passed
     /// to the network device. Only TCP sockets are taken.
-    fn accept(&mut self, slot: usize, arg: &str) -> String {
-        let Ok(port @ 1..) = arg.parse::<u16>() else {
-            return format!("error invalid guest port {arg:?}");
-        };
+    fn accept(&mut self, slot: usize, port: u16) -> Reply {
         let Some(Some((_, _, fds))) = self.clients.get_mut(slot) else {
-            return "error no client".into();
+            return Reply::Error("no client".into());
         };
         let Some(file) = fds.pop_front() else {
-            return "error accept needs a TCP socket passed with SCM_RIGHTS".into();
+            return Reply::Error("accept needs a TCP socket passed with SCM_RIGHTS".into());
         };
         let Some(stream) = connected_tcp(file) else {
-            return "error the passed descriptor is not a connected TCP socket".into();
+            return Reply::Error("the passed descriptor is not a connected TCP socket".into());
         };
         match &self.inbound {
             Some(inbound) => match inbound.accept_inbound(stream, port) {
-                Ok(()) => "ok".into(),
-                Err(e) => format!("error {}", error_chain(&e)),
+                Ok(()) => Reply::Ok,
+                Err(e) => refusal(&e),
             },
-            None => "error the VM has no network device".into(),
+            None => Reply::Error("the VM has no network device".into()),
         }
     }
 
@@ -518,26 +508,28 @@ impl ApiServer {
             }
             Err(e) => e.errno() != libc::EAGAIN && e.errno() != libc::EINTR,
         };
-        let mut replies = Vec::new();
+        let mut lines = Vec::new();
         let mut too_long = too_many_fds;
         if let Some(Some((_, buf, _))) = self.clients.get_mut(slot) {
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
-                replies.push(String::from_utf8_lossy(&line).trim().to_owned());
+                lines.push(String::from_utf8_lossy(&line).trim().to_owned());
             }
-            too_long |= buf.len() > MAX_COMMAND;
+            too_long |= buf.len() > MAX_LINE;
         }
         let mut out = Vec::new();
-        for line in replies.iter().filter(|l| !l.is_empty()) {
-            if let Some(reply) = self.execute(slot, line, ops) {
-                out.push(reply);
-            }
+        for line in lines.iter().filter(|l| !l.is_empty()) {
+            let reply = match Command::parse(line) {
+                Ok(command) => self.execute(slot, command, ops),
+                Err(e) => Some(Reply::Error(e.to_string())),
+            };
+            out.extend(reply);
         }
         if too_long {
-            out.push("error command too long".into());
+            out.push(Reply::Error("command too long".into()));
         }
-        for reply in out {
-            self.reply(slot, &reply);
+        for reply in &out {
+            self.reply(slot, reply);
         }
         if closed || too_long {
             ops.unwatch(u32::try_from(slot).unwrap_or(0));
@@ -554,6 +546,11 @@ impl ApiServer {
 fn connected_tcp(file: std::fs::File) -> Option<std::net::TcpStream> {
     let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
     stream.peer_addr().is_ok().then_some(stream)
+}
+
+/// The reply to a command that failed with `e`.
+fn refusal(e: &dyn std::error::Error) -> Reply {
+    Reply::Error(error_chain(e))
 }
 
 /// An error and its causes on one line, skipping a cause whose text the
@@ -709,11 +706,10 @@ pub fn run(built: BuiltVm, options: RunOptions) -> Result<GuestExit, Error> {
     }
     if let Some(mut client) = options.notify {
         let since = options.restore_requested.unwrap_or_else(Instant::now);
-        let _ = writeln!(
-            client,
-            "ok running {:.3}",
-            since.elapsed().as_secs_f64() * 1e3
-        );
+        let running = Reply::Running {
+            elapsed: since.elapsed(),
+        };
+        let _ = writeln!(client, "{running}");
     }
     let handle = Arc::new(VmHandle {
         vm,
@@ -797,6 +793,54 @@ mod tests {
         let mut got = String::new();
         client.read_to_string(&mut got).expect("read");
         assert_eq!(got, "hello", "the client sees the VMM's copy, then EOF");
+    }
+
+    /// A standby VMM answers `ping`, refuses anything but `restore`, and
+    /// hands back what a `restore` asked for with the client to tell.
+    #[test]
+    fn standby_waits_for_restore() {
+        use std::time::Duration;
+        use vmm_api::{Client, ClientError, Command, Reply};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("api.sock");
+        let waiter = {
+            let sock = sock.clone();
+            std::thread::spawn(move || super::standby::wait_for_restore(&sock))
+        };
+        let connect = || {
+            while !sock.exists() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Client::connect(&sock, Duration::from_secs(10)).expect("connect")
+        };
+        assert_eq!(
+            connect().send(&Command::Ping).expect("ping"),
+            Reply::Standby
+        );
+        match connect().send(&Command::Connections) {
+            Err(ClientError::Refused(message)) => assert!(message.contains("restore")),
+            other => panic!("a standby vmm only restores: {other:?}"),
+        }
+        let mut client = connect();
+        let restorer = std::thread::spawn(move || {
+            client.send(&Command::Restore {
+                snapshot: "/a/app.snap".into(),
+                working_set: Some("/a/app.ws".into()),
+            })
+        });
+        let (snapshot, working_set, _listener, mut notify) =
+            waiter.join().expect("no panic").expect("restore requested");
+        assert_eq!(snapshot, std::path::Path::new("/a/app.snap"));
+        assert_eq!(working_set.as_deref(), Some("/a/app.ws".as_ref()));
+        let running = Reply::Running {
+            elapsed: Duration::from_millis(2),
+        };
+        writeln!(notify, "{running}").expect("tell the client");
+        assert_eq!(
+            restorer.join().expect("no panic").expect("running"),
+            running
+        );
     }
 
     #[test]
