@@ -16,6 +16,7 @@
 
 pub mod arch;
 pub mod builder;
+pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod event_loop;
