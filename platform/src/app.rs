@@ -15,10 +15,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::{AppStatus, InstanceStatus};
-use crate::daemon::Settings;
 use crate::db::AppRecord;
-use crate::instance::{lock, Instance, InstanceError, Standby};
+use crate::instance::{Instance, InstanceError, Standby};
 use crate::metrics::AppMetrics;
+use crate::settings::Settings;
+use crate::sync::lock;
 
 /// How often the monitor polls instances.
 pub const TICK: Duration = Duration::from_millis(20);

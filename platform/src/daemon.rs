@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,30 +13,9 @@ use std::time::Duration;
 use crate::api::{AppSpec, Request, Response};
 use crate::app::{App, TICK};
 use crate::db::Db;
-use crate::instance::lock;
 use crate::metrics::{render, Sample};
-
-/// Where the daemon finds its tools and keeps its files.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// State folder: database, image store, apps, socket.
-    pub home: PathBuf,
-    /// The guest kernel (uncompressed vmlinux).
-    pub kernel: PathBuf,
-    /// The `vmm` binary.
-    pub vmm: PathBuf,
-    /// The guest agent binary (static).
-    pub agent: PathBuf,
-    /// Standby VMMs kept per app (pre-spawned, no guest) for fast wakes.
-    pub standby: usize,
-}
-
-impl Settings {
-    /// The daemon's API socket.
-    pub fn socket(&self) -> PathBuf {
-        self.home.join("little.sock")
-    }
-}
+use crate::settings::Settings;
+use crate::sync::lock;
 
 /// Errors starting the daemon.
 #[derive(Debug, thiserror::Error)]

@@ -15,8 +15,8 @@ use image_tools::runconfig::agent_initramfs;
 use image_tools::store::{ImportOptions, Source, Store};
 
 use crate::api::AppSpec;
-use crate::daemon::Settings;
 use crate::db::AppRecord;
+use crate::settings::Settings;
 
 /// Boot to `READY` on a nested, emulated host takes 10-60 s.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);

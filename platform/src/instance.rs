@@ -20,8 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::daemon::Settings;
 use crate::db::AppRecord;
+use crate::settings::Settings;
+use crate::sync::lock;
 
 /// How long a standby VMM may take to open its control socket. Starting
 /// a process takes milliseconds; this only catches one that hangs, on a
@@ -50,12 +51,6 @@ pub enum InstanceError {
     /// The instance folder could not be prepared.
     #[error("cannot prepare {0}")]
     Dir(String, #[source] std::io::Error),
-}
-
-/// The lock of a mutex whose holder may have panicked (the data is still
-/// consistent: every critical section here is a few assignments).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn path_str(p: &Path) -> String {

@@ -24,3 +24,5 @@ pub mod db;
 pub mod deploy;
 pub mod instance;
 pub mod metrics;
+pub mod settings;
+mod sync;

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use platform::api::{self, AppSpec, AppStatus, Request};
-use platform::daemon::{Daemon, Settings};
+use platform::daemon::Daemon;
+use platform::settings::Settings;
 
 /// little.cloud: run OCI images as KVM microVMs that wake on a request and
 /// scale to zero.

@@ -24,9 +24,9 @@ use clap::Parser;
 use perf::memory::{mem_available, process_memory};
 use perf::{default_kernel, percentile, target_dir};
 use platform::api::AppSpec;
-use platform::daemon::Settings;
 use platform::db::AppRecord;
 use platform::instance::{Instance, Standby};
+use platform::settings::Settings;
 use vmm::host::HostKind;
 
 /// Memory per idle instance and wake latency against the number of idle
