@@ -41,6 +41,17 @@ pub enum ClientError {
     Unexpected(Reply),
 }
 
+impl ClientError {
+    /// Whether the connection is unusable after this error: a reply may be
+    /// left half read, and later replies would not match their commands.
+    pub fn breaks_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect(..) | Self::Io(_) | Self::Closed | Self::Reply(ParseReplyError::TooLong)
+        )
+    }
+}
+
 /// One connection to a VMM's control socket: commands go out one at a
 /// time, each waits for its reply.
 ///
@@ -222,10 +233,12 @@ mod tests {
     fn a_reply_to_another_command_is_unexpected() {
         let (_dir, path, server) = fake_vmm(&["ok pages=3\n"]);
         let mut client = Client::connect(&path, TIMEOUT).unwrap();
+        let error = client.send(&Command::Quit).unwrap_err();
         assert!(matches!(
-            client.send(&Command::Quit),
-            Err(ClientError::Unexpected(Reply::WorkingSet { pages: 3 }))
+            error,
+            ClientError::Unexpected(Reply::WorkingSet { pages: 3 })
         ));
+        assert!(!error.breaks_connection(), "the whole reply line was read");
         server.join().unwrap();
     }
 
@@ -236,6 +249,7 @@ mod tests {
         let result = client.send(&Command::Ping);
         server.join().unwrap();
         assert!(matches!(result, Err(ClientError::Closed)), "{result:?}");
+        assert!(result.unwrap_err().breaks_connection());
     }
 
     #[test]
