@@ -146,6 +146,8 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl core::error::Error for ConfigError {}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
