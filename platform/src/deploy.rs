@@ -5,21 +5,30 @@
 //! host channel means "the app accepts connections": the snapshot taken
 //! right then restores into an instance that serves at once.
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::net::UnixListener;
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use guest_agent::protocol::{AgentMsg, LineReader};
+use guest_agent::status::ExitStatus;
 use image_tools::runconfig::agent_initramfs;
 use image_tools::store::{ImportOptions, Source, Store};
+use vmm_api::launch::{Boot, Console, Start, VmmArgs};
+use vmm_api::{Client, ClientError, Command};
 
 use crate::api::AppSpec;
 use crate::db::AppRecord;
 use crate::settings::Settings;
+use crate::vm;
 
 /// Boot to `READY` on a nested, emulated host takes 10-60 s.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the snapshot may take (it writes the guest memory out).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The kernel arguments that mount the app's base image as the root.
+const ROOT_CMDLINE: &str = "little.root=/dev/vda little.rootfstype=erofs";
 
 /// Why a deploy failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,20 +40,45 @@ pub enum DeployError {
     #[error("cannot make the agent config")]
     RunConfig(#[from] image_tools::runconfig::RunConfigError),
     /// The agent config with the app's settings does not parse.
-    #[error("the agent config is invalid: {0}")]
-    AgentConfig(String),
+    #[error("the agent config is invalid")]
+    AgentConfig(#[source] guest_agent::config::ConfigError),
     /// The agent initramfs could not be written.
     #[error("cannot write {0}")]
     Initramfs(String, #[source] image_tools::initramfs::Error),
     /// A file or folder of the app could not be written.
     #[error("cannot write {0}")]
     Io(String, #[source] std::io::Error),
-    /// The first boot failed.
-    #[error("the first boot failed: {0} (console: {1})")]
-    Boot(String, String),
-    /// The snapshot failed.
-    #[error("the snapshot failed: {0}")]
-    Snapshot(String),
+    /// The first boot did not get to `READY`; with what the `vmm` wrote on
+    /// stderr and the end of the guest console.
+    #[error("the first boot failed: {failure} {stderr} (console: {console})")]
+    Boot {
+        /// What went wrong.
+        failure: BootFailure,
+        /// The `vmm`'s stderr.
+        stderr: String,
+        /// The last 2,000 bytes of the guest console.
+        console: String,
+    },
+    /// The `vmm` did not write the snapshot.
+    #[error("the snapshot failed")]
+    Snapshot(#[source] ClientError),
+}
+
+/// Why the first boot did not get to `READY`.
+#[derive(Debug, thiserror::Error)]
+pub enum BootFailure {
+    /// The agent did not connect in time.
+    #[error("the agent never connected")]
+    NoAgent,
+    /// The `vmm` ended before the agent connected.
+    #[error("vmm exited")]
+    VmmExited,
+    /// The agent's channel closed (or stayed silent for the whole wait).
+    #[error("the agent hung up before READY")]
+    HungUp,
+    /// The app's entrypoint ended before it was ready.
+    #[error("the entrypoint ended ({})", AgentMsg::Exit(*.0))]
+    EntrypointEnded(ExitStatus),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
@@ -131,7 +165,7 @@ pub fn deploy(settings: &Settings, spec: &AppSpec) -> Result<AppRecord, DeployEr
 fn guest_agent_check(config: &str) -> Result<(), DeployError> {
     guest_agent::config::Config::parse(config.as_bytes())
         .map(|_| ())
-        .map_err(|e| DeployError::AgentConfig(format!("{e:?}")))
+        .map_err(DeployError::AgentConfig)
 }
 
 fn first_boot(
@@ -143,91 +177,57 @@ fn first_boot(
     console: &Path,
     snapshot: &Path,
 ) -> Result<(), DeployError> {
-    let agent = UnixListener::bind(boot.join("v.sock_1024")).map_err(io(boot))?;
+    let agent = UnixListener::bind(vm::agent_socket(boot)).map_err(io(boot))?;
     agent.set_nonblocking(true).map_err(io(boot))?;
-    let api = boot.join("api.sock");
-    let mut child = Command::new(&settings.vmm)
-        .arg("--kernel")
-        .arg(&settings.kernel)
-        .arg("--initrd")
-        .arg(initrd)
-        .arg("--mem")
-        .arg(spec.memory_mib.to_string())
-        .arg("--drive")
-        .arg(format!("path={},ro", rootfs.display()))
-        .arg("--cmdline")
-        .arg("little.root=/dev/vda little.rootfstype=erofs")
-        .arg("--net")
-        .arg("--vsock")
-        .arg(format!("uds={}", boot.join("v.sock").display()))
-        .arg("--api-sock")
-        .arg(&api)
-        .arg("--console")
-        .arg(console)
+    let api = vm::api_socket(boot);
+    let args = VmmArgs {
+        start: Start::Boot(Boot {
+            kernel: settings.kernel.clone(),
+            initrd: Some(initrd.to_owned()),
+            mem_mib: Some(spec.memory_mib.into()),
+            cmdline: ROOT_CMDLINE.into(),
+        }),
+        devices: vm::devices(rootfs, boot),
+        api_sock: Some(api.clone()),
+        console: Console::File(console.to_owned()),
+    };
+    let mut child = args
+        .command(&settings.vmm)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(io(&settings.vmm))?;
-    let fail = |child: &mut std::process::Child, why: String| {
-        let _ = child.kill();
-        let mut err = String::new();
-        if let Some(mut stderr) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
-        }
-        let _ = child.wait();
-        DeployError::Boot(format!("{why} {}", err.trim()), tail(console))
-    };
-    let start = Instant::now();
-    let stream = loop {
-        match agent.accept() {
-            Ok((s, _)) => break s,
-            Err(_) if start.elapsed() > READY_TIMEOUT => {
-                return Err(fail(&mut child, "the agent never connected".into()))
+    // The agent's channel stays open until the VMM is gone, as the guest
+    // saw it when the snapshot was taken.
+    let _channel = match wait_ready(&agent, &mut child) {
+        Ok(channel) => channel,
+        Err(failure) => {
+            let _ = child.kill();
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
             }
-            Err(_) => {
-                if !matches!(child.try_wait(), Ok(None)) {
-                    return Err(fail(&mut child, "vmm exited".into()));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let _ = child.wait();
+            return Err(DeployError::Boot {
+                failure,
+                stderr: stderr.trim().to_owned(),
+                console: tail(console),
+            });
         }
     };
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(READY_TIMEOUT));
-    let mut lines = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match lines.read_line(&mut line) {
-            Ok(n) if n > 0 => {}
-            _ => return Err(fail(&mut child, "the agent hung up before READY".into())),
-        }
-        match line.trim() {
-            "READY" => break,
-            l if l.starts_with("EXIT") => {
-                return Err(fail(&mut child, format!("the entrypoint ended ({l})")))
-            }
-            _ => {}
-        }
-    }
-    let control = |cmd: &str| -> Result<String, DeployError> {
-        use std::io::Write;
-        let mut s = std::os::unix::net::UnixStream::connect(&api).map_err(io(&api))?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(io(&api))?;
-        writeln!(s, "{cmd}").map_err(io(&api))?;
-        let mut reply = String::new();
-        BufReader::new(s).read_line(&mut reply).map_err(io(&api))?;
-        Ok(reply.trim().to_owned())
+    let snapshot = Command::Snapshot {
+        path: snapshot.to_owned(),
     };
-    let reply = control(&format!("snapshot {}", snapshot.display()))?;
-    if !reply.starts_with("ok") {
+    let taken = Client::connect(&api, CONTROL_TIMEOUT).and_then(|mut c| c.send(&snapshot));
+    if let Err(e) = taken {
         let _ = child.kill();
         let _ = child.wait();
-        return Err(DeployError::Snapshot(reply));
+        return Err(DeployError::Snapshot(e));
     }
-    let _ = control("quit");
+    if let Ok(mut c) = Client::connect(&api, CONTROL_TIMEOUT) {
+        let _ = c.send(&Command::Quit);
+    }
     let start = Instant::now();
     while matches!(child.try_wait(), Ok(None)) {
         if start.elapsed() > Duration::from_secs(5) {
@@ -240,7 +240,61 @@ fn first_boot(
     Ok(())
 }
 
+/// Waits for the agent of the booting `child` to connect and say `READY`
+/// (other agent lines are ignored, as the protocol asks); returns the
+/// agent's channel.
+fn wait_ready(agent: &UnixListener, child: &mut Child) -> Result<UnixStream, BootFailure> {
+    let start = Instant::now();
+    let mut stream = loop {
+        match agent.accept() {
+            Ok((s, _)) => break s,
+            Err(_) if start.elapsed() > READY_TIMEOUT => return Err(BootFailure::NoAgent),
+            Err(_) => {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return Err(BootFailure::VmmExited);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(READY_TIMEOUT));
+    let mut lines = LineReader::new();
+    loop {
+        match stream.read(lines.spare()) {
+            Ok(n) if n > 0 => lines.filled(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => return Err(BootFailure::HungUp),
+        }
+        while let Some(line) = lines.next_line() {
+            match line.map(AgentMsg::parse) {
+                Ok(Ok(AgentMsg::Ready)) => return Ok(stream),
+                Ok(Ok(AgentMsg::Exit(status))) => return Err(BootFailure::EntrypointEnded(status)),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Where the app's files go (exposed for `little logs`).
 pub fn logs_dir(record: &AppRecord) -> PathBuf {
     record.dir.join("logs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_boot_failure_says_what_ended_it_then_the_vmm_and_the_console() {
+        let error = DeployError::Boot {
+            failure: BootFailure::EntrypointEnded(ExitStatus::Exited(3)),
+            stderr: "vmm: warning".into(),
+            console: "[    0.1] booting".into(),
+        };
+        assert_eq!(
+            error.to_string(),
+            "the first boot failed: the entrypoint ended (EXIT status=3) vmm: warning (console: [    0.1] booting)"
+        );
+    }
 }

@@ -2,27 +2,30 @@
 //! control connection the daemon hands accepted sockets over.
 //!
 //! A [`Standby`] is a `vmm --api-sock` started ahead of need with the
-//! app's device flags (`--net`, its own `--vsock`, the read-only base image)
-//! but no guest; [`Standby::restore`] sends it `restore <snapshot>` and
-//! gives a running [`Instance`]. The agent in the restored guest reconnects
-//! to the instance's `v.sock_1024`; a thread answers its `HELLO` with
-//! `RESTORED <ns> <entropy>` (clock and entropy for the clone).
+//! app's devices ([`vm::devices`]: the read-only base image, a NIC, its own
+//! vsock socket) but no guest; [`Standby::restore`] sends it
+//! [`Command::Restore`] and gives a running [`Instance`]. The agent in the
+//! restored guest reconnects to the instance's [`vm::agent_socket`]; a
+//! thread answers its [`AgentMsg::Hello`] with [`HostMsg::Restored`] (clock
+//! and entropy for the clone).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use guest_agent::protocol::{AgentMsg, Entropy, HostMsg, LineReader};
+use vmm_api::launch::{Console, Start, VmmArgs};
+use vmm_api::{Client, ClientError, Command, Reply};
 
 use crate::db::AppRecord;
 use crate::settings::Settings;
 use crate::sync::lock;
+use crate::vm;
 
 /// How long a standby VMM may take to open its control socket. Starting
 /// a process takes milliseconds; this only catches one that hangs, on a
@@ -42,12 +45,9 @@ pub enum InstanceError {
     /// The standby VMM never opened its control socket.
     #[error("the standby vmm did not open its control socket within {0:?}")]
     NoControlSocket(Duration),
-    /// Talking to the VMM's control socket failed (it died, most likely).
+    /// A control command failed: the VMM refused it, or died.
     #[error("control socket of instance {0}")]
-    Control(u64, #[source] std::io::Error),
-    /// The VMM refused a command.
-    #[error("instance {0}: vmm answered {1:?}")]
-    Refused(u64, String),
+    Control(u64, #[source] ClientError),
     /// The instance folder could not be prepared.
     #[error("cannot prepare {0}")]
     Dir(String, #[source] std::io::Error),
@@ -55,53 +55,6 @@ pub enum InstanceError {
 
 fn path_str(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// Sends one command (with an optional descriptor) and reads the one-line
-/// reply.
-fn command(stream: &mut UnixStream, line: &str, fd: Option<&TcpStream>) -> std::io::Result<String> {
-    let text = format!("{line}\n");
-    match fd {
-        Some(fd) => {
-            let sent = stream
-                .send_with_fd(text.as_bytes(), fd.as_raw_fd())
-                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-            if sent != text.len() {
-                stream.write_all(&text.as_bytes()[sent..])?;
-            }
-        }
-        None => stream.write_all(text.as_bytes())?,
-    }
-    let mut reply = Vec::with_capacity(64);
-    let mut chunk = [0u8; 256];
-    while !reply.contains(&b'\n') {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        reply.extend_from_slice(&chunk[..n]);
-    }
-    Ok(String::from_utf8_lossy(&reply).trim().to_owned())
-}
-
-fn connect_control(sock: &Path) -> std::io::Result<UnixStream> {
-    // The socket file appears at bind(2), a moment before listen(2).
-    let start = Instant::now();
-    let stream = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(e)
-                if start.elapsed() < Duration::from_secs(1)
-                    && e.kind() == std::io::ErrorKind::ConnectionRefused =>
-            {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            Err(e) => return Err(e),
-        }
-    };
-    stream.set_read_timeout(Some(CONTROL_TIMEOUT))?;
-    stream.set_write_timeout(Some(CONTROL_TIMEOUT))?;
-    Ok(stream)
 }
 
 /// A pre-spawned VMM waiting for `restore`.
@@ -122,19 +75,16 @@ impl Standby {
             std::fs::remove_dir_all(&dir).map_err(dir_err)?;
         }
         std::fs::create_dir_all(&dir).map_err(dir_err)?;
-        let agent = UnixListener::bind(dir.join("v.sock_1024")).map_err(dir_err)?;
-        let api = dir.join("api.sock");
-        let console = app.dir.join("logs").join(format!("{id}.log"));
-        let child = Command::new(&settings.vmm)
-            .arg("--api-sock")
-            .arg(&api)
-            .arg("--net")
-            .arg("--vsock")
-            .arg(format!("uds={}", path_str(&dir.join("v.sock"))))
-            .arg("--drive")
-            .arg(format!("path={},ro", path_str(&app.rootfs)))
-            .arg("--console")
-            .arg(&console)
+        let agent = UnixListener::bind(vm::agent_socket(&dir)).map_err(dir_err)?;
+        let api = vm::api_socket(&dir);
+        let args = VmmArgs {
+            start: Start::Standby,
+            devices: vm::devices(&app.rootfs, &dir),
+            api_sock: Some(api.clone()),
+            console: Console::File(app.dir.join("logs").join(format!("{id}.log"))),
+        };
+        let child = args
+            .command(&settings.vmm)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -172,27 +122,23 @@ impl Standby {
     /// Restores `snapshot` in this VMM: a running instance.
     pub fn restore(mut self, snapshot: &Path) -> Result<Instance, InstanceError> {
         let id = self.id;
-        let api = self.dir.join("api.sock");
-        let restored = (|| {
-            let mut stream = connect_control(&api)?;
-            let reply = command(
-                &mut stream,
-                &format!("restore {}", path_str(snapshot)),
-                None,
-            )?;
-            Ok::<_, std::io::Error>((reply, connect_control(&api)?))
-        })();
-        let (reply, ctl) = match restored {
-            Ok(r) => r,
+        let api = vm::api_socket(&self.dir);
+        let restore = Command::Restore {
+            snapshot: snapshot.to_owned(),
+            working_set: None,
+        };
+        // The restoring connection is told when the vCPUs run; commands go
+        // over a second one.
+        let restored = Client::connect(&api, CONTROL_TIMEOUT)
+            .and_then(|mut client| client.send(&restore))
+            .and_then(|_| Client::connect(&api, CONTROL_TIMEOUT));
+        let ctl = match restored {
+            Ok(ctl) => ctl,
             Err(e) => {
                 self.kill();
                 return Err(InstanceError::Control(id, e));
             }
         };
-        if !reply.starts_with("ok running") {
-            self.kill();
-            return Err(InstanceError::Refused(id, reply));
-        }
         let pid = self.child.id();
         let exited = Arc::new(AtomicBool::new(false));
         let agent = self.agent.try_clone().ok();
@@ -218,12 +164,13 @@ impl Standby {
 }
 
 /// Answers the restored agent's `HELLO` with `RESTORED`, then watches for
-/// `EXIT` (the entrypoint ended: the instance is finished). The agent
-/// reconnects whenever its guest gets to it, which on a busy host may take
-/// a while: the wait ends when it does or when the instance is stopped.
+/// `EXIT` (the entrypoint ended: the instance is finished); other lines
+/// are ignored, as the protocol asks. The agent reconnects whenever its
+/// guest gets to it, which on a busy host may take a while: the wait ends
+/// when it does or when the instance is stopped.
 fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>) {
     let _ = listener.set_nonblocking(true);
-    let stream = loop {
+    let mut stream = loop {
         match listener.accept() {
             Ok((s, _)) => break s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -239,24 +186,39 @@ fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let mut lines = BufReader::new(stream);
-    let mut line = String::new();
-    while matches!(lines.read_line(&mut line), Ok(n) if n > 0) {
-        if line.starts_with("HELLO") {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default();
-            let mut entropy = [0u8; 16];
-            if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
-                let _ = random.read_exact(&mut entropy);
-            }
-            let hex: String = entropy.iter().map(|b| format!("{b:02x}")).collect();
-            let _ = writeln!(writer, "RESTORED {now} {hex}");
-        } else if line.starts_with("EXIT") {
-            exited.store(true, Ordering::Release);
+    let mut lines = LineReader::new();
+    loop {
+        match stream.read(lines.spare()) {
+            Ok(0) => return,
+            Ok(n) => lines.filled(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         }
-        line.clear();
+        while let Some(line) = lines.next_line() {
+            match line.map(AgentMsg::parse) {
+                Ok(Ok(AgentMsg::Hello { .. })) => {
+                    let _ = writeln!(writer, "{}", restored_now());
+                }
+                Ok(Ok(AgentMsg::Exit(_))) => exited.store(true, Ordering::Release),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `RESTORED` with the host's clock and fresh entropy for the clone.
+fn restored_now() -> HostMsg<'static> {
+    let unix_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or_default();
+    let mut entropy = [0u8; 16];
+    if let Ok(mut random) = std::fs::File::open("/dev/urandom") {
+        let _ = random.read_exact(&mut entropy);
+    }
+    HostMsg::Restored {
+        unix_ns,
+        entropy: Entropy::from_bytes(&entropy),
     }
 }
 
@@ -268,7 +230,7 @@ pub struct Instance {
     pub pid: u32,
     child: Mutex<Child>,
     dir: PathBuf,
-    ctl: Mutex<Option<UnixStream>>,
+    ctl: Mutex<Option<Client>>,
     /// When it was restored.
     pub started: Instant,
     /// Connections handed over so far.
@@ -301,7 +263,7 @@ impl Instance {
     /// Hands `stream` to the guest's `port` (a slot was reserved). On
     /// error the caller still owns `stream` and may try elsewhere.
     pub fn hand_over(&self, stream: &TcpStream, port: u16) -> Result<(), InstanceError> {
-        let result = self.control(&format!("accept {port}"), Some(stream));
+        let result = self.control(&Command::Accept { guest_port: port }, Some(stream));
         if result.is_ok() {
             self.handed.fetch_add(1, Ordering::AcqRel);
         }
@@ -311,43 +273,36 @@ impl Instance {
 
     /// Asks the VMM how many connections it holds.
     pub fn refresh(&self) -> Result<usize, InstanceError> {
-        let reply = self.control("connections", None)?;
-        let mut open = None;
-        let mut taken = None;
-        for word in reply.split_whitespace() {
-            if let Some(v) = word.strip_prefix("open=") {
-                open = v.parse().ok();
-            } else if let Some(v) = word.strip_prefix("taken=") {
-                taken = v.parse().ok();
-            }
-        }
-        match (open, taken) {
-            (Some(open), Some(taken)) => {
+        match self.control(&Command::Connections, None)? {
+            Reply::Connections { open, taken } => {
                 *lock(&self.counts) = (open, taken);
                 Ok(self.load())
             }
-            _ => Err(InstanceError::Refused(self.id, reply)),
+            other => Err(InstanceError::Control(
+                self.id,
+                ClientError::Unexpected(other),
+            )),
         }
     }
 
-    fn control(&self, line: &str, fd: Option<&TcpStream>) -> Result<String, InstanceError> {
+    fn control(&self, command: &Command, fd: Option<&TcpStream>) -> Result<Reply, InstanceError> {
         let mut ctl = lock(&self.ctl);
-        let Some(stream) = ctl.as_mut() else {
-            return Err(InstanceError::Control(
-                self.id,
-                std::io::ErrorKind::NotConnected.into(),
-            ));
+        let Some(client) = ctl.as_mut() else {
+            let gone = std::io::Error::from(std::io::ErrorKind::NotConnected);
+            return Err(InstanceError::Control(self.id, gone.into()));
         };
-        match command(stream, line, fd) {
-            Ok(reply) if reply.starts_with("ok") => Ok(reply),
-            Ok(reply) => Err(InstanceError::Refused(self.id, reply)),
-            Err(e) => {
+        let result = match fd {
+            Some(fd) => client.send_with_fd(command, fd),
+            None => client.send(command),
+        };
+        result.map_err(|e| {
+            if e.breaks_connection() {
                 // A half-read reply would desynchronize later commands.
                 *ctl = None;
                 self.dead.store(true, Ordering::Release);
-                Err(InstanceError::Control(self.id, e))
             }
-        }
+            InstanceError::Control(self.id, e)
+        })
     }
 
     /// Whether it still runs (its process lives, its entrypoint did not
@@ -386,8 +341,8 @@ impl Instance {
         self.dead.store(true, Ordering::Release);
         self.exited.store(true, Ordering::Release);
         if let Some(mut ctl) = lock(&self.ctl).take() {
-            let _ = ctl.set_read_timeout(Some(Duration::from_millis(200)));
-            let _ = command(&mut ctl, "quit", None);
+            let _ = ctl.set_timeout(Duration::from_millis(200));
+            let _ = ctl.send(&Command::Quit);
         }
         let mut child = lock(&self.child);
         let start = Instant::now();
@@ -400,5 +355,61 @@ impl Instance {
             std::thread::sleep(Duration::from_millis(2));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+
+    use guest_agent::protocol::{HostMsg, MAX_LINE};
+
+    use super::*;
+
+    /// The restored agent's side of the channel: `HELLO` gets a `RESTORED`
+    /// line the agent parses (clock near now, 16 bytes of entropy); a
+    /// malformed line is ignored; `EXIT` finishes the instance.
+    #[test]
+    fn the_agent_channel_answers_hello_and_notes_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = vm::agent_socket(dir.path());
+        let listener = UnixListener::bind(&sock).unwrap();
+        let exited = Arc::new(AtomicBool::new(false));
+        let channel = {
+            let exited = exited.clone();
+            std::thread::spawn(move || agent_channel(listener, exited))
+        };
+        let mut agent = UnixStream::connect(&sock).unwrap();
+        agent
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        agent.write_all(b"HELLO 1\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(&agent).read_line(&mut line).unwrap();
+        assert!(line.len() < MAX_LINE && line.ends_with('\n'), "{line:?}");
+        let Ok(HostMsg::Restored { unix_ns, entropy }) = HostMsg::parse(line.as_bytes()) else {
+            panic!("the agent cannot parse {line:?}");
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        assert!(u128::from(unix_ns) <= now.as_nanos());
+        assert!(now.as_nanos() - u128::from(unix_ns) < 60_000_000_000);
+        assert_eq!(entropy.as_bytes().len(), 16);
+
+        // Lines are handled in order: once the second HELLO is answered,
+        // the malformed EXIT before it was seen and ignored.
+        agent.write_all(b"EXIT whenever\nHELLO 1\n").unwrap();
+        let mut again = String::new();
+        BufReader::new(&agent).read_line(&mut again).unwrap();
+        assert!(again.starts_with("RESTORED "), "{again:?}");
+        assert!(!exited.load(Ordering::Acquire));
+        agent.write_all(b"EXIT status=0\n").unwrap();
+        let start = Instant::now();
+        while !exited.load(Ordering::Acquire) {
+            assert!(start.elapsed() < Duration::from_secs(10), "EXIT not seen");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(agent);
+        channel.join().unwrap();
     }
 }

@@ -26,3 +26,4 @@ pub mod instance;
 pub mod metrics;
 pub mod settings;
 mod sync;
+pub mod vm;
