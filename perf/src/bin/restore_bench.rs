@@ -18,6 +18,8 @@ use perf::cgroup::{Charge, MemoryCgroup};
 use perf::memory::{mem_available, process_memory, ProcessMemory};
 use perf::{default_kernel, percentile, target_dir};
 use vmm::host::HostKind;
+use vmm::runtime::error_chain;
+use vmm_api::{Client, Reply};
 
 /// Snapshot, restore latency and density benchmark.
 #[derive(Parser, Debug)]
@@ -79,15 +81,26 @@ fn mib(bytes: u64) -> String {
     format!("{:.2} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-fn control(sock: &Path, cmd: &str) -> Result<String, String> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(|e| e.to_string())?;
-    s.write_all(format!("{cmd}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    Ok(line.trim().to_owned())
+/// How long a control command may take before the VMM is taken for hung.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends one command on a fresh connection to the VMM's control socket.
+fn control(sock: &Path, command: &vmm_api::Command) -> Result<Reply, String> {
+    Client::connect(sock, CONTROL_TIMEOUT)
+        .and_then(|mut ctl| ctl.send(command))
+        .map_err(|e| format!("{command}: {}", error_chain(&e)))
+}
+
+/// Connects to a control socket that a just-started VMM is about to open.
+fn connect_within(sock: &Path, deadline: Duration) -> Result<Client, String> {
+    let start = Instant::now();
+    loop {
+        match Client::connect(sock, CONTROL_TIMEOUT) {
+            Ok(ctl) => return Ok(ctl),
+            Err(_) if start.elapsed() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => return Err(format!("the vmm never listened: {}", error_chain(&e))),
+        }
+    }
 }
 
 fn wait_line(child: &mut Child, needle: &str, timeout: Duration) -> Result<Duration, String> {
@@ -150,20 +163,17 @@ fn make_snapshots(args: &Args, vmm: &Path, dir: &Path) -> Result<(PathBuf, Vec<D
     let first = dir.join("bench-0.snap");
     for i in 0..args.snapshots.max(1) {
         let path = dir.join(format!("bench-{i}.snap"));
-        let reply = control(&sock, &format!("snapshot {}", path.display()))?;
-        let wall = reply
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("ms="))
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or(format!("snapshot failed: {reply}"))?;
-        times.push(Duration::from_secs_f64(wall / 1e3));
+        let reply = control(&sock, &vmm_api::Command::Snapshot { path: path.clone() })?;
+        if let Reply::Snapshot { elapsed, .. } = reply {
+            times.push(elapsed);
+        }
         if i == 0 {
             println!("snapshot: {reply}");
         } else {
             let _ = std::fs::remove_file(&path);
         }
     }
-    let _ = control(&sock, "quit");
+    let _ = control(&sock, &vmm_api::Command::Quit);
     let _ = child.wait();
     Ok((first, times))
 }
@@ -232,30 +242,18 @@ fn prespawned_once(vmm: &Path, snap: &Path, dir: &Path, i: usize) -> Result<Dura
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut stream = loop {
-        match std::os::unix::net::UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
-            Err(e) => return Err(format!("standby vmm never listened: {e}")),
-        }
-    };
+    let mut ctl = connect_within(&sock, Duration::from_secs(5))?;
     let start = Instant::now();
-    stream
-        .write_all(format!("restore {}\n", snap.display()).as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
+    let restored = ctl.send(&vmm_api::Command::Restore {
+        snapshot: snap.to_owned(),
+        working_set: None,
+    });
     let elapsed = start.elapsed();
     let _ = child.kill();
     let _ = child.wait();
     // A killed VMM leaves its control socket behind.
     let _ = std::fs::remove_file(&sock);
-    if !line.starts_with("ok running") {
-        return Err(format!("standby restore failed: {line}"));
-    }
+    restored.map_err(|e| format!("standby restore failed: {}", error_chain(&e)))?;
     Ok(elapsed)
 }
 
@@ -266,21 +264,17 @@ fn record_working_set(vmm: &Path, snap: &Path, dir: &Path) -> Result<(PathBuf, S
     let mut child =
         spawn_restore_with(vmm, snap, true, &["--api-sock".as_ref(), sock.as_os_str()])?;
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        if Instant::now() > deadline {
-            return Err("restored vmm never opened its control socket".into());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let mut ctl = connect_within(&sock, Duration::from_secs(5))?;
     stdin
         .write_all(b"first request\n")
         .map_err(|e| e.to_string())?;
     wait_line(&mut child, "got: first request", Duration::from_secs(60))?;
-    let reply = control(&sock, &format!("working-set {}", ws.display()))?;
-    let _ = control(&sock, "quit");
+    let reply = ctl
+        .send(&vmm_api::Command::WorkingSet { path: ws.clone() })
+        .map_err(|e| format!("working-set failed: {}", error_chain(&e)))?;
+    let _ = ctl.send(&vmm_api::Command::Quit);
     let _ = child.wait();
-    Ok((ws, reply))
+    Ok((ws, reply.to_string()))
 }
 
 fn drop_caches() -> Result<(), String> {
