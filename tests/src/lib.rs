@@ -295,21 +295,23 @@ impl Drop for VmmProcess {
     }
 }
 
-/// Sends one control command to a `vmm --api-sock` and returns the reply line.
+/// Sends one control command, written as on the wire (`"snapshot <path>"`),
+/// to a `vmm --api-sock` and returns the reply line: `ok ...`, or
+/// `error <message>` when the VMM refused.
 pub fn api(sock: &Path, command: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("control socket");
-    stream
-        .set_read_timeout(Some(ceiling::HOST))
-        .expect("timeout");
-    stream
-        .write_all(format!("{command}\n").as_bytes())
-        .expect("send command");
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .unwrap_or_else(|e| panic!("no reply to {command:?} within {:?}: {e}", ceiling::HOST));
-    line.trim().to_owned()
+    use vmm_api::{Client, ClientError, Command, Reply};
+    let command =
+        Command::parse(command).unwrap_or_else(|e| panic!("{command:?} is no command: {e}"));
+    let mut vmm = Client::connect(sock, ceiling::HOST).expect("control socket");
+    match vmm.send(&command) {
+        Ok(reply) => reply.to_string(),
+        Err(ClientError::Refused(message)) => Reply::Error(message).to_string(),
+        Err(e) => panic!(
+            "no reply to \"{command}\" within {:?}: {}",
+            ceiling::HOST,
+            vmm::runtime::error_chain(&e)
+        ),
+    }
 }
 
 /// A loopback TCP port that was free a moment ago.
