@@ -139,12 +139,15 @@ impl Reply {
     }
 }
 
-/// A non-negative, finite count of milliseconds, to the microsecond.
+/// A non-negative, finite count of milliseconds, to the microsecond
+/// (saturating at `u64::MAX` of them, some 585,000 years).
 fn millis(text: &str) -> Option<Duration> {
     let ms = text.parse::<f64>().ok()?;
     let exact = Duration::try_from_secs_f64(ms / 1e3).ok()?;
-    let micros = exact.as_nanos().checked_add(500)? / 1000;
-    Some(Duration::from_micros(u64::try_from(micros).ok()?))
+    let micros = (exact.as_nanos() + 500) / 1000;
+    Some(Duration::from_micros(
+        u64::try_from(micros).unwrap_or(u64::MAX),
+    ))
 }
 
 /// Milliseconds with three decimals, as the VMM has always written them.
@@ -245,6 +248,17 @@ mod tests {
         assert_eq!(reply.to_string(), "ok running 0.500");
         let reply = Reply::parse("ok state=1 mem=2/3 ms=1234.5678").expect("valid");
         assert_eq!(reply.to_string(), "ok state=1 mem=2/3 ms=1234.568");
+    }
+
+    #[test]
+    fn the_longest_wall_time_formats_to_a_reply_that_parses() {
+        let longest = Reply::Running {
+            elapsed: Duration::from_micros(u64::MAX),
+        };
+        // Milliseconds as f64 lose the last microseconds here: the reply
+        // saturates instead of failing.
+        let again = Reply::parse(&longest.to_string());
+        assert!(matches!(again, Ok(Reply::Running { .. })), "{again:?}");
     }
 
     #[test]
