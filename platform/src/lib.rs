@@ -8,7 +8,8 @@
 //! wakes one by restoring the snapshot in a pre-spawned standby `vmm`
 //! ([`instance`]). The accepted socket itself is passed to the instance's
 //! VMM (`accept <guest_port>` with SCM_RIGHTS on its control socket), so no
-//! byte is copied by the daemon. Idle instances are stopped after the
+//! byte is copied by the daemon. The VMM's command line and control socket
+//! come from [`vmm_api`]; every VM of an app gets the devices of [`vm`]. Idle instances are stopped after the
 //! app's idle timeout. Apps live in an embedded database ([`db`]), so a
 //! restarted daemon serves them again; counters are exported in the
 //! Prometheus text format ([`metrics`]). The CLI talks to the daemon with
