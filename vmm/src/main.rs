@@ -83,7 +83,7 @@ struct Args {
     /// Publish a host TCP port to a guest port, `[HOSTADDR:]HOSTPORT:GUESTPORT`
     /// (host address defaults to 127.0.0.1); repeatable; implies --net.
     #[arg(long, value_name = "SPEC")]
-    publish: Vec<vmm::net::Publish>,
+    publish: Vec<vmm::usernet::Publish>,
 
     /// Deny every outbound guest connection and DNS query (except --net-allow).
     #[arg(long)]
@@ -91,11 +91,11 @@ struct Args {
 
     /// Allow outbound connections to `A.B.C.D[/N][:PORT]`; repeatable.
     #[arg(long, value_name = "RULE")]
-    net_allow: Vec<vmm::net::Rule>,
+    net_allow: Vec<vmm::usernet::Rule>,
 
     /// Deny outbound connections to `A.B.C.D[/N][:PORT]`; repeatable, checked first.
     #[arg(long, value_name = "RULE")]
-    net_deny: Vec<vmm::net::Rule>,
+    net_deny: Vec<vmm::usernet::Rule>,
 
     /// A virtio-vsock device, `uds=PATH[,cid=N]` (cid defaults to 3): the VMM
     /// listens on PATH for `CONNECT <port>`; guest connections to host port
@@ -150,9 +150,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let net = (args.net || !args.publish.is_empty()).then(|| vmm::net::NetConfig {
+    let net = (args.net || !args.publish.is_empty()).then(|| vmm::usernet::NetConfig {
         publish: args.publish,
-        policy: vmm::net::Policy {
+        policy: vmm::usernet::Policy {
             allow_by_default: !args.net_deny_outbound,
             allow: args.net_allow,
             deny: args.net_deny,

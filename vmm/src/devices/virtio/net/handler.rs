@@ -15,7 +15,7 @@ use super::queues::{read_tx_frame, write_rx_frame, QueueError};
 use crate::devices::virtio::persist::RuntimeState;
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
 use crate::event_loop::{Event, EventHandler, Ops, Token};
-use crate::net::{Stack, WatchRequest};
+use crate::usernet::{Stack, WatchRequest};
 
 const RX_TOKEN: Token = 0;
 const TX_TOKEN: Token = 1;

@@ -1,5 +1,5 @@
 //! virtio-net (device type 1) backed by the userspace stack in
-//! [`crate::net`]: the guest gets a NIC on a private network whose gateway
+//! [`crate::usernet`]: the guest gets a NIC on a private network whose gateway
 //! is the VMM, with no TAP device or privileges on the host.
 //!
 //! Features: VIRTIO_F_VERSION_1 and VIRTIO_NET_F_MAC only (no offloads, no
@@ -23,8 +23,8 @@ use crate::devices::virtio::{
 };
 use crate::event_loop::{HandlerId, LoopHandle};
 #[cfg(doc)]
-use crate::net::MAX_FRAME_LEN;
-use crate::net::{NetConfig, Stack};
+use crate::usernet::MAX_FRAME_LEN;
+use crate::usernet::{NetConfig, Stack};
 use handler::{Backend, BackendSlot, NetHandler};
 
 /// Virtio device ID of a network card.
@@ -40,7 +40,7 @@ const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 pub enum Error {
     /// The userspace stack could not start (a published port could not be bound).
     #[error(transparent)]
-    Stack(#[from] crate::net::Error),
+    Stack(#[from] crate::usernet::Error),
     /// The eventfd for handing over inbound connections could not be created.
     #[error("failed to create the inbound-connection eventfd")]
     EventFd(#[source] std::io::Error),

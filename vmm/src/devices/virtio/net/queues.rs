@@ -5,7 +5,7 @@
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::net::MAX_FRAME_LEN;
+use crate::usernet::MAX_FRAME_LEN;
 
 /// Length of `struct virtio_net_hdr` with VIRTIO_F_VERSION_1 (it then always
 /// carries `num_buffers`), in front of every frame either way.

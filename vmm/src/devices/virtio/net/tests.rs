@@ -16,8 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::handler::{process_rx, process_tx};
 use super::queues::{read_tx_frame, write_rx_frame, QueueError, NET_HDR_LEN};
 use crate::devices::virtio::Interrupt;
-use crate::net::test_utils::{arp_request, parse, Parsed};
-use crate::net::{NetConfig, Stack, GATEWAY_IP, GATEWAY_MAC, GUEST_IP};
+use crate::usernet::test_utils::{arp_request, parse, Parsed};
+use crate::usernet::{NetConfig, Stack, GATEWAY_IP, GATEWAY_MAC, GUEST_IP};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
