@@ -315,16 +315,16 @@ pub(crate) fn attach_virtio_devices(
     if let Some(net) = net {
         let device = crate::devices::virtio::net::Net::new(net)?;
         inbound = Some(device.inbound());
-        devices.attach_virtio(vm, Box::new(device))?;
+        devices.attach_virtio(&vm.fd, &vm.mem, Box::new(device))?;
     }
     for drive in drives {
         let disk = crate::devices::virtio::block::Disk::open(drive)?;
         let block = crate::devices::virtio::block::Block::new(disk);
-        devices.attach_virtio(vm, Box::new(block))?;
+        devices.attach_virtio(&vm.fd, &vm.mem, Box::new(block))?;
     }
     if let Some(vsock) = vsock {
         let device = crate::devices::virtio::vsock::Vsock::new(vsock)?;
-        devices.attach_virtio(vm, Box::new(device))?;
+        devices.attach_virtio(&vm.fd, &vm.mem, Box::new(device))?;
     }
     Ok(inbound)
 }
