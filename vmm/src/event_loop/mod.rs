@@ -75,6 +75,12 @@ pub enum Event {
         /// The token given to [`Ops::timer`].
         token: Token,
     },
+    /// Another handler on the loop has work for this one
+    /// ([`Ops::notify`]).
+    Notify {
+        /// The token the other handler gave.
+        token: Token,
+    },
 }
 
 /// A device runtime (or any other component) living on the event loop.

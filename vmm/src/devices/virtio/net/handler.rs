@@ -217,7 +217,7 @@ impl EventHandler for NetHandler {
                 self.timer_at = None;
                 Some((TIMER_TOKEN, 0))
             }
-            Event::Done { .. } => None,
+            Event::Done { .. } | Event::Notify { .. } => None,
         };
         self.run(ops, token);
     }

@@ -355,7 +355,7 @@ impl EventHandler for VsockRuntime {
                 _ => self.muxer.ready(token, revents),
             },
             Event::Timer { token: SWEEP } => self.muxer.sweep(),
-            Event::Timer { .. } | Event::Done { .. } => {}
+            Event::Timer { .. } | Event::Done { .. } | Event::Notify { .. } => {}
         }
         if !self.broken {
             self.process_rx();
