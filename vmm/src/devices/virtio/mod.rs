@@ -3,6 +3,9 @@
 //! A device implements [`VirtioDevice`]; [`transport::mmio::MmioTransport`]
 //! exposes it to the guest as a virtio 1.x MMIO device announced on the
 //! kernel command line (`virtio_mmio.device=4K@<addr>:<irq>`).
+//!
+//! Virtio constants come from the `virtio-bindings` crate (the Linux UAPI
+//! headers); feature bits there are bit numbers, [`feature`] makes the mask.
 
 pub mod block;
 pub mod net;
@@ -16,13 +19,17 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Feature bit every modern (virtio 1.x) device offers.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
-/// Interrupt-status bit: a used ring was updated.
-pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
-/// Interrupt-status bit: the configuration changed (or the device needs reset).
-pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+/// The feature mask of feature bit `bit` (virtio-bindings numbers bits).
+///
+/// ```
+/// use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// assert_eq!(vmm::devices::virtio::feature(VIRTIO_F_VERSION_1), 1 << 32);
+/// ```
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
 
 /// A device's interrupt line: an irqfd plus the MMIO interrupt-status register.
 pub struct Interrupt {
@@ -118,7 +125,7 @@ pub struct ActivateContext {
 
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (1 = net, 2 = block, 19 = vsock).
+    /// Virtio device ID (`virtio_bindings::virtio_ids`).
     fn device_type(&self) -> u32;
     /// Maximum size of each of the device's queues.
     fn queue_max_sizes(&self) -> &[u16];

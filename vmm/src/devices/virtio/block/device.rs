@@ -3,32 +3,22 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 
 use super::request::{MAX_RANGE_SECTORS, MAX_SEGMENTS};
 use super::runtime::BlockRuntime;
-use super::{Disk, TYPE_BLOCK};
+use super::Disk;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+    feature, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
 };
 use crate::event_loop::{HandlerId, LoopHandle};
-
-/// Feature: `seg_max` in config space is valid.
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-/// Feature: the disk is read-only.
-pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-/// Feature: `blk_size` in config space is valid.
-pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-/// Feature: the FLUSH request is supported.
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-/// Feature: the DISCARD request is supported.
-pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
-/// Feature: the WRITE_ZEROES request is supported.
-pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
-/// Feature: indirect descriptor tables.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// Feature: used/avail event indexes suppress notifications.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -80,7 +70,7 @@ impl Block {
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+        VIRTIO_ID_BLOCK
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -89,16 +79,16 @@ impl VirtioDevice for Block {
 
     fn avail_features(&self) -> u64 {
         let writes = if self.disk.read_only() {
-            VIRTIO_BLK_F_RO
+            feature(VIRTIO_BLK_F_RO)
         } else {
-            VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+            feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)
         };
-        VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_BLK_F_SEG_MAX
-            | VIRTIO_BLK_F_BLK_SIZE
-            | VIRTIO_BLK_F_FLUSH
+        feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_BLK_SIZE)
+            | feature(VIRTIO_BLK_F_FLUSH)
             | writes
     }
 
@@ -132,7 +122,7 @@ impl VirtioDevice for Block {
         if !queue.ready() {
             return Err(ActivateError::InvalidQueue(0));
         }
-        queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        queue.set_event_idx(self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0);
         let runtime = BlockRuntime::new(mem, queue, queue_evt, interrupt, self.disk.clone());
         let id = event_loop
             .add(Box::new(runtime))

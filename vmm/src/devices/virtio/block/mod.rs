@@ -25,14 +25,12 @@ use std::path::PathBuf;
 
 pub use device::Block;
 
-/// Virtio device ID of a block device.
-pub const TYPE_BLOCK: u32 = 2;
 /// Bytes in a virtio-blk sector (the unit of `sector` and `capacity`,
 /// whatever the disk's logical block size).
 pub const SECTOR_SIZE: u64 = 512;
 /// Bytes of the GET_ID answer (a serial, NUL-padded, not NUL-terminated
 /// when it uses all 20 bytes).
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// Errors while configuring or opening a disk.
 #[derive(Debug, thiserror::Error)]

@@ -7,24 +7,29 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{Block, VIRTIO_BLK_F_RO, VIRTIO_RING_F_EVENT_IDX};
+use super::device::Block;
 use super::request::{
     self, Error, Limits, RequestType, MAX_DESCRIPTORS, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use super::{BlockConfig, Disk};
-use crate::devices::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{feature, ActivateContext, Interrupt, VirtioDevice};
 use crate::event_loop::EventLoop;
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const HDR: u64 = 0x10_0000;
 const DATA: u64 = 0x20_0000;
 const STATUS: u64 = 0x30_0000;
@@ -421,7 +426,7 @@ impl Drop for Harness {
 
 #[test]
 fn reads_land_in_guest_memory() {
-    let mut h = Harness::new(false, VIRTIO_F_VERSION_1);
+    let mut h = Harness::new(false, feature(VIRTIO_F_VERSION_1));
     header(&h.mem, HDR, VIRTIO_BLK_T_IN, 5);
     h.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
     h.submit(&[
@@ -445,7 +450,7 @@ fn reads_land_in_guest_memory() {
 
 #[test]
 fn writes_reach_the_image_and_flush_succeeds() {
-    let mut h = Harness::new(false, VIRTIO_F_VERSION_1);
+    let mut h = Harness::new(false, feature(VIRTIO_F_VERSION_1));
     header(&h.mem, HDR, VIRTIO_BLK_T_OUT, 2);
     h.mem
         .write_slice(&[0xab; 1024], GuestAddress(DATA))
@@ -470,7 +475,7 @@ fn writes_reach_the_image_and_flush_succeeds() {
 
 #[test]
 fn get_id_returns_the_serial() {
-    let mut h = Harness::new(false, VIRTIO_F_VERSION_1);
+    let mut h = Harness::new(false, feature(VIRTIO_F_VERSION_1));
     header(&h.mem, HDR, VIRTIO_BLK_T_GET_ID, 0);
     h.submit(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
     assert_eq!(h.wait_used(1).1, 21);
@@ -483,8 +488,8 @@ fn get_id_returns_the_serial() {
 
 #[test]
 fn read_only_disk_rejects_writes_with_ioerr() {
-    let mut h = Harness::new(true, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_RO);
-    assert!(h.block.avail_features() & VIRTIO_BLK_F_RO != 0);
+    let mut h = Harness::new(true, feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_BLK_F_RO));
+    assert!(h.block.avail_features() & feature(VIRTIO_BLK_F_RO) != 0);
     header(&h.mem, HDR, VIRTIO_BLK_T_OUT, 0);
     h.mem.write_slice(&[0xcd; 512], GuestAddress(DATA)).unwrap();
     h.submit(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
@@ -498,7 +503,10 @@ fn read_only_disk_rejects_writes_with_ioerr() {
 
 #[test]
 fn bad_requests_complete_with_a_status_and_the_queue_goes_on() {
-    let mut h = Harness::new(false, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+    let mut h = Harness::new(
+        false,
+        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX),
+    );
     header(&h.mem, HDR, VIRTIO_BLK_T_IN, 1000);
     h.submit(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
     assert_eq!(h.wait_used(1).1, 1);
@@ -512,7 +520,7 @@ fn bad_requests_complete_with_a_status_and_the_queue_goes_on() {
 
 #[test]
 fn a_chain_without_status_sets_needs_reset() {
-    let mut h = Harness::new(false, VIRTIO_F_VERSION_1);
+    let mut h = Harness::new(false, feature(VIRTIO_F_VERSION_1));
     header(&h.mem, HDR, VIRTIO_BLK_T_OUT, 0);
     h.submit(&[(HDR, 16, false), (DATA, 512, false)]);
     let start = Instant::now();
@@ -567,7 +575,7 @@ fn open_errors_name_the_file() {
 
 #[test]
 fn config_space_reports_capacity_and_features() {
-    let h = Harness::new(false, VIRTIO_F_VERSION_1);
+    let h = Harness::new(false, feature(VIRTIO_F_VERSION_1));
     let mut cap = [0u8; 8];
     h.block.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 64);
@@ -575,8 +583,8 @@ fn config_space_reports_capacity_and_features() {
     h.block.read_config(20, &mut blk);
     assert_eq!(u32::from_le_bytes(blk), 512);
     assert_eq!(h.block.device_type(), 2);
-    assert!(h.block.avail_features() & VIRTIO_F_VERSION_1 != 0);
-    assert!(h.block.avail_features() & VIRTIO_BLK_F_RO == 0);
+    assert!(h.block.avail_features() & feature(VIRTIO_F_VERSION_1) != 0);
+    assert!(h.block.avail_features() & feature(VIRTIO_BLK_F_RO) == 0);
     let _ = h.kick.as_raw_fd();
 }
 
@@ -641,7 +649,7 @@ fn discard_and_write_zeroes_ranges_are_checked() {
 
 #[test]
 fn write_zeroes_and_discard_zero_the_image_range() {
-    let mut h = Harness::new(false, VIRTIO_F_VERSION_1);
+    let mut h = Harness::new(false, feature(VIRTIO_F_VERSION_1));
     header(&h.mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 3);
     segment(&h.mem, DATA, 3, 2, 0);
     h.submit(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
@@ -679,7 +687,7 @@ fn a_saved_runtime_resumes_from_its_ring_positions() {
     use crate::devices::virtio::persist::RuntimeState;
     use crate::event_loop::test_utils::save_handler;
 
-    let features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
+    let features = feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX);
     let mut h = Harness::new(false, features);
     header(&h.mem, HDR, VIRTIO_BLK_T_IN, 5);
     h.submit(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);

@@ -18,8 +18,12 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+    feature, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
 };
 use crate::event_loop::{HandlerId, LoopHandle};
 #[cfg(doc)]
@@ -27,10 +31,6 @@ use crate::usernet::MAX_FRAME_LEN;
 use crate::usernet::{NetConfig, Stack};
 use handler::{Backend, BackendSlot, NetHandler};
 
-/// Virtio device ID of a network card.
-pub const VIRTIO_ID_NET: u32 = 1;
-/// Feature: the device has a MAC address in its configuration space.
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
@@ -157,7 +157,7 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MAC)
     }
 
     fn set_acked_features(&mut self, features: u64) {

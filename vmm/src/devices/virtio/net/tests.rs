@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -19,8 +20,8 @@ use crate::devices::virtio::Interrupt;
 use crate::usernet::test_utils::{arp_request, parse, Parsed};
 use crate::usernet::{NetConfig, Stack, GATEWAY_IP, GATEWAY_MAC, GUEST_IP};
 
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const MEM_SIZE: u64 = 0x10_0000;
 
 fn memory() -> GuestMemoryMmap {

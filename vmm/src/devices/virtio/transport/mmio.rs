@@ -3,6 +3,20 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
+    VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES,
+    VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS,
+    VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+    VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY,
+    VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_READY,
+    VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW,
+    VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -10,25 +24,24 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::persist::{RuntimeState, SavedQueue, TransportState};
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_CONFIG,
+    feature, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG,
 };
 use crate::event_loop::LoopHandle;
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 /// Offset of the QueueNotify register (where ioeventfds are attached).
-pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
+// What the MagicValue, Version and VendorID registers read; the Linux
+// headers name the registers, not these values.
+/// "virt", little endian.
 const MAGIC_VALUE: u32 = 0x7472_6976;
+/// Virtio 1.x MMIO (version 1 was the legacy interface).
 const MMIO_VERSION: u32 = 2;
-const VENDOR_ID: u32 = 0x4c43_4c54; // "LTLC"
-const CONFIG_SPACE_OFFSET: u64 = 0x100;
-
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 64;
-const STATUS_FAILED: u32 = 128;
+/// "LTLC".
+const VENDOR_ID: u32 = 0x4c43_4c54;
+const CONFIG_SPACE_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 /// The MMIO transport around one device.
 pub struct MmioTransport {
@@ -186,7 +199,7 @@ impl MmioTransport {
         self.queue_sel = state.queue_sel;
         self.config_generation = state.config_generation;
         self.interrupt.restore_status(state.interrupt_status);
-        if state.status & STATUS_FEATURES_OK != 0 {
+        if state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             self.device.set_acked_features(state.acked_features);
         }
         if !state.activated {
@@ -235,7 +248,7 @@ impl MmioTransport {
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
-        if self.status & STATUS_DRIVER_OK != 0 {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             return None;
         }
         let index = usize::try_from(self.queue_sel).ok()?;
@@ -269,8 +282,8 @@ impl MmioTransport {
 
     /// Marks the device broken and tells the driver (spec 2.1.2).
     fn needs_reset(&mut self) {
-        self.status |= STATUS_NEEDS_RESET;
-        if self.status & STATUS_DRIVER_OK != 0 {
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             let _ = self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
         }
     }
@@ -281,25 +294,27 @@ impl MmioTransport {
             return;
         }
         let new_bits = value & !self.status;
-        if new_bits & STATUS_FEATURES_OK != 0 {
+        if new_bits & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let offered = self.device.avail_features();
             let ok = self.driver_features & !offered == 0
-                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+                && self.driver_features & feature(VIRTIO_F_VERSION_1) != 0;
             if !ok {
                 // Leaving FEATURES_OK clear tells the driver the set is refused.
-                self.status = value & !STATUS_FEATURES_OK;
+                self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
                 return;
             }
             self.device.set_acked_features(self.driver_features);
         }
         self.status = value;
-        if new_bits & STATUS_DRIVER_OK != 0 && !self.activated {
+        if new_bits & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.activated {
             self.activate();
         }
     }
 
     fn activate(&mut self) {
-        if self.status & STATUS_FEATURES_OK == 0 || self.status & STATUS_FAILED != 0 {
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+            || self.status & VIRTIO_CONFIG_S_FAILED != 0
+        {
             self.needs_reset();
             return;
         }
@@ -340,42 +355,44 @@ impl MmioTransport {
         }
     }
 
-    fn read_register(&mut self, offset: u64) -> u32 {
+    fn read_register(&mut self, offset: u32) -> u32 {
         match offset {
-            0x00 => MAGIC_VALUE,
-            0x04 => MMIO_VERSION,
-            0x08 => self.device.device_type(),
-            0x0c => VENDOR_ID,
-            0x10 => Self::features_page(self.device.avail_features(), self.device_features_sel),
-            0x34 => {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => {
+                Self::features_page(self.device.avail_features(), self.device_features_sel)
+            }
+            VIRTIO_MMIO_QUEUE_NUM_MAX => {
                 let index = usize::try_from(self.queue_sel).unwrap_or(usize::MAX);
                 self.queues
                     .get(index)
                     .map_or(0, |q| u32::from(q.max_size()))
             }
-            0x44 => {
+            VIRTIO_MMIO_QUEUE_READY => {
                 let index = usize::try_from(self.queue_sel).unwrap_or(usize::MAX);
                 self.queues.get(index).map_or(0, |q| u32::from(q.ready()))
             }
-            0x60 => self.interrupt.status(),
-            0x70 => {
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => {
                 if self.interrupt.needs_reset() {
-                    self.status | STATUS_NEEDS_RESET
+                    self.status | VIRTIO_CONFIG_S_NEEDS_RESET
                 } else {
                     self.status
                 }
             }
-            0xfc => self.config_generation,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
 
-    fn write_register(&mut self, offset: u64, value: u32) {
+    fn write_register(&mut self, offset: u32, value: u32) {
         match offset {
-            0x14 => self.device_features_sel = value,
-            0x20 => {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
                 // Features are negotiated only before FEATURES_OK.
-                if self.status & STATUS_FEATURES_OK == 0 {
+                if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
                     let v = u64::from(value);
                     match self.driver_features_sel {
                         0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
@@ -386,33 +403,45 @@ impl MmioTransport {
                     }
                 }
             }
-            0x24 => self.driver_features_sel = value,
-            0x30 => self.queue_sel = value,
-            0x38 => {
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM => {
                 let size = u16::try_from(value).unwrap_or(0);
                 if let Some(q) = self.selected_queue() {
                     q.set_size(size);
                 }
             }
-            0x44 => {
+            VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(value == 1);
                 }
             }
-            0x50 => {
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
                 let index = usize::try_from(value).unwrap_or(usize::MAX);
                 if let Some(evt) = self.queue_events.get(index) {
                     let _ = evt.write(1);
                 }
             }
-            0x64 => self.interrupt.ack(value),
-            0x70 => self.set_status(value),
-            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
-            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
-            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
-            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
-            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
-            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => {
+                self.with_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW => {
+                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
             _ => tracing::debug!("virtio-mmio: write to unknown register {offset:#x}"),
         }
     }
@@ -430,11 +459,13 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
-        if data.len() != 4 || !offset.is_multiple_of(4) {
+        // Below the config space, the offset fits a register number.
+        let register = u32::try_from(offset).ok();
+        let Some(register) = register.filter(|r| data.len() == 4 && r.is_multiple_of(4)) else {
             data.fill(0);
             return;
-        }
-        let v = self.read_register(offset);
+        };
+        let v = self.read_register(register);
         data.copy_from_slice(&v.to_le_bytes());
     }
 
@@ -447,10 +478,10 @@ impl BusDevice for MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if !offset.is_multiple_of(4) {
+        let Some(register) = u32::try_from(offset).ok().filter(|r| r.is_multiple_of(4)) else {
             return;
-        }
-        self.write_register(offset, u32::from_le_bytes(bytes));
+        };
+        self.write_register(register, u32::from_le_bytes(bytes));
     }
 }
 

@@ -1,15 +1,20 @@
 use std::sync::{Arc, Mutex};
 
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
 };
+
+const STATUS_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const STATUS_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+const STATUS_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const STATUS_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const STATUS_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
 #[derive(Default)]
 struct Record {
@@ -33,7 +38,7 @@ impl VirtioDevice for MockDevice {
         &[16, 16]
     }
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | 0b101
+        feature(VIRTIO_F_VERSION_1) | 0b101
     }
     fn set_acked_features(&mut self, features: u64) {
         self.record.lock().expect("unpoisoned").acked = features;
@@ -149,7 +154,7 @@ fn feature_pages() {
 #[test]
 fn full_initialization_activates_device() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1 | 1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1) | 1);
     assert_ne!(r32(&mut f.t, 0x70) & STATUS_FEATURES_OK, 0);
     w32(
         &mut f.t,
@@ -159,13 +164,13 @@ fn full_initialization_activates_device() {
     let r = f.record.lock().expect("unpoisoned");
     assert_eq!(r.activations, 1);
     assert_eq!(r.queues, 2);
-    assert_eq!(r.acked, VIRTIO_F_VERSION_1 | 1);
+    assert_eq!(r.acked, feature(VIRTIO_F_VERSION_1) | 1);
 }
 
 #[test]
 fn unoffered_features_are_refused() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1 | 0b10);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1) | 0b10);
     assert_eq!(r32(&mut f.t, 0x70) & STATUS_FEATURES_OK, 0);
     assert_eq!(f.record.lock().expect("unpoisoned").acked, 0);
 }
@@ -192,7 +197,7 @@ fn driver_ok_without_features_ok_needs_reset() {
 #[test]
 fn queue_outside_guest_memory_needs_reset() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(&mut f.t, 0x30, 1);
     w32(&mut f.t, 0x44, 0);
     w32(&mut f.t, 0x80, 0xffff_f000);
@@ -211,7 +216,7 @@ fn queue_outside_guest_memory_needs_reset() {
 #[test]
 fn runtime_errors_surface_as_needs_reset_until_reset() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(
         &mut f.t,
         0x70,
@@ -228,7 +233,7 @@ fn runtime_errors_surface_as_needs_reset_until_reset() {
 #[test]
 fn failed_activation_needs_reset() {
     let mut f = fixture(true);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(
         &mut f.t,
         0x70,
@@ -240,7 +245,7 @@ fn failed_activation_needs_reset() {
 #[test]
 fn reset_clears_state_and_resets_device() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(
         &mut f.t,
         0x70,
@@ -256,7 +261,7 @@ fn reset_clears_state_and_resets_device() {
 #[test]
 fn queue_config_is_frozen_after_driver_ok() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(
         &mut f.t,
         0x70,

@@ -7,22 +7,22 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{Interest, Muxer, LISTENER, SWEEP};
-use super::packet::{self, RxBuffer};
+use super::packet::{self, RxBuffer, EVENT_LEN, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET};
 use super::{Error, VsockConfig};
 use crate::devices::virtio::persist::RuntimeState;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+    feature, read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice,
     VIRTIO_MMIO_INT_VRING,
 };
 use crate::event_loop::{Event, EventHandler, HandlerId, LoopHandle, Ops};
 
-/// Virtio device ID of vsock.
-pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// Size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
 /// Queue indices.
@@ -30,10 +30,6 @@ const RX: usize = 0;
 const TX: usize = 1;
 const EVT: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
-/// `virtio_vsock_event.id` of a transport reset (virtio 1.2, 5.10.6.6).
-pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
-/// Bytes of `struct virtio_vsock_event`.
-const EVENT_LEN: u32 = 4;
 
 /// A virtio-vsock device with the hybrid Unix-socket backend.
 pub struct Vsock {
@@ -100,7 +96,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        feature(VIRTIO_F_VERSION_1)
     }
 
     fn set_acked_features(&mut self, features: u64) {

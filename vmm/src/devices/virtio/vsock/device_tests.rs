@@ -4,6 +4,8 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -13,7 +15,7 @@ use super::*;
 use crate::devices::virtio::vsock::packet::{Header, Op, HDR_LEN, HOST_CID, TYPE_STREAM};
 
 const CID: u64 = 3;
-const WRITE: u16 = 2;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 /// The driver side: TX chains of one descriptor, RX chains of one
 /// 4 KiB buffer, all at fresh addresses.
@@ -286,7 +288,7 @@ fn device_reports_type_cid_and_queues() {
     let dev = Vsock::new(&config).unwrap();
     assert_eq!(dev.device_type(), 19);
     assert_eq!(dev.queue_max_sizes().len(), 3);
-    assert_eq!(dev.avail_features(), VIRTIO_F_VERSION_1);
+    assert_eq!(dev.avail_features(), feature(VIRTIO_F_VERSION_1));
     let mut cid = [0u8; 8];
     dev.read_config(0, &mut cid);
     assert_eq!(u64::from_le_bytes(cid), 0x1234_5678);

@@ -29,7 +29,7 @@ mod unix;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-pub use device::{Vsock, VIRTIO_ID_VSOCK};
+pub use device::Vsock;
 
 /// The guest context id unless `cid=` says otherwise.
 pub const DEFAULT_GUEST_CID: u64 = 3;
