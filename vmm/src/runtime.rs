@@ -151,9 +151,9 @@ pub enum ControlError {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
-    /// An active device whose runtime cannot be saved.
-    #[error("virtio device of type {0} cannot be snapshotted while active")]
-    Unsupported(u32),
+    /// An active device whose handler cannot be saved.
+    #[error(transparent)]
+    Device(#[from] crate::devices::virtio::transport::mmio::SaveError),
     /// A diff snapshot of a VM that was not restored from a snapshot.
     #[error("a diff snapshot needs a VM restored from a full snapshot (its base)")]
     NoBase,
@@ -203,16 +203,7 @@ impl VmHandle {
         };
         let mut virtio = Vec::with_capacity(self.transports.len());
         for transport in &self.transports {
-            let t = lock(transport);
-            let mut state = t.save();
-            if t.activated() {
-                let runtime = t
-                    .runtime()
-                    .and_then(|id| ops.save_handler(id))
-                    .ok_or(ControlError::Unsupported(state.device_type))?;
-                state.runtime = Some(runtime);
-            }
-            virtio.push(state);
+            virtio.push(lock(transport).save(ops)?);
         }
         if self.msr_indices.get().is_none() {
             let _ = self.msr_indices.set(persist::saveable_msrs(&self.vm.kvm)?);

@@ -1,6 +1,7 @@
 //! What a handler may ask of the loop, and the thin unsafe layer that turns
 //! those requests into io_uring submissions.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -180,7 +181,7 @@ impl<'a> Ops<'a> {
     }
 
     /// The snapshot state of handler `id` (see [`EventHandler::save`]).
-    pub fn save_handler(&mut self, id: HandlerId) -> Option<Vec<u8>> {
+    pub fn save_handler(&mut self, id: HandlerId) -> Option<Box<dyn Any + Send>> {
         self.others.as_mut()?.get_mut(&id)?.save()
     }
 

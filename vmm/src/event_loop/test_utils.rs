@@ -2,6 +2,7 @@
 //! reaching a running handler's snapshot hooks the way the control socket
 //! does, from another handler on the same loop ([`on_loop`], [`save_handler`]).
 
+use std::any::Any;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use super::{Event, EventHandler, HandlerId, LoopHandle, Ops};
 
 /// What [`save_handler`] saw: whether every other handler was quiescent,
 /// and what the target's [`EventHandler::save`] returned.
-pub type Saved = (bool, Option<Vec<u8>>);
+pub type Saved = (bool, Option<Box<dyn Any + Send>>);
 
 /// Runs its job once its eventfd is readable.
 struct Probe<F, R> {

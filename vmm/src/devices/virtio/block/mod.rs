@@ -4,7 +4,8 @@
 //! [`BlockConfig`] says which file backs a disk and how; [`Disk`] is the
 //! opened image; [`device::Block`] is the [`VirtioDevice`](super::VirtioDevice)
 //! the MMIO transport drives; [`request`] turns one descriptor chain into
-//! a checked [`request::Request`]; the queue runtime lives in `runtime.rs`.
+//! a checked [`request::Request`]; `handler.rs` runs the queue on the event
+//! loop; [`persist`] is what a snapshot keeps of it.
 //!
 //! ```
 //! use vmm::devices::virtio::block::BlockConfig;
@@ -15,8 +16,9 @@
 //! ```
 
 pub mod device;
+mod handler;
+pub mod persist;
 pub mod request;
-mod runtime;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -221,5 +223,7 @@ impl Disk {
     }
 }
 
+#[cfg(test)]
+mod test_utils;
 #[cfg(test)]
 mod tests;

@@ -397,3 +397,7 @@ pub fn parse(
         status,
     })
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

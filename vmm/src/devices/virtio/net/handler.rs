@@ -1,6 +1,7 @@
-//! The device's runtime on the event loop: the two virtqueues, the
-//! userspace stack, the host sockets it watches and its timer.
+//! The device's handler on the event loop: the two virtqueues, and the
+//! userspace stack with the host sockets it watches and its timer.
 
+use std::any::Any;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::Receiver;
@@ -11,16 +12,19 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::NetState;
 use super::queues::{read_tx_frame, write_rx_frame, QueueError};
-use crate::devices::virtio::persist::RuntimeState;
+use crate::devices::virtio::persist::{DeviceState, RuntimeState};
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
 use crate::event_loop::{Event, EventHandler, Ops, Token};
-use crate::usernet::{Stack, WatchRequest};
+use crate::usernet::{Stack, WatchRequest, FIRST_TOKEN};
 
 const RX_TOKEN: Token = 0;
 const TX_TOKEN: Token = 1;
 const INBOUND_TOKEN: Token = 2;
 const TIMER_TOKEN: Token = 3;
+// The stack's host fds have tokens of their own, from FIRST_TOKEN up.
+const _: () = assert!(TIMER_TOKEN < FIRST_TOKEN);
 
 /// What outlives a device reset: the stack with its host sockets, and the
 /// channel accepted host connections arrive on.
@@ -36,19 +40,19 @@ pub(super) type BackendSlot = Arc<Mutex<Option<Backend>>>;
 
 /// The event-loop handler of an activated device.
 pub(super) struct NetHandler {
-    pub(super) mem: GuestMemoryMmap,
-    pub(super) rx: Queue,
-    pub(super) tx: Queue,
-    pub(super) rx_evt: EventFd,
-    pub(super) tx_evt: EventFd,
-    pub(super) interrupt: Arc<Interrupt>,
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    rx_evt: EventFd,
+    tx_evt: EventFd,
+    interrupt: Arc<Interrupt>,
     /// The MAC the guest read from config space, saved with the queues.
-    pub(super) mac: [u8; 6],
-    pub(super) wake: Arc<EventFd>,
-    pub(super) backend: Option<Backend>,
-    pub(super) slot: BackendSlot,
-    pub(super) timer_at: Option<Instant>,
-    pub(super) broken: bool,
+    mac: [u8; 6],
+    wake: Arc<EventFd>,
+    backend: Option<Backend>,
+    slot: BackendSlot,
+    timer_at: Option<Instant>,
+    broken: bool,
 }
 
 /// Pops transmit chains, hands their frames to the stack, returns them used.
@@ -118,23 +122,56 @@ fn notify(
 }
 
 impl NetHandler {
+    /// A handler for the `[rx, tx]` queues, notified through `[rx, tx]`
+    /// eventfds, in front of `backend`, which goes back to `slot` when the
+    /// handler stops; `wake` signals connections on `backend`'s channel.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        mem: GuestMemoryMmap,
+        [rx, tx]: [Queue; 2],
+        [rx_evt, tx_evt]: [EventFd; 2],
+        interrupt: Arc<Interrupt>,
+        mac: [u8; 6],
+        wake: Arc<EventFd>,
+        backend: Backend,
+        slot: BackendSlot,
+    ) -> Self {
+        Self {
+            mem,
+            rx,
+            tx,
+            rx_evt,
+            tx_evt,
+            interrupt,
+            mac,
+            wake,
+            backend: Some(backend),
+            slot,
+            timer_at: None,
+            broken: false,
+        }
+    }
+
     fn run(&mut self, ops: &mut Ops<'_>, token: Option<(Token, u32)>) {
         if self.broken {
             return;
         }
+        if let Err(e) = self.pass(ops, token) {
+            self.fail(&e);
+        }
+    }
+
+    /// One pass: the event's own work, then the stack, the receive queue,
+    /// the stack's watch changes and its timer.
+    fn pass(&mut self, ops: &mut Ops<'_>, token: Option<(Token, u32)>) -> Result<(), QueueError> {
         let Some(backend) = self.backend.as_mut() else {
-            return;
+            return Ok(());
         };
         let stack = &mut backend.stack;
         let mut taken = 0;
         match token {
             Some((RX_TOKEN | TIMER_TOKEN, _)) | None => {}
-            Some((TX_TOKEN, _)) => {
-                if let Err(e) = process_tx(&self.mem, &mut self.tx, stack, &self.interrupt) {
-                    self.fail(&e);
-                    return;
-                }
-            }
+            Some((TX_TOKEN, _)) => process_tx(&self.mem, &mut self.tx, stack, &self.interrupt)?,
             Some((INBOUND_TOKEN, _)) => {
                 while let Ok((stream, port)) = backend.inbound.try_recv() {
                     taken += 1;
@@ -147,26 +184,23 @@ impl NetHandler {
         }
         stack.poll();
         backend.stats.record(stack.connections(), taken);
-        if let Err(e) = process_rx(&self.mem, &mut self.rx, stack, &self.interrupt) {
-            self.fail(&e);
-            return;
-        }
+        process_rx(&self.mem, &mut self.rx, stack, &self.interrupt)?;
         for request in stack.take_requests() {
             match request {
                 WatchRequest::Watch { fd, token, events } => ops.watch(fd, token, events),
                 WatchRequest::Unwatch { token } => ops.unwatch(token),
             }
         }
-        self.arm_timer(ops);
+        let delay = stack.poll_delay();
+        self.arm_timer(ops, delay);
+        Ok(())
     }
 
-    /// Keeps one timer armed for the stack's next deadline, re-arming only
-    /// when the deadline moves earlier (a late timer just finds less to do).
-    fn arm_timer(&mut self, ops: &mut Ops<'_>) {
-        let Some(backend) = self.backend.as_mut() else {
-            return;
-        };
-        let Some(delay) = backend.stack.poll_delay() else {
+    /// Keeps one timer armed for the stack's next deadline (`delay` from
+    /// now), re-arming only when the deadline moves earlier (a late timer
+    /// just finds less to do).
+    fn arm_timer(&mut self, ops: &mut Ops<'_>, delay: Option<Duration>) {
+        let Some(delay) = delay else {
             return;
         };
         let at = Instant::now() + delay;
@@ -224,11 +258,11 @@ impl EventHandler for NetHandler {
 
     /// The two queues and the MAC. The stack (smoltcp and host sockets)
     /// is not saved: a restore starts a fresh one.
-    fn save(&mut self) -> Option<Vec<u8>> {
-        Some(RuntimeState::encode(
+    fn save(&mut self) -> Option<Box<dyn Any + Send>> {
+        Some(Box::new(RuntimeState::new(
             &[&self.rx, &self.tx],
-            self.mac.to_vec(),
-        ))
+            DeviceState::Net(NetState::new(self.mac)),
+        )))
     }
 
     fn stop(&mut self) {
@@ -236,3 +270,7 @@ impl EventHandler for NetHandler {
         *slot = self.backend.take();
     }
 }
+
+#[cfg(test)]
+#[path = "handler_tests.rs"]
+mod tests;

@@ -138,3 +138,7 @@ pub fn write_rx_frame(
     }
     Ok(total)
 }
+
+#[cfg(test)]
+#[path = "queues_tests.rs"]
+mod tests;

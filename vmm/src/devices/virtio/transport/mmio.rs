@@ -1,5 +1,7 @@
 //! Virtio 1.x over MMIO (virtio spec 1.2, section 4.2.2): the register file
-//! the guest driver programs, queue setup, and device activation.
+//! the guest driver programs, queue setup, and device activation. The
+//! transport puts an activated device's handler on the event loop, removes
+//! it on reset, and is what a snapshot asks for the device's state.
 
 use std::sync::Arc;
 
@@ -26,7 +28,7 @@ use crate::devices::virtio::persist::{RuntimeState, SavedQueue, TransportState};
 use crate::devices::virtio::{
     feature, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG,
 };
-use crate::event_loop::LoopHandle;
+use crate::event_loop::{HandlerId, LoopHandle, Ops};
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -57,7 +59,8 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     config_generation: u32,
-    activated: bool,
+    /// The device's handler on the event loop, while the device is active.
+    handler: Option<HandlerId>,
 }
 
 /// Errors while restoring a transport from a snapshot.
@@ -74,15 +77,23 @@ pub enum RestoreError {
     /// The queue count differs.
     #[error("saved virtio device of type {0} has a different number of queues")]
     QueueCount(u32),
-    /// An active device without runtime state.
-    #[error("saved virtio device of type {0} was active but has no runtime state")]
-    NoRuntime(u32),
-    /// Saved state that does not decode.
+    /// A saved queue that is not valid.
     #[error(transparent)]
     State(#[from] crate::devices::virtio::persist::Error),
     /// The device could not resume.
     #[error("virtio device failed to resume")]
     Activate(#[source] ActivateError),
+    /// The device's handler could not be put on the event loop.
+    #[error("the resumed virtio device's handler cannot start")]
+    EventLoop(#[source] crate::event_loop::Error),
+}
+
+/// Errors while saving a transport for a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The active device's handler saved nothing a transport can restore.
+    #[error("virtio device of type {0} cannot be snapshotted while active")]
+    Unsupported(u32),
 }
 
 /// Errors while creating a transport.
@@ -103,7 +114,7 @@ pub enum Error {
 
 impl MmioTransport {
     /// Wraps `device`; `interrupt` is its line, `mem` the guest memory,
-    /// `event_loop` where its runtime will live once activated.
+    /// `event_loop` where its handler will run once activated.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
@@ -129,7 +140,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             config_generation: 0,
-            activated: false,
+            handler: None,
         })
     }
 
@@ -144,11 +155,23 @@ impl MmioTransport {
         self.status
     }
 
-    /// The transport's registers for a snapshot; the runtime's state is
-    /// added by the caller from the handler [`Self::runtime`] names.
-    pub fn save(&self) -> TransportState {
-        TransportState {
-            device_type: self.device.device_type(),
+    /// The transport's registers and, while the device is active, what its
+    /// handler saves. `ops` reaches the handler: call from another handler
+    /// on the same loop, once every handler is quiescent.
+    pub fn save(&self, ops: &mut Ops<'_>) -> Result<TransportState, SaveError> {
+        let device_type = self.device.device_type();
+        let runtime = match self.handler {
+            None => None,
+            Some(id) => {
+                let saved = ops
+                    .save_handler(id)
+                    .and_then(|state| state.downcast::<RuntimeState>().ok())
+                    .ok_or(SaveError::Unsupported(device_type))?;
+                Some(*saved)
+            }
+        };
+        Ok(TransportState {
+            device_type,
             status: self.status,
             acked_features: self.driver_features,
             device_features_sel: self.device_features_sel,
@@ -156,27 +179,17 @@ impl MmioTransport {
             queue_sel: self.queue_sel,
             config_generation: self.config_generation,
             interrupt_status: self.interrupt.status(),
-            activated: self.activated,
             queues: self.queues.iter().map(SavedQueue::from).collect(),
-            runtime: None,
-        }
+            runtime,
+        })
     }
 
-    /// The device's runtime handler, when it is active.
-    pub fn runtime(&self) -> Option<crate::event_loop::HandlerId> {
-        if self.activated {
-            self.device.runtime()
-        } else {
-            None
-        }
-    }
-
-    /// Whether the device runs and must have its runtime saved.
+    /// Whether the device is active: its handler is on the event loop.
     pub fn activated(&self) -> bool {
-        self.activated
+        self.handler.is_some()
     }
 
-    /// Puts the transport (and, if it was running, the device's runtime)
+    /// Puts the transport (and, if it was active, the device's handler)
     /// back as saved. The device must be the same type, freshly created.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
         let device_type = self.device.device_type();
@@ -190,7 +203,7 @@ impl MmioTransport {
             return Err(RestoreError::QueueCount(device_type));
         }
         for (i, saved) in state.queues.iter().enumerate() {
-            self.queues[i] = saved.to_queue(i).map_err(RestoreError::State)?;
+            self.queues[i] = saved.to_queue(i)?;
         }
         self.status = state.status;
         self.driver_features = state.acked_features;
@@ -202,14 +215,9 @@ impl MmioTransport {
         if state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             self.device.set_acked_features(state.acked_features);
         }
-        if !state.activated {
+        let Some(runtime) = &state.runtime else {
             return Ok(());
-        }
-        let runtime = state
-            .runtime
-            .as_deref()
-            .ok_or(RestoreError::NoRuntime(device_type))?;
-        let runtime = RuntimeState::decode(runtime).map_err(RestoreError::State)?;
+        };
         if runtime.queues.len() != self.queues.len() {
             return Err(RestoreError::QueueCount(device_type));
         }
@@ -218,20 +226,24 @@ impl MmioTransport {
             .iter()
             .enumerate()
             .map(|(i, q)| q.to_queue(i))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(RestoreError::State)?;
+            .collect::<Result<Vec<_>, _>>()?;
         let ctx = self
             .context(queues)
             .map_err(|e| RestoreError::Activate(ActivateError::Backend(e)))?;
-        self.device
-            .restore_runtime(ctx, &runtime.extra)
+        let handler = self
+            .device
+            .restore(ctx, &runtime.device)
             .map_err(RestoreError::Activate)?;
-        self.activated = true;
+        let id = self
+            .event_loop
+            .add(handler)
+            .map_err(RestoreError::EventLoop)?;
+        self.handler = Some(id);
         Ok(())
     }
 
     /// What the device starts with: `queues`, duplicates of the queue
-    /// notification eventfds, the interrupt line and the event loop.
+    /// notification eventfds and the interrupt line.
     fn context(&self, queues: Vec<Queue>) -> std::io::Result<ActivateContext> {
         let queue_events = self
             .queue_events
@@ -243,7 +255,6 @@ impl MmioTransport {
             queues,
             queue_events,
             interrupt: self.interrupt.clone(),
-            event_loop: self.event_loop.clone(),
         })
     }
 
@@ -264,8 +275,22 @@ impl MmioTransport {
         u32::try_from(half).unwrap_or(0)
     }
 
+    /// Takes the device's handler off the loop; its `stop` runs there.
+    fn remove_handler(&mut self) -> bool {
+        let Some(id) = self.handler.take() else {
+            return false;
+        };
+        if let Err(e) = self.event_loop.remove(id) {
+            tracing::debug!(
+                "virtio device {}: removing its handler: {e}",
+                self.device.device_type()
+            );
+        }
+        true
+    }
+
     fn reset(&mut self) {
-        if self.activated {
+        if self.remove_handler() {
             self.device.reset();
         }
         for q in &mut self.queues {
@@ -276,7 +301,6 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
-        self.activated = false;
         self.interrupt.reset();
     }
 
@@ -306,7 +330,7 @@ impl MmioTransport {
             self.device.set_acked_features(self.driver_features);
         }
         self.status = value;
-        if new_bits & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.activated {
+        if new_bits & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.handler.is_none() {
             self.activate();
         }
     }
@@ -343,11 +367,22 @@ impl MmioTransport {
             self.needs_reset();
             return;
         };
-        match self.device.activate(ctx) {
-            Ok(()) => self.activated = true,
+        let handler = match self.device.activate(ctx) {
+            Ok(handler) => handler,
             Err(e) => {
                 tracing::warn!(
                     "virtio device {} failed to activate: {e}",
+                    self.device.device_type()
+                );
+                self.needs_reset();
+                return;
+            }
+        };
+        match self.event_loop.add(handler) {
+            Ok(id) => self.handler = Some(id),
+            Err(e) => {
+                tracing::warn!(
+                    "virtio device {}: its handler cannot start: {e}",
                     self.device.device_type()
                 );
                 self.needs_reset();
@@ -482,6 +517,13 @@ impl BusDevice for MmioTransport {
             return;
         };
         self.write_register(register, u32::from_le_bytes(bytes));
+    }
+}
+
+impl Drop for MmioTransport {
+    /// A device that goes away takes its handler off the loop with it.
+    fn drop(&mut self) {
+        self.remove_handler();
     }
 }
 
