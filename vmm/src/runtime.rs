@@ -448,7 +448,7 @@ impl ApiServer {
                 });
                 return self.try_finish_snapshot(ops).map(|(_, reply)| reply);
             }
-            "accept" => self.accept(slot, arg),
+            "accept" => self.accept(slot, arg, ops),
             "connections" => match &self.inbound {
                 Some(inbound) => {
                     let (open, taken) = inbound.counts();
@@ -468,8 +468,9 @@ impl ApiServer {
     }
 
     /// `accept <guest_port>`: hands the oldest descriptor this client passed
-    /// to the network device. Only TCP sockets are taken.
-    fn accept(&mut self, slot: usize, arg: &str) -> String {
+    /// to the network device, through `ops` on this loop. Only TCP sockets
+    /// are taken.
+    fn accept(&mut self, slot: usize, arg: &str, ops: &mut Ops<'_>) -> String {
         let Ok(port @ 1..) = arg.parse::<u16>() else {
             return format!("error invalid guest port {arg:?}");
         };
@@ -483,10 +484,10 @@ impl ApiServer {
             return "error the passed descriptor is not a connected TCP socket".into();
         };
         match &self.inbound {
-            Some(inbound) => match inbound.accept_inbound(stream, port) {
-                Ok(()) => "ok".into(),
-                Err(e) => format!("error {}", error_chain(&e)),
-            },
+            Some(inbound) => {
+                inbound.accept_inbound(ops, stream, port);
+                "ok".into()
+            }
             None => "error the VM has no network device".into(),
         }
     }

@@ -179,9 +179,11 @@ impl Stack {
         self.conns.len()
     }
 
-    /// Watch requests for every host fd the stack holds: call when the
-    /// handler (re)starts on the event loop.
+    /// Watch requests for every host fd the stack holds, in place of what
+    /// was queued: call when a handler (re)starts on the event loop (what
+    /// an earlier handler watched went with it).
     pub fn watch_all(&mut self) {
+        self.requests.clear();
         let watches: Vec<WatchRequest> = self
             .listeners
             .iter()

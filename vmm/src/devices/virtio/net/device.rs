@@ -2,16 +2,15 @@
 //! in config space, and the handler it starts on activation.
 
 use std::net::SocketAddr;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::EventFd;
 
-use super::handler::{Backend, BackendSlot, NetHandler};
-use super::{Error, InboundHandle, InboundStats, QUEUE_SIZE};
+use super::handler::{Backend, NetHandler};
+use super::{Error, InboundHandle, QUEUE_SIZE};
 use crate::devices::virtio::persist::DeviceState;
 use crate::devices::virtio::{
     feature, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
@@ -25,9 +24,9 @@ const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 pub struct Net {
     mac: [u8; 6],
     acked_features: u64,
-    slot: BackendSlot,
-    wake: Arc<EventFd>,
-    inbound: InboundHandle,
+    /// The stack outlives device resets: the device, its handler while
+    /// active, and every [`InboundHandle`] share it.
+    backend: Arc<Mutex<Backend>>,
     published: Vec<(SocketAddr, u16)>,
 }
 
@@ -37,30 +36,19 @@ impl Net {
     pub fn new(config: &NetConfig) -> Result<Self, Error> {
         let stack = Stack::new(config)?;
         let published = stack.published();
-        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
-        let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(InboundStats::default());
         Ok(Self {
             mac: config.mac,
             acked_features: 0,
-            slot: Arc::new(Mutex::new(Some(Backend {
-                stack,
-                inbound: rx,
-                stats: stats.clone(),
-            }))),
-            inbound: InboundHandle {
-                tx,
-                wake: wake.clone(),
-                stats,
-            },
-            wake,
+            backend: Arc::new(Mutex::new(Backend::new(stack))),
             published,
         })
     }
 
     /// A handle for handing accepted host connections to the guest.
     pub fn inbound(&self) -> InboundHandle {
-        self.inbound.clone()
+        InboundHandle {
+            backend: self.backend.clone(),
+        }
     }
 
     /// The bound host address of each `--publish` listener and its guest port.
@@ -112,25 +100,13 @@ impl VirtioDevice for Net {
                 return Err(ActivateError::InvalidQueue(index));
             }
         }
-        let backend = self
-            .slot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| {
-                ActivateError::Backend(std::io::Error::other(
-                    "the previous activation has not stopped yet",
-                ))
-            })?;
         Ok(Box::new(NetHandler::new(
             mem,
             [rx, tx],
             [rx_evt, tx_evt],
             interrupt,
             self.mac,
-            self.wake.clone(),
-            backend,
-            self.slot.clone(),
+            self.backend.clone(),
         )))
     }
 

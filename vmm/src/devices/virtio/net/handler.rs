@@ -2,9 +2,7 @@
 //! userspace stack with the host sockets it watches and its timer.
 
 use std::any::Any;
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,31 +10,41 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::lock;
 use super::persist::NetState;
 use super::queues::{read_tx_frame, write_rx_frame, QueueError};
 use crate::devices::virtio::persist::{DeviceState, RuntimeState};
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
-use crate::event_loop::{Event, EventHandler, Ops, Token};
+use crate::event_loop::{Event, EventHandler, HandlerId, Ops, Token};
 use crate::usernet::{Stack, WatchRequest, FIRST_TOKEN};
 
 const RX_TOKEN: Token = 0;
 const TX_TOKEN: Token = 1;
-const INBOUND_TOKEN: Token = 2;
-const TIMER_TOKEN: Token = 3;
+const TIMER_TOKEN: Token = 2;
 // The stack's host fds have tokens of their own, from FIRST_TOKEN up.
 const _: () = assert!(TIMER_TOKEN < FIRST_TOKEN);
+/// The [`Event::Notify`] token of a connection handed to the stack.
+pub(super) const NOTIFY_INBOUND: Token = 0;
 
 /// What outlives a device reset: the stack with its host sockets, and the
-/// channel accepted host connections arrive on.
+/// counters [`super::InboundHandle::counts`] reads.
 pub(super) struct Backend {
     pub(super) stack: Stack,
-    pub(super) inbound: Receiver<(TcpStream, u16)>,
-    /// Counters for [`super::InboundHandle::counts`].
-    pub(super) stats: Arc<super::InboundStats>,
+    /// Handed-over connections taken (or refused) so far.
+    pub(super) taken: u64,
+    /// The handler running the device's queues, while one is on the loop.
+    pub(super) handler: Option<HandlerId>,
 }
 
-/// Where the backend waits while no handler runs.
-pub(super) type BackendSlot = Arc<Mutex<Option<Backend>>>;
+impl Backend {
+    pub(super) fn new(stack: Stack) -> Self {
+        Self {
+            stack,
+            taken: 0,
+            handler: None,
+        }
+    }
+}
 
 /// The event-loop handler of an activated device.
 pub(super) struct NetHandler {
@@ -48,9 +56,9 @@ pub(super) struct NetHandler {
     interrupt: Arc<Interrupt>,
     /// The MAC the guest read from config space, saved with the queues.
     mac: [u8; 6],
-    wake: Arc<EventFd>,
-    backend: Option<Backend>,
-    slot: BackendSlot,
+    backend: Arc<Mutex<Backend>>,
+    /// This handler's id on the loop, once started.
+    id: Option<HandlerId>,
     timer_at: Option<Instant>,
     broken: bool,
 }
@@ -123,18 +131,14 @@ fn notify(
 
 impl NetHandler {
     /// A handler for the `[rx, tx]` queues, notified through `[rx, tx]`
-    /// eventfds, in front of `backend`, which goes back to `slot` when the
-    /// handler stops; `wake` signals connections on `backend`'s channel.
-    #[allow(clippy::too_many_arguments)]
+    /// eventfds, in front of `backend`'s stack.
     pub(super) fn new(
         mem: GuestMemoryMmap,
         [rx, tx]: [Queue; 2],
         [rx_evt, tx_evt]: [EventFd; 2],
         interrupt: Arc<Interrupt>,
         mac: [u8; 6],
-        wake: Arc<EventFd>,
-        backend: Backend,
-        slot: BackendSlot,
+        backend: Arc<Mutex<Backend>>,
     ) -> Self {
         Self {
             mem,
@@ -144,9 +148,8 @@ impl NetHandler {
             tx_evt,
             interrupt,
             mac,
-            wake,
-            backend: Some(backend),
-            slot,
+            backend,
+            id: None,
             timer_at: None,
             broken: false,
         }
@@ -164,26 +167,14 @@ impl NetHandler {
     /// One pass: the event's own work, then the stack, the receive queue,
     /// the stack's watch changes and its timer.
     fn pass(&mut self, ops: &mut Ops<'_>, token: Option<(Token, u32)>) -> Result<(), QueueError> {
-        let Some(backend) = self.backend.as_mut() else {
-            return Ok(());
-        };
+        let mut backend = lock(&self.backend);
         let stack = &mut backend.stack;
-        let mut taken = 0;
         match token {
             Some((RX_TOKEN | TIMER_TOKEN, _)) | None => {}
             Some((TX_TOKEN, _)) => process_tx(&self.mem, &mut self.tx, stack, &self.interrupt)?,
-            Some((INBOUND_TOKEN, _)) => {
-                while let Ok((stream, port)) = backend.inbound.try_recv() {
-                    taken += 1;
-                    if let Err(e) = stack.accept_inbound(stream, port) {
-                        tracing::warn!("virtio-net: inbound connection dropped: {e}");
-                    }
-                }
-            }
             Some((token, revents)) => stack.host_ready(token, revents),
         }
         stack.poll();
-        backend.stats.record(stack.connections(), taken);
         process_rx(&self.mem, &mut self.rx, stack, &self.interrupt)?;
         for request in stack.take_requests() {
             match request {
@@ -192,6 +183,7 @@ impl NetHandler {
             }
         }
         let delay = stack.poll_delay();
+        drop(backend);
         self.arm_timer(ops, delay);
         Ok(())
     }
@@ -227,13 +219,15 @@ impl EventHandler for NetHandler {
     fn start(&mut self, ops: &mut Ops<'_>) {
         ops.watch(self.rx_evt.as_raw_fd(), RX_TOKEN, libc::POLLIN as u32);
         ops.watch(self.tx_evt.as_raw_fd(), TX_TOKEN, libc::POLLIN as u32);
-        ops.watch(self.wake.as_raw_fd(), INBOUND_TOKEN, libc::POLLIN as u32);
-        if let Some(backend) = self.backend.as_mut() {
+        self.id = Some(ops.id());
+        {
+            let mut backend = lock(&self.backend);
+            backend.handler = self.id;
             backend.stack.watch_all();
         }
-        // The driver may have queued frames before the handler started.
+        // The driver may have queued frames, and the stack taken
+        // connections, before the handler started.
         self.run(ops, Some((TX_TOKEN, 0)));
-        self.run(ops, Some((INBOUND_TOKEN, 0)));
     }
 
     fn handle(&mut self, event: Event, ops: &mut Ops<'_>) {
@@ -242,7 +236,6 @@ impl EventHandler for NetHandler {
                 match token {
                     RX_TOKEN => drop(self.rx_evt.read()),
                     TX_TOKEN => drop(self.tx_evt.read()),
-                    INBOUND_TOKEN => drop(self.wake.read()),
                     _ => {}
                 }
                 Some((token, revents))
@@ -251,7 +244,8 @@ impl EventHandler for NetHandler {
                 self.timer_at = None;
                 Some((TIMER_TOKEN, 0))
             }
-            Event::Done { .. } | Event::Notify { .. } => None,
+            // A connection was handed to the stack: a pass starts it.
+            Event::Notify { .. } | Event::Done { .. } => None,
         };
         self.run(ops, token);
     }
@@ -266,8 +260,10 @@ impl EventHandler for NetHandler {
     }
 
     fn stop(&mut self) {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = self.backend.take();
+        let mut backend = lock(&self.backend);
+        if backend.handler == self.id {
+            backend.handler = None;
+        }
     }
 }
 

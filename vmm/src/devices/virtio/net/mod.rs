@@ -20,15 +20,13 @@ pub mod persist;
 pub mod queues;
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use vmm_sys_util::eventfd::EventFd;
-
-pub use device::Net;
+use crate::event_loop::Ops;
 #[cfg(doc)]
 use crate::usernet::MAX_FRAME_LEN;
+pub use device::Net;
+use handler::{Backend, NOTIFY_INBOUND};
 
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -39,58 +37,53 @@ pub enum Error {
     /// The userspace stack could not start (a published port could not be bound).
     #[error(transparent)]
     Stack(#[from] crate::usernet::Error),
-    /// The eventfd for handing over inbound connections could not be created.
-    #[error("failed to create the inbound-connection eventfd")]
-    EventFd(#[source] std::io::Error),
-    /// The device's event-loop handler is gone (the VM is shutting down).
-    #[error("the network device is not running")]
-    Stopped,
 }
 
-/// Hands accepted host connections to a running network device, from any
-/// thread (the platform's control socket, say).
+/// Hands accepted host connections to the network device, on the event
+/// loop's thread (the control socket's handler).
 #[derive(Clone)]
 pub struct InboundHandle {
-    tx: Sender<(TcpStream, u16)>,
-    wake: Arc<EventFd>,
-    stats: Arc<InboundStats>,
-}
-
-/// Counters the device's handler keeps for [`InboundHandle`] holders, so a
-/// platform that hands over connections can tell when an instance is idle.
-#[derive(Debug, Default)]
-pub struct InboundStats {
-    /// Connections the stack holds (inbound and outbound, any phase), as of
-    /// the handler's last pass.
-    open: AtomicUsize,
-    /// Handed-over connections the handler has taken (or refused) so far.
-    taken: AtomicU64,
-}
-
-impl InboundStats {
-    pub(super) fn record(&self, open: usize, taken: u64) {
-        self.open.store(open, Ordering::Release);
-        self.taken.fetch_add(taken, Ordering::AcqRel);
-    }
+    backend: Arc<Mutex<Backend>>,
 }
 
 impl InboundHandle {
     /// Forwards `stream` to `guest_port` in the guest, as `--publish` does
-    /// for the connections it accepts itself.
-    pub fn accept_inbound(&self, stream: TcpStream, guest_port: u16) -> Result<(), Error> {
-        self.tx
-            .send((stream, guest_port))
-            .map_err(|_| Error::Stopped)?;
-        self.wake.write(1).map_err(|_| Error::Stopped)
+    /// for the connections it accepts itself. Call it while handling an
+    /// event of another handler on the device's event loop (not from its
+    /// `start`): the stack takes the connection now, and `ops` runs the
+    /// device's handler at once to start it. A connection the stack refuses
+    /// (too many open) is logged and closed; a device the driver has not
+    /// started yet takes it when it starts.
+    pub fn accept_inbound(&self, ops: &mut Ops<'_>, stream: TcpStream, guest_port: u16) {
+        let handler = {
+            let mut backend = lock(&self.backend);
+            backend.taken += 1;
+            if let Err(e) = backend.stack.accept_inbound(stream, guest_port) {
+                tracing::warn!("virtio-net: inbound connection dropped: {e}");
+            }
+            backend.handler
+        };
+        if let Some(id) = handler {
+            ops.notify(id, NOTIFY_INBOUND);
+        }
     }
 
-    /// `(open, taken)`: connections the stack holds now, and how many
-    /// handed-over connections it has taken so far. A caller that counts
-    /// its own hand-overs knows `handed - taken` are still queued.
+    /// `(open, taken)`: connections the stack holds now (inbound and
+    /// outbound, any phase), and how many handed-over connections it has
+    /// taken (or refused) so far. A caller that counts its own hand-overs
+    /// knows `handed - taken` are still on their way.
     pub fn counts(&self) -> (usize, u64) {
-        (
-            self.stats.open.load(Ordering::Acquire),
-            self.stats.taken.load(Ordering::Acquire),
-        )
+        let backend = lock(&self.backend);
+        (backend.stack.connections(), backend.taken)
     }
 }
+
+/// The backend is only ever used on the event-loop thread (and so never
+/// contended); a panic there aborts the VMM, so a poisoned lock is not
+/// left behind in practice.
+fn lock(backend: &Mutex<Backend>) -> MutexGuard<'_, Backend> {
+    backend.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;
