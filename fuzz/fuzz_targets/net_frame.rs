@@ -8,8 +8,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmm::net::test_utils::arp_request;
-use vmm::net::{NetConfig, Policy, Stack, GATEWAY_IP};
+use vmm::usernet::test_utils::arp_request;
+use vmm::usernet::{NetConfig, Policy, Stack, GATEWAY_IP};
 
 fuzz_target!(|data: &[u8]| {
     let config = NetConfig {

@@ -151,7 +151,7 @@ pub fn build_cmdline(config: &VmConfig, host: HostKind) -> Result<Cmdline, Error
         }
         if config.net.is_some() {
             cmdline
-                .insert_str(crate::net::GUEST_CMDLINE)
+                .insert_str(crate::usernet::GUEST_CMDLINE)
                 .map_err(Error::Cmdline)?;
         }
     }
@@ -307,7 +307,7 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
 pub(crate) fn attach_virtio_devices(
     vm: &Vm,
     devices: &mut DeviceManager,
-    net: Option<&crate::net::NetConfig>,
+    net: Option<&crate::usernet::NetConfig>,
     drives: &[crate::devices::virtio::block::BlockConfig],
     vsock: Option<&crate::devices::virtio::vsock::VsockConfig>,
 ) -> Result<Option<crate::devices::virtio::net::InboundHandle>, Error> {
@@ -315,16 +315,16 @@ pub(crate) fn attach_virtio_devices(
     if let Some(net) = net {
         let device = crate::devices::virtio::net::Net::new(net)?;
         inbound = Some(device.inbound());
-        devices.attach_virtio(vm, Box::new(device))?;
+        devices.attach_virtio(&vm.fd, &vm.mem, Box::new(device))?;
     }
     for drive in drives {
         let disk = crate::devices::virtio::block::Disk::open(drive)?;
         let block = crate::devices::virtio::block::Block::new(disk);
-        devices.attach_virtio(vm, Box::new(block))?;
+        devices.attach_virtio(&vm.fd, &vm.mem, Box::new(block))?;
     }
     if let Some(vsock) = vsock {
         let device = crate::devices::virtio::vsock::Vsock::new(vsock)?;
-        devices.attach_virtio(vm, Box::new(device))?;
+        devices.attach_virtio(&vm.fd, &vm.mem, Box::new(device))?;
     }
     Ok(inbound)
 }

@@ -79,7 +79,7 @@ pub struct Args {
     /// Publish a host TCP port to a guest port, `[HOSTADDR:]HOSTPORT:GUESTPORT`
     /// (host address defaults to 127.0.0.1); repeatable; implies --net.
     #[arg(long, value_name = "SPEC")]
-    pub publish: Vec<crate::net::Publish>,
+    pub publish: Vec<crate::usernet::Publish>,
 
     /// Deny every outbound guest connection and DNS query (except --net-allow).
     #[arg(long)]
@@ -87,11 +87,11 @@ pub struct Args {
 
     /// Allow outbound connections to `A.B.C.D[/N][:PORT]`; repeatable.
     #[arg(long, value_name = "RULE")]
-    pub net_allow: Vec<crate::net::Rule>,
+    pub net_allow: Vec<crate::usernet::Rule>,
 
     /// Deny outbound connections to `A.B.C.D[/N][:PORT]`; repeatable, checked first.
     #[arg(long, value_name = "RULE")]
-    pub net_deny: Vec<crate::net::Rule>,
+    pub net_deny: Vec<crate::usernet::Rule>,
 
     /// A virtio-vsock device, `uds=PATH[,cid=N]` (cid defaults to 3): the VMM
     /// listens on PATH for `CONNECT <port>`; guest connections to host port

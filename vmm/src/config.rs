@@ -54,7 +54,7 @@ pub struct VmConfig {
     /// A virtio-vsock device (`None`: no vsock).
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
     /// A virtio-net device on the userspace network (`None`: no network).
-    pub net: Option<crate::net::NetConfig>,
+    pub net: Option<crate::usernet::NetConfig>,
     /// virtio-blk disks, in order: the guest sees /dev/vda, /dev/vdb, ...
     pub drives: Vec<crate::devices::virtio::block::BlockConfig>,
 }

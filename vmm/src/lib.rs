@@ -23,7 +23,7 @@ pub mod event_loop;
 pub mod footprint;
 pub mod host;
 pub mod logging;
-pub mod net;
 pub mod runtime;
 pub mod snapshot;
+pub mod usernet;
 pub mod vstate;

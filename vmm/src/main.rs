@@ -53,9 +53,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let net = (args.net || !args.publish.is_empty()).then(|| vmm::net::NetConfig {
+    let net = (args.net || !args.publish.is_empty()).then(|| vmm::usernet::NetConfig {
         publish: args.publish,
-        policy: vmm::net::Policy {
+        policy: vmm::usernet::Policy {
             allow_by_default: !args.net_deny_outbound,
             allow: args.net_allow,
             deny: args.net_deny,

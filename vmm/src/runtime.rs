@@ -148,9 +148,9 @@ pub enum ControlError {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] snapshot::Error),
-    /// An active device whose runtime cannot be saved.
-    #[error("virtio device of type {0} cannot be snapshotted while active")]
-    Unsupported(u32),
+    /// An active device whose handler cannot be saved.
+    #[error(transparent)]
+    Device(#[from] crate::devices::virtio::transport::mmio::SaveError),
     /// A diff snapshot of a VM that was not restored from a snapshot.
     #[error("a diff snapshot needs a VM restored from a full snapshot (its base)")]
     NoBase,
@@ -200,16 +200,7 @@ impl VmHandle {
         };
         let mut virtio = Vec::with_capacity(self.transports.len());
         for transport in &self.transports {
-            let t = lock(transport);
-            let mut state = t.save();
-            if t.activated() {
-                let runtime = t
-                    .runtime()
-                    .and_then(|id| ops.save_handler(id))
-                    .ok_or(ControlError::Unsupported(state.device_type))?;
-                state.runtime = Some(runtime);
-            }
-            virtio.push(state);
+            virtio.push(lock(transport).save(ops)?);
         }
         if self.msr_indices.get().is_none() {
             let _ = self.msr_indices.set(persist::saveable_msrs(&self.vm.kvm)?);
@@ -426,7 +417,7 @@ impl ApiServer {
             }
             Command::Snapshot { path } => return self.snapshot(slot, path, false, ops),
             Command::SnapshotDiff { path } => return self.snapshot(slot, path, true, ops),
-            Command::Accept { guest_port } => self.accept(slot, guest_port),
+            Command::Accept { guest_port } => self.accept(slot, guest_port, ops),
             Command::Connections => match &self.inbound {
                 Some(inbound) => {
                     let (open, taken) = inbound.counts();
@@ -470,8 +461,9 @@ impl ApiServer {
     }
 
     /// `accept <guest_port>`: hands the oldest descriptor this client passed
-    /// to the network device. Only TCP sockets are taken.
-    fn accept(&mut self, slot: usize, port: u16) -> Reply {
+    /// to the network device, through `ops` on this loop. Only TCP sockets
+    /// are taken.
+    fn accept(&mut self, slot: usize, port: u16, ops: &mut Ops<'_>) -> Reply {
         let Some(Some((_, _, fds))) = self.clients.get_mut(slot) else {
             return Reply::Error("no client".into());
         };
@@ -482,10 +474,10 @@ impl ApiServer {
             return Reply::Error("the passed descriptor is not a connected TCP socket".into());
         };
         match &self.inbound {
-            Some(inbound) => match inbound.accept_inbound(stream, port) {
-                Ok(()) => Reply::Ok,
-                Err(e) => refusal(&e),
-            },
+            Some(inbound) => {
+                inbound.accept_inbound(ops, stream, port);
+                Reply::Ok
+            }
             None => Reply::Error("the VM has no network device".into()),
         }
     }

@@ -4,9 +4,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::IoEventAddress;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use linux_loader::cmdline::Cmdline;
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{VIRTIO_IRQ_BASE, VIRTIO_IRQ_MAX, VIRTIO_MMIO_BASE};
@@ -16,7 +16,6 @@ use crate::devices::virtio::transport::mmio::{
 };
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::LoopHandle;
-use crate::vstate::vm::Vm;
 
 /// Errors while attaching devices.
 #[derive(Debug, thiserror::Error)]
@@ -86,10 +85,12 @@ impl DeviceManager {
     }
 
     /// Gives `device` the next MMIO window and interrupt line, wires its
-    /// irqfd and queue ioeventfds into KVM, and returns where it went.
+    /// irqfd and queue ioeventfds into the VM `vm_fd`, and returns where it
+    /// went; the device reaches guest memory through `mem`.
     pub fn attach_virtio(
         &mut self,
-        vm: &Vm,
+        vm_fd: &VmFd,
+        mem: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
     ) -> Result<MmioSlot, Error> {
         let index = u32::try_from(self.slots.len()).map_err(|_| Error::TooManyDevices)?;
@@ -99,18 +100,18 @@ impl DeviceManager {
         }
         let base = VIRTIO_MMIO_BASE + u64::from(index) * MMIO_WINDOW_SIZE;
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::EventFd("an irqfd", e))?;
-        vm.fd
+        vm_fd
             .register_irqfd(&irqfd, irq)
             .map_err(|e| Error::Kvm("irqfd", e))?;
         let transport = MmioTransport::new(
             device,
-            vm.mem.clone(),
+            mem.clone(),
             Arc::new(Interrupt::new(irqfd)),
             self.event_loop.clone(),
         )?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
             let queue = u32::try_from(queue).map_err(|_| Error::TooManyDevices)?;
-            vm.fd
+            vm_fd
                 .register_ioevent(
                     evt,
                     &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),

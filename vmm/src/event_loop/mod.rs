@@ -35,6 +35,7 @@
 
 mod ops;
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -75,9 +76,15 @@ pub enum Event {
         /// The token given to [`Ops::timer`].
         token: Token,
     },
+    /// Another handler on the loop has work for this one
+    /// ([`Ops::notify`]).
+    Notify {
+        /// The token the other handler gave.
+        token: Token,
+    },
 }
 
-/// A device runtime (or any other component) living on the event loop.
+/// A device's handler (or any other component) living on the event loop.
 pub trait EventHandler: Send {
     /// Called once on the loop thread when the handler is added: register fds here.
     fn start(&mut self, ops: &mut Ops<'_>);
@@ -93,8 +100,11 @@ pub trait EventHandler: Send {
     }
 
     /// The handler's state for a snapshot (queue positions and whatever the
-    /// device needs to carry on), or `None` if it holds nothing to save.
-    fn save(&mut self) -> Option<Vec<u8>> {
+    /// device needs to carry on), or `None` if it holds nothing to save. The
+    /// value is of a type the code that added the handler knows and
+    /// downcasts to (the virtio transport's
+    /// [`RuntimeState`](crate::devices::virtio::persist::RuntimeState)).
+    fn save(&mut self) -> Option<Box<dyn Any + Send>> {
         None
     }
 }

@@ -1,15 +1,15 @@
 //! What a handler may ask of the loop, and the thin unsafe layer that turns
 //! those requests into io_uring submissions.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use std::collections::HashMap;
-
-use super::{Core, EventHandler, HandlerId, Token};
+use super::{Core, Event, EventHandler, HandlerId, Token};
 
 /// Most buffers one guest I/O may scatter over (Linux's IOV_MAX).
 pub const MAX_IOVECS: usize = 1024;
@@ -181,8 +181,34 @@ impl<'a> Ops<'a> {
     }
 
     /// The snapshot state of handler `id` (see [`EventHandler::save`]).
-    pub fn save_handler(&mut self, id: HandlerId) -> Option<Vec<u8>> {
+    pub fn save_handler(&mut self, id: HandlerId) -> Option<Box<dyn Any + Send>> {
         self.others.as_mut()?.get_mut(&id)?.save()
+    }
+
+    /// The id of the handler these operations act for.
+    pub fn id(&self) -> HandlerId {
+        self.id
+    }
+
+    /// Runs handler `id` now, on this thread, with
+    /// [`Event::Notify`]: how one handler hands work to another on the same
+    /// loop without a channel or an eventfd between them. Returns whether
+    /// `id` was reached: not when it is gone, is the caller itself, or when
+    /// called from [`EventHandler::start`] (other handlers are out of reach
+    /// there).
+    pub fn notify(&mut self, id: HandlerId, token: Token) -> bool {
+        let Some(others) = self.others.as_deref_mut() else {
+            return false;
+        };
+        let Some(mut handler) = others.remove(&id) else {
+            return false;
+        };
+        handler.handle(
+            Event::Notify { token },
+            &mut Ops::with_others(&mut *self.core, id, others),
+        );
+        others.insert(id, handler);
+        true
     }
 
     /// Watches `fd` for poll `events` (e.g. `POLLIN`) until [`unwatch`](Self::unwatch)

@@ -264,3 +264,74 @@ fn stop_from_another_thread_ends_an_idle_loop() {
     lp.run().expect("an idle loop blocks, then stops");
     t.join().expect("thread");
 }
+
+/// Pokes handler `target` once its eventfd is readable.
+struct Poker {
+    evt: EventFd,
+    target: HandlerId,
+    reached: Arc<Mutex<Vec<bool>>>,
+}
+
+impl EventHandler for Poker {
+    fn start(&mut self, ops: &mut Ops<'_>) {
+        ops.watch(self.evt.as_raw_fd(), 0, libc::POLLIN as u32);
+        // Other handlers are out of reach while starting.
+        let reached = ops.notify(self.target, 1);
+        self.reached.lock().expect("unpoisoned").push(reached);
+    }
+    fn handle(&mut self, _event: Event, ops: &mut Ops<'_>) {
+        let _ = self.evt.read();
+        ops.unwatch(0);
+        let me = ops.id();
+        let mut reached = self.reached.lock().expect("unpoisoned");
+        reached.push(ops.notify(me, 2));
+        reached.push(ops.notify(self.target, 3));
+        reached.push(ops.notify(HandlerId::MAX - 1, 4));
+    }
+}
+
+/// Records what it is told and ends the loop on a notification.
+struct Notified {
+    log: Log,
+}
+
+impl EventHandler for Notified {
+    fn start(&mut self, _ops: &mut Ops<'_>) {}
+    fn handle(&mut self, event: Event, ops: &mut Ops<'_>) {
+        self.log.lock().expect("unpoisoned").push(event);
+        // The notified handler acts with its own operations.
+        ops.timer(9, Duration::ZERO);
+        if matches!(event, Event::Timer { token: 9 }) {
+            ops.stop_loop();
+        }
+    }
+}
+
+#[test]
+fn notify_runs_another_handler_at_once_with_its_own_ops() {
+    let mut lp = EventLoop::new(8).expect("io_uring");
+    let log = log();
+    let target = lp
+        .handle()
+        .add(Box::new(Notified { log: log.clone() }))
+        .expect("add");
+    let evt = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    evt.write(1).expect("write");
+    let reached = Arc::new(Mutex::new(Vec::new()));
+    lp.handle()
+        .add(Box::new(Poker {
+            evt,
+            target,
+            reached: reached.clone(),
+        }))
+        .expect("add");
+    lp.run().expect("run");
+    assert_eq!(
+        *reached.lock().expect("unpoisoned"),
+        vec![false, false, true, false],
+        "not from start, not itself, the target, not an unknown id"
+    );
+    let ev = events(&log);
+    assert_eq!(ev[0], Event::Notify { token: 3 });
+    assert!(ev.contains(&Event::Timer { token: 9 }), "{ev:?}");
+}

@@ -18,7 +18,7 @@ use serde::Serialize;
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"LTLSNAP\0";
 /// Current format version. Bump on any incompatible change of the state.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Size of the fixed header, in bytes.
 const HEADER_BYTES: usize = 64;
 /// Size of the fixed header.

@@ -23,7 +23,7 @@ pub struct RestoreConfig {
     /// Where the guest's serial console goes.
     pub console: ConsoleOutput,
     /// The network, as when the snapshot was taken (same device list).
-    pub net: Option<crate::net::NetConfig>,
+    pub net: Option<crate::usernet::NetConfig>,
     /// Disks, in the order they had when the snapshot was taken.
     pub drives: Vec<crate::devices::virtio::block::BlockConfig>,
     /// The vsock device (its socket path may differ per restore).

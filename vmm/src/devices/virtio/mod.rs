@@ -3,6 +3,25 @@
 //! A device implements [`VirtioDevice`]; [`transport::mmio::MmioTransport`]
 //! exposes it to the guest as a virtio 1.x MMIO device announced on the
 //! kernel command line (`virtio_mmio.device=4K@<addr>:<irq>`).
+//!
+//! Every device is a folder of the same shape:
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | its configuration and public types |
+//! | `device.rs` | the [`VirtioDevice`]: features, config space, activation |
+//! | `handler.rs` | the [`EventHandler`] that runs its queues on the event loop |
+//! | `persist.rs` | what a snapshot keeps of its handler, with its own layout version |
+//! | `tests.rs`, `<file>_tests.rs` | the tests of `mod.rs` and of `<file>.rs` |
+//!
+//! When the driver sets DRIVER_OK, the transport calls
+//! [`VirtioDevice::activate`], puts the handler it returns on the event loop
+//! and removes it when the driver resets the device. A snapshot asks the
+//! transport, which asks that handler ([`EventHandler::save`]); a restore
+//! hands the saved state to [`VirtioDevice::restore`].
+//!
+//! Virtio constants come from the `virtio-bindings` crate (the Linux UAPI
+//! headers); feature bits there are bit numbers, [`feature`] makes the mask.
 
 pub mod block;
 pub mod net;
@@ -16,13 +35,20 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Feature bit every modern (virtio 1.x) device offers.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
-/// Interrupt-status bit: a used ring was updated.
-pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
-/// Interrupt-status bit: the configuration changed (or the device needs reset).
-pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+use crate::event_loop::EventHandler;
+use persist::DeviceState;
+
+/// The feature mask of feature bit `bit` (virtio-bindings numbers bits).
+///
+/// ```
+/// use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// assert_eq!(vmm::devices::virtio::feature(VIRTIO_F_VERSION_1), 1 << 32);
+/// ```
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
 
 /// A device's interrupt line: an irqfd plus the MMIO interrupt-status register.
 pub struct Interrupt {
@@ -99,6 +125,9 @@ pub enum ActivateError {
     /// The device backend failed to start.
     #[error("device backend failed to start")]
     Backend(#[source] std::io::Error),
+    /// Saved state the device cannot resume from.
+    #[error(transparent)]
+    State(#[from] persist::Error),
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -111,14 +140,11 @@ pub struct ActivateContext {
     pub queue_events: Vec<EventFd>,
     /// The device's interrupt line.
     pub interrupt: std::sync::Arc<Interrupt>,
-    /// The VMM's event loop: the device adds its queue-processing handler
-    /// here and removes it on reset.
-    pub event_loop: crate::event_loop::LoopHandle,
 }
 
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (1 = net, 2 = block, 19 = vsock).
+    /// Virtio device ID (`virtio_bindings::virtio_ids`).
     fn device_type(&self) -> u32;
     /// Maximum size of each of the device's queues.
     fn queue_max_sizes(&self) -> &[u16];
@@ -130,27 +156,22 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device with the driver's queues.
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
-    /// Stops the device and drops its queues (driver wrote status 0).
+    /// Starts the device with the driver's queues: returns the handler that
+    /// runs them, which the transport puts on the event loop. Its
+    /// [`EventHandler::save`] gives a
+    /// [`persist::RuntimeState`] for snapshots.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn EventHandler>, ActivateError>;
+    /// Starts the handler of a device that was active when the snapshot
+    /// was taken: `ctx.queues` carry the saved ring positions, `state` the
+    /// rest of what its handler saved.
+    fn restore(
+        &mut self,
+        ctx: ActivateContext,
+        state: &DeviceState,
+    ) -> Result<Box<dyn EventHandler>, ActivateError>;
+    /// The driver reset the device (wrote status 0). The transport has
+    /// already asked the loop to remove the device's handler.
     fn reset(&mut self);
-
-    /// The event-loop handler running the device's queues while it is
-    /// active. A snapshot saves that handler's state
-    /// ([`crate::event_loop::EventHandler::save`]); a device without one
-    /// cannot be snapshotted while active.
-    fn runtime(&self) -> Option<crate::event_loop::HandlerId> {
-        None
-    }
-
-    /// Brings back the runtime of a device that was active when the
-    /// snapshot was taken: `ctx.queues` carry the saved ring positions,
-    /// `extra` is the device-specific part of what the runtime saved. By
-    /// default the device simply activates with those queues.
-    fn restore_runtime(&mut self, ctx: ActivateContext, extra: &[u8]) -> Result<(), ActivateError> {
-        let _ = extra;
-        self.activate(ctx)
-    }
 }
 
 /// Copies the window `[offset, offset + data.len())` of `config` into `data`,

@@ -1,26 +1,53 @@
 //! Snapshot state of virtio devices: the transport's registers, each live
-//! queue's ring addresses and positions, and device-specific runtime bytes.
+//! queue's ring addresses and positions, and what each device's handler
+//! keeps besides its queues (a typed state per device, defined in that
+//! device's `persist.rs`).
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState};
 
-/// Most queues a saved device may have.
-pub const MAX_QUEUES: usize = 16;
-/// Largest device-specific runtime state accepted.
-pub const MAX_RUNTIME_EXTRA: usize = 1 << 20;
+use super::block::persist::BlockState;
+use super::net::persist::NetState;
+use super::vsock::persist::VsockState;
 
-/// Errors decoding saved virtio state.
+/// Errors in saved virtio state.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The bytes are not a runtime state.
-    #[error("saved virtio runtime state does not decode")]
-    Decode(#[source] bincode::Error),
     /// A saved queue is not a valid queue (bad size, say).
     #[error("saved virtqueue {0} is invalid")]
     Queue(usize),
-    /// More queues or bytes than any device has.
-    #[error("saved virtio state is larger than allowed")]
-    TooLarge,
+    /// The saved state belongs to another kind of device.
+    #[error("saved state of a {found} device cannot resume a {device} device")]
+    Device {
+        /// The device resuming.
+        device: &'static str,
+        /// The device the state was saved from.
+        found: &'static str,
+    },
+    /// The device's state has a layout this vmm does not read.
+    #[error("saved {device} state has layout version {found}, this vmm reads version {reads}")]
+    Version {
+        /// The device.
+        device: &'static str,
+        /// Version in the snapshot.
+        found: u16,
+        /// Version this vmm reads.
+        reads: u16,
+    },
+}
+
+/// Checks the layout `version` of `device`'s saved state against the
+/// version this vmm reads.
+pub fn check_version(device: &'static str, found: u16, reads: u16) -> Result<(), Error> {
+    if found == reads {
+        Ok(())
+    } else {
+        Err(Error::Version {
+            device,
+            found,
+            reads,
+        })
+    }
 }
 
 /// One virtqueue: configuration and ring positions.
@@ -81,38 +108,54 @@ impl SavedQueue {
     }
 }
 
-/// What a device runtime saves: its queues and device-specific bytes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What an active device's handler saves: its live queues, then what the
+/// device keeps besides them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeState {
     /// Live queues in index order.
     pub queues: Vec<SavedQueue>,
-    /// Device-specific state (connections, counters...).
-    pub extra: Vec<u8>,
+    /// The device's own state.
+    pub device: DeviceState,
 }
 
 impl RuntimeState {
-    /// Encodes the live `queues` and `extra` for [`crate::event_loop::EventHandler::save`].
-    pub fn encode(queues: &[&Queue], extra: Vec<u8>) -> Vec<u8> {
-        let state = RuntimeState {
+    /// The state of a handler running `queues`, for
+    /// [`EventHandler::save`](crate::event_loop::EventHandler::save).
+    pub fn new(queues: &[&Queue], device: DeviceState) -> Self {
+        Self {
             queues: queues.iter().map(|q| SavedQueue::from(*q)).collect(),
-            extra,
-        };
-        // Serializing plain integers and byte vectors into memory cannot fail.
-        bincode::serialize(&state).unwrap_or_default()
+            device,
+        }
+    }
+}
+
+/// The device-specific part of a [`RuntimeState`], one variant per device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// virtio-blk.
+    Block(BlockState),
+    /// virtio-net.
+    Net(NetState),
+    /// virtio-vsock.
+    Vsock(VsockState),
+}
+
+impl DeviceState {
+    /// The device's name, for errors.
+    pub fn device(&self) -> &'static str {
+        match self {
+            Self::Block(_) => "virtio-blk",
+            Self::Net(_) => "virtio-net",
+            Self::Vsock(_) => "virtio-vsock",
+        }
     }
 
-    /// Decodes and bounds-checks saved runtime bytes.
-    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        use bincode::Options;
-        let state: RuntimeState = bincode::DefaultOptions::new()
-            .with_fixint_encoding()
-            .with_limit((MAX_RUNTIME_EXTRA + 4096) as u64)
-            .deserialize(bytes)
-            .map_err(Error::Decode)?;
-        if state.queues.len() > MAX_QUEUES || state.extra.len() > MAX_RUNTIME_EXTRA {
-            return Err(Error::TooLarge);
+    /// `Err` naming both devices, for a device handed another's state.
+    pub fn mismatch(&self, device: &'static str) -> Error {
+        Error::Device {
+            device,
+            found: self.device(),
         }
-        Ok(state)
     }
 }
 
@@ -135,12 +178,10 @@ pub struct TransportState {
     pub config_generation: u32,
     /// InterruptStatus.
     pub interrupt_status: u32,
-    /// Whether the device was running (DRIVER_OK and activated).
-    pub activated: bool,
     /// Queue configuration as the transport holds it.
     pub queues: Vec<SavedQueue>,
-    /// The runtime's state, when activated.
-    pub runtime: Option<Vec<u8>>,
+    /// What the device's handler saved, when the device was active.
+    pub runtime: Option<RuntimeState>,
 }
 
 #[cfg(test)]
@@ -162,14 +203,24 @@ mod tests {
     }
 
     #[test]
-    fn bad_saved_queues_and_bytes_are_refused() {
+    fn bad_saved_queues_are_refused() {
         let mut saved = SavedQueue::from(&Queue::new(16).expect("valid"));
         saved.max_size = 0;
-        assert!(saved.to_queue(3).is_err());
-        assert!(RuntimeState::decode(&[0xff; 16]).is_err());
-        let ok = RuntimeState::encode(&[&Queue::new(16).expect("valid")], vec![1, 2]);
-        let state = RuntimeState::decode(&ok).expect("round trip");
-        assert_eq!(state.extra, vec![1, 2]);
-        assert_eq!(state.queues.len(), 1);
+        assert!(matches!(saved.to_queue(3), Err(Error::Queue(3))));
+    }
+
+    #[test]
+    fn state_of_another_layout_or_device_is_refused_by_name() {
+        assert!(check_version("virtio-blk", 1, 1).is_ok());
+        let e = check_version("virtio-blk", 7, 1).expect_err("other layout");
+        assert_eq!(
+            e.to_string(),
+            "saved virtio-blk state has layout version 7, this vmm reads version 1"
+        );
+        let e = DeviceState::Block(BlockState::default()).mismatch("virtio-net");
+        assert_eq!(
+            e.to_string(),
+            "saved state of a virtio-blk device cannot resume a virtio-net device"
+        );
     }
 }

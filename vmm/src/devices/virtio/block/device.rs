@@ -1,34 +1,25 @@
 //! The virtio-blk device as the MMIO transport sees it: features, config
-//! space, activation onto the event loop, and reset.
+//! space, and the handler it starts on activation.
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 
+use super::handler::BlockHandler;
 use super::request::{MAX_RANGE_SECTORS, MAX_SEGMENTS};
-use super::runtime::BlockRuntime;
-use super::{Disk, TYPE_BLOCK};
+use super::Disk;
+use crate::devices::virtio::persist::DeviceState;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
+    feature, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
 };
-use crate::event_loop::{HandlerId, LoopHandle};
-
-/// Feature: `seg_max` in config space is valid.
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-/// Feature: the disk is read-only.
-pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-/// Feature: `blk_size` in config space is valid.
-pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-/// Feature: the FLUSH request is supported.
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-/// Feature: the DISCARD request is supported.
-pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
-/// Feature: the WRITE_ZEROES request is supported.
-pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
-/// Feature: indirect descriptor tables.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// Feature: used/avail event indexes suppress notifications.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+use crate::event_loop::EventHandler;
 
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -45,7 +36,6 @@ pub struct Block {
     disk: Arc<Disk>,
     config: [u8; CONFIG_LEN],
     acked_features: u64,
-    running: Option<(LoopHandle, HandlerId)>,
 }
 
 impl Block {
@@ -68,7 +58,6 @@ impl Block {
             disk: Arc::new(disk),
             config,
             acked_features: 0,
-            running: None,
         }
     }
 
@@ -80,7 +69,7 @@ impl Block {
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+        VIRTIO_ID_BLOCK
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -89,16 +78,16 @@ impl VirtioDevice for Block {
 
     fn avail_features(&self) -> u64 {
         let writes = if self.disk.read_only() {
-            VIRTIO_BLK_F_RO
+            feature(VIRTIO_BLK_F_RO)
         } else {
-            VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+            feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)
         };
-        VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_BLK_F_SEG_MAX
-            | VIRTIO_BLK_F_BLK_SIZE
-            | VIRTIO_BLK_F_FLUSH
+        feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_BLK_SIZE)
+            | feature(VIRTIO_BLK_F_FLUSH)
             | writes
     }
 
@@ -115,13 +104,12 @@ impl VirtioDevice for Block {
         tracing::debug!("virtio-blk: ignored config write at {offset:#x}");
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+    fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn EventHandler>, ActivateError> {
         let ActivateContext {
             mem,
             queues,
             queue_events,
             interrupt,
-            event_loop,
         } = ctx;
         let got = queues.len();
         let (Ok([mut queue]), Ok([queue_evt])) =
@@ -132,32 +120,35 @@ impl VirtioDevice for Block {
         if !queue.ready() {
             return Err(ActivateError::InvalidQueue(0));
         }
-        queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
-        let runtime = BlockRuntime::new(mem, queue, queue_evt, interrupt, self.disk.clone());
-        let id = event_loop
-            .add(Box::new(runtime))
-            .map_err(|e| ActivateError::Backend(std::io::Error::other(e)))?;
-        self.running = Some((event_loop, id));
-        Ok(())
+        queue.set_event_idx(self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0);
+        Ok(Box::new(BlockHandler::new(
+            mem,
+            queue,
+            queue_evt,
+            interrupt,
+            self.disk.clone(),
+        )))
     }
 
-    fn runtime(&self) -> Option<HandlerId> {
-        self.running.as_ref().map(|(_, id)| *id)
+    /// The handler holds nothing but its queue, whose saved ring positions
+    /// the transport hands back; `activate` re-applies EVENT_IDX from the
+    /// restored acked features.
+    fn restore(
+        &mut self,
+        ctx: ActivateContext,
+        state: &DeviceState,
+    ) -> Result<Box<dyn EventHandler>, ActivateError> {
+        let DeviceState::Block(state) = state else {
+            return Err(state.mismatch("virtio-blk").into());
+        };
+        state.check()?;
+        self.activate(ctx)
     }
 
-    // `restore_runtime` is the default: the runtime holds nothing but its
-    // queue, whose saved ring positions the transport hands back, and
-    // `activate` re-applies EVENT_IDX from the restored acked features.
-
+    /// In-flight io_uring operations keep their guest memory mapped (the
+    /// loop holds a clone) and the image file stays open here, so the
+    /// handler can go before they complete; their completions are dropped.
     fn reset(&mut self) {
-        // In-flight io_uring operations keep their guest memory mapped (the
-        // loop holds a clone) and the image file stays open here, so the
-        // handler can go before they complete; their completions are dropped.
-        if let Some((event_loop, id)) = self.running.take() {
-            if let Err(e) = event_loop.remove(id) {
-                tracing::debug!("virtio-blk: removing the queue handler: {e}");
-            }
-        }
         self.acked_features = 0;
     }
 }

@@ -4,7 +4,8 @@
 //! [`BlockConfig`] says which file backs a disk and how; [`Disk`] is the
 //! opened image; [`device::Block`] is the [`VirtioDevice`](super::VirtioDevice)
 //! the MMIO transport drives; [`request`] turns one descriptor chain into
-//! a checked [`request::Request`]; the queue runtime lives in `runtime.rs`.
+//! a checked [`request::Request`]; `handler.rs` runs the queue on the event
+//! loop; [`persist`] is what a snapshot keeps of it.
 //!
 //! ```
 //! use vmm::devices::virtio::block::BlockConfig;
@@ -15,8 +16,9 @@
 //! ```
 
 pub mod device;
+mod handler;
+pub mod persist;
 pub mod request;
-mod runtime;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -25,14 +27,12 @@ use std::path::PathBuf;
 
 pub use device::Block;
 
-/// Virtio device ID of a block device.
-pub const TYPE_BLOCK: u32 = 2;
 /// Bytes in a virtio-blk sector (the unit of `sector` and `capacity`,
 /// whatever the disk's logical block size).
 pub const SECTOR_SIZE: u64 = 512;
 /// Bytes of the GET_ID answer (a serial, NUL-padded, not NUL-terminated
 /// when it uses all 20 bytes).
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// Errors while configuring or opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -223,5 +223,7 @@ impl Disk {
     }
 }
 
+#[cfg(test)]
+mod test_utils;
 #[cfg(test)]
 mod tests;

@@ -18,34 +18,35 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use super::SECTOR_SIZE;
 
-/// Request type: read from the disk.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// Request type: write to the disk.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// Request type: flush the disk's write cache.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// Request type: return the device's serial.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-/// Request type: the driver no longer needs a range (hole punched).
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-/// Request type: zero a range.
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-/// WRITE_ZEROES segment flag: the range may be deallocated.
-pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+use virtio_bindings::virtio_blk::{virtio_blk_discard_write_zeroes, virtio_blk_outhdr};
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+
 /// Bytes of one DISCARD / WRITE_ZEROES segment.
 pub const RANGE_SEGMENT_LEN: u32 = 16;
+const _: () = assert!(size_of::<virtio_blk_discard_write_zeroes>() == RANGE_SEGMENT_LEN as usize);
 /// Most sectors one DISCARD / WRITE_ZEROES segment may cover.
 pub const MAX_RANGE_SECTORS: u32 = u32::MAX >> 9;
 
 /// Status: success.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_OK: u8 = status_code(virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK);
 /// Status: the request failed.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_IOERR: u8 = status_code(virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR);
 /// Status: the request type is not supported.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = status_code(virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP);
 
-/// Bytes of the request header.
+/// The status byte the device writes for a `VIRTIO_BLK_S_*` code (`u32` in
+/// the bindings); a code above 255 fails the build.
+const fn status_code(code: u32) -> u8 {
+    assert!(code <= u8::MAX as u32);
+    code.to_le_bytes()[0]
+}
+
+/// Bytes of the request header (`struct virtio_blk_outhdr`).
 pub const HEADER_LEN: u32 = 16;
+const _: () = assert!(size_of::<virtio_blk_outhdr>() == HEADER_LEN as usize);
 /// Most data descriptors per request; offered to the driver as `seg_max`.
 pub const MAX_SEGMENTS: u32 = 254;
 /// Most descriptors per chain: header, data, status.
@@ -396,3 +397,7 @@ pub fn parse(
         status,
     })
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

@@ -1,9 +1,8 @@
-//! The device's runtime on the event loop: the two virtqueues, the
-//! userspace stack, the host sockets it watches and its timer.
+//! The device's handler on the event loop: the two virtqueues, and the
+//! userspace stack with the host sockets it watches and its timer.
 
-use std::net::TcpStream;
+use std::any::Any;
 use std::os::fd::AsRawFd;
-use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,44 +10,57 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::lock;
+use super::persist::NetState;
 use super::queues::{read_tx_frame, write_rx_frame, QueueError};
-use crate::devices::virtio::persist::RuntimeState;
+use crate::devices::virtio::persist::{DeviceState, RuntimeState};
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
-use crate::event_loop::{Event, EventHandler, Ops, Token};
-use crate::net::{Stack, WatchRequest};
+use crate::event_loop::{Event, EventHandler, HandlerId, Ops, Token};
+use crate::usernet::{Stack, WatchRequest, FIRST_TOKEN};
 
 const RX_TOKEN: Token = 0;
 const TX_TOKEN: Token = 1;
-const INBOUND_TOKEN: Token = 2;
-const TIMER_TOKEN: Token = 3;
+const TIMER_TOKEN: Token = 2;
+// The stack's host fds have tokens of their own, from FIRST_TOKEN up.
+const _: () = assert!(TIMER_TOKEN < FIRST_TOKEN);
+/// The [`Event::Notify`] token of a connection handed to the stack.
+pub(super) const NOTIFY_INBOUND: Token = 0;
 
 /// What outlives a device reset: the stack with its host sockets, and the
-/// channel accepted host connections arrive on.
+/// counters [`super::InboundHandle::counts`] reads.
 pub(super) struct Backend {
     pub(super) stack: Stack,
-    pub(super) inbound: Receiver<(TcpStream, u16)>,
-    /// Counters for [`super::InboundHandle::counts`].
-    pub(super) stats: Arc<super::InboundStats>,
+    /// Handed-over connections taken (or refused) so far.
+    pub(super) taken: u64,
+    /// The handler running the device's queues, while one is on the loop.
+    pub(super) handler: Option<HandlerId>,
 }
 
-/// Where the backend waits while no handler runs.
-pub(super) type BackendSlot = Arc<Mutex<Option<Backend>>>;
+impl Backend {
+    pub(super) fn new(stack: Stack) -> Self {
+        Self {
+            stack,
+            taken: 0,
+            handler: None,
+        }
+    }
+}
 
 /// The event-loop handler of an activated device.
 pub(super) struct NetHandler {
-    pub(super) mem: GuestMemoryMmap,
-    pub(super) rx: Queue,
-    pub(super) tx: Queue,
-    pub(super) rx_evt: EventFd,
-    pub(super) tx_evt: EventFd,
-    pub(super) interrupt: Arc<Interrupt>,
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    rx_evt: EventFd,
+    tx_evt: EventFd,
+    interrupt: Arc<Interrupt>,
     /// The MAC the guest read from config space, saved with the queues.
-    pub(super) mac: [u8; 6],
-    pub(super) wake: Arc<EventFd>,
-    pub(super) backend: Option<Backend>,
-    pub(super) slot: BackendSlot,
-    pub(super) timer_at: Option<Instant>,
-    pub(super) broken: bool,
+    mac: [u8; 6],
+    backend: Arc<Mutex<Backend>>,
+    /// This handler's id on the loop, once started.
+    id: Option<HandlerId>,
+    timer_at: Option<Instant>,
+    broken: bool,
 }
 
 /// Pops transmit chains, hands their frames to the stack, returns them used.
@@ -118,55 +130,69 @@ fn notify(
 }
 
 impl NetHandler {
+    /// A handler for the `[rx, tx]` queues, notified through `[rx, tx]`
+    /// eventfds, in front of `backend`'s stack.
+    pub(super) fn new(
+        mem: GuestMemoryMmap,
+        [rx, tx]: [Queue; 2],
+        [rx_evt, tx_evt]: [EventFd; 2],
+        interrupt: Arc<Interrupt>,
+        mac: [u8; 6],
+        backend: Arc<Mutex<Backend>>,
+    ) -> Self {
+        Self {
+            mem,
+            rx,
+            tx,
+            rx_evt,
+            tx_evt,
+            interrupt,
+            mac,
+            backend,
+            id: None,
+            timer_at: None,
+            broken: false,
+        }
+    }
+
     fn run(&mut self, ops: &mut Ops<'_>, token: Option<(Token, u32)>) {
         if self.broken {
             return;
         }
-        let Some(backend) = self.backend.as_mut() else {
-            return;
-        };
+        if let Err(e) = self.pass(ops, token) {
+            self.fail(&e);
+        }
+    }
+
+    /// One pass: the event's own work, then the stack, the receive queue,
+    /// the stack's watch changes and its timer.
+    fn pass(&mut self, ops: &mut Ops<'_>, token: Option<(Token, u32)>) -> Result<(), QueueError> {
+        let mut backend = lock(&self.backend);
         let stack = &mut backend.stack;
-        let mut taken = 0;
         match token {
             Some((RX_TOKEN | TIMER_TOKEN, _)) | None => {}
-            Some((TX_TOKEN, _)) => {
-                if let Err(e) = process_tx(&self.mem, &mut self.tx, stack, &self.interrupt) {
-                    self.fail(&e);
-                    return;
-                }
-            }
-            Some((INBOUND_TOKEN, _)) => {
-                while let Ok((stream, port)) = backend.inbound.try_recv() {
-                    taken += 1;
-                    if let Err(e) = stack.accept_inbound(stream, port) {
-                        tracing::warn!("virtio-net: inbound connection dropped: {e}");
-                    }
-                }
-            }
+            Some((TX_TOKEN, _)) => process_tx(&self.mem, &mut self.tx, stack, &self.interrupt)?,
             Some((token, revents)) => stack.host_ready(token, revents),
         }
         stack.poll();
-        backend.stats.record(stack.connections(), taken);
-        if let Err(e) = process_rx(&self.mem, &mut self.rx, stack, &self.interrupt) {
-            self.fail(&e);
-            return;
-        }
+        process_rx(&self.mem, &mut self.rx, stack, &self.interrupt)?;
         for request in stack.take_requests() {
             match request {
                 WatchRequest::Watch { fd, token, events } => ops.watch(fd, token, events),
                 WatchRequest::Unwatch { token } => ops.unwatch(token),
             }
         }
-        self.arm_timer(ops);
+        let delay = stack.poll_delay();
+        drop(backend);
+        self.arm_timer(ops, delay);
+        Ok(())
     }
 
-    /// Keeps one timer armed for the stack's next deadline, re-arming only
-    /// when the deadline moves earlier (a late timer just finds less to do).
-    fn arm_timer(&mut self, ops: &mut Ops<'_>) {
-        let Some(backend) = self.backend.as_mut() else {
-            return;
-        };
-        let Some(delay) = backend.stack.poll_delay() else {
+    /// Keeps one timer armed for the stack's next deadline (`delay` from
+    /// now), re-arming only when the deadline moves earlier (a late timer
+    /// just finds less to do).
+    fn arm_timer(&mut self, ops: &mut Ops<'_>, delay: Option<Duration>) {
+        let Some(delay) = delay else {
             return;
         };
         let at = Instant::now() + delay;
@@ -193,13 +219,15 @@ impl EventHandler for NetHandler {
     fn start(&mut self, ops: &mut Ops<'_>) {
         ops.watch(self.rx_evt.as_raw_fd(), RX_TOKEN, libc::POLLIN as u32);
         ops.watch(self.tx_evt.as_raw_fd(), TX_TOKEN, libc::POLLIN as u32);
-        ops.watch(self.wake.as_raw_fd(), INBOUND_TOKEN, libc::POLLIN as u32);
-        if let Some(backend) = self.backend.as_mut() {
+        self.id = Some(ops.id());
+        {
+            let mut backend = lock(&self.backend);
+            backend.handler = self.id;
             backend.stack.watch_all();
         }
-        // The driver may have queued frames before the handler started.
+        // The driver may have queued frames, and the stack taken
+        // connections, before the handler started.
         self.run(ops, Some((TX_TOKEN, 0)));
-        self.run(ops, Some((INBOUND_TOKEN, 0)));
     }
 
     fn handle(&mut self, event: Event, ops: &mut Ops<'_>) {
@@ -208,7 +236,6 @@ impl EventHandler for NetHandler {
                 match token {
                     RX_TOKEN => drop(self.rx_evt.read()),
                     TX_TOKEN => drop(self.tx_evt.read()),
-                    INBOUND_TOKEN => drop(self.wake.read()),
                     _ => {}
                 }
                 Some((token, revents))
@@ -217,22 +244,29 @@ impl EventHandler for NetHandler {
                 self.timer_at = None;
                 Some((TIMER_TOKEN, 0))
             }
-            Event::Done { .. } => None,
+            // A connection was handed to the stack: a pass starts it.
+            Event::Notify { .. } | Event::Done { .. } => None,
         };
         self.run(ops, token);
     }
 
     /// The two queues and the MAC. The stack (smoltcp and host sockets)
     /// is not saved: a restore starts a fresh one.
-    fn save(&mut self) -> Option<Vec<u8>> {
-        Some(RuntimeState::encode(
+    fn save(&mut self) -> Option<Box<dyn Any + Send>> {
+        Some(Box::new(RuntimeState::new(
             &[&self.rx, &self.tx],
-            self.mac.to_vec(),
-        ))
+            DeviceState::Net(NetState::new(self.mac)),
+        )))
     }
 
     fn stop(&mut self) {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        *slot = self.backend.take();
+        let mut backend = lock(&self.backend);
+        if backend.handler == self.id {
+            backend.handler = None;
+        }
     }
 }
+
+#[cfg(test)]
+#[path = "handler_tests.rs"]
+mod tests;

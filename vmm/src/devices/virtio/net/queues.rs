@@ -2,14 +2,15 @@
 //! hostile input: direction, bounds and chain links are checked before a
 //! byte is read or written.
 
+use virtio_bindings::virtio_net::virtio_net_hdr_v1;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::net::MAX_FRAME_LEN;
+use crate::usernet::MAX_FRAME_LEN;
 
-/// Length of `struct virtio_net_hdr` with VIRTIO_F_VERSION_1 (it then always
-/// carries `num_buffers`), in front of every frame either way.
-pub const NET_HDR_LEN: usize = 12;
+/// Length of `struct virtio_net_hdr_v1` (with VIRTIO_F_VERSION_1 the header
+/// always carries `num_buffers`), in front of every frame either way.
+pub const NET_HDR_LEN: usize = size_of::<virtio_net_hdr_v1>();
 /// Smallest frame handled: an Ethernet header.
 const MIN_FRAME_LEN: usize = 14;
 
@@ -137,3 +138,7 @@ pub fn write_rx_frame(
     }
     Ok(total)
 }
+
+#[cfg(test)]
+#[path = "queues_tests.rs"]
+mod tests;

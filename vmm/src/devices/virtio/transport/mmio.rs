@@ -1,8 +1,24 @@
 //! Virtio 1.x over MMIO (virtio spec 1.2, section 4.2.2): the register file
-//! the guest driver programs, queue setup, and device activation.
+//! the guest driver programs, queue setup, and device activation. The
+//! transport puts an activated device's handler on the event loop, removes
+//! it on reset, and is what a snapshot asks for the device's state.
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
+    VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES,
+    VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS,
+    VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+    VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY,
+    VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX, VIRTIO_MMIO_QUEUE_READY,
+    VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW,
+    VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -10,25 +26,24 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::persist::{RuntimeState, SavedQueue, TransportState};
 use crate::devices::virtio::{
-    ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_CONFIG,
+    feature, ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_CONFIG,
 };
-use crate::event_loop::LoopHandle;
+use crate::event_loop::{HandlerId, LoopHandle, Ops};
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 /// Offset of the QueueNotify register (where ioeventfds are attached).
-pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
+// What the MagicValue, Version and VendorID registers read; the Linux
+// headers name the registers, not these values.
+/// "virt", little endian.
 const MAGIC_VALUE: u32 = 0x7472_6976;
+/// Virtio 1.x MMIO (version 1 was the legacy interface).
 const MMIO_VERSION: u32 = 2;
-const VENDOR_ID: u32 = 0x4c43_4c54; // "LTLC"
-const CONFIG_SPACE_OFFSET: u64 = 0x100;
-
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 64;
-const STATUS_FAILED: u32 = 128;
+/// "LTLC".
+const VENDOR_ID: u32 = 0x4c43_4c54;
+const CONFIG_SPACE_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 /// The MMIO transport around one device.
 pub struct MmioTransport {
@@ -44,7 +59,8 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     config_generation: u32,
-    activated: bool,
+    /// The device's handler on the event loop, while the device is active.
+    handler: Option<HandlerId>,
 }
 
 /// Errors while restoring a transport from a snapshot.
@@ -61,15 +77,23 @@ pub enum RestoreError {
     /// The queue count differs.
     #[error("saved virtio device of type {0} has a different number of queues")]
     QueueCount(u32),
-    /// An active device without runtime state.
-    #[error("saved virtio device of type {0} was active but has no runtime state")]
-    NoRuntime(u32),
-    /// Saved state that does not decode.
+    /// A saved queue that is not valid.
     #[error(transparent)]
     State(#[from] crate::devices::virtio::persist::Error),
     /// The device could not resume.
     #[error("virtio device failed to resume")]
     Activate(#[source] ActivateError),
+    /// The device's handler could not be put on the event loop.
+    #[error("the resumed virtio device's handler cannot start")]
+    EventLoop(#[source] crate::event_loop::Error),
+}
+
+/// Errors while saving a transport for a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The active device's handler saved nothing a transport can restore.
+    #[error("virtio device of type {0} cannot be snapshotted while active")]
+    Unsupported(u32),
 }
 
 /// Errors while creating a transport.
@@ -90,7 +114,7 @@ pub enum Error {
 
 impl MmioTransport {
     /// Wraps `device`; `interrupt` is its line, `mem` the guest memory,
-    /// `event_loop` where its runtime will live once activated.
+    /// `event_loop` where its handler will run once activated.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
@@ -116,7 +140,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             config_generation: 0,
-            activated: false,
+            handler: None,
         })
     }
 
@@ -131,11 +155,23 @@ impl MmioTransport {
         self.status
     }
 
-    /// The transport's registers for a snapshot; the runtime's state is
-    /// added by the caller from the handler [`Self::runtime`] names.
-    pub fn save(&self) -> TransportState {
-        TransportState {
-            device_type: self.device.device_type(),
+    /// The transport's registers and, while the device is active, what its
+    /// handler saves. `ops` reaches the handler: call from another handler
+    /// on the same loop, once every handler is quiescent.
+    pub fn save(&self, ops: &mut Ops<'_>) -> Result<TransportState, SaveError> {
+        let device_type = self.device.device_type();
+        let runtime = match self.handler {
+            None => None,
+            Some(id) => {
+                let saved = ops
+                    .save_handler(id)
+                    .and_then(|state| state.downcast::<RuntimeState>().ok())
+                    .ok_or(SaveError::Unsupported(device_type))?;
+                Some(*saved)
+            }
+        };
+        Ok(TransportState {
+            device_type,
             status: self.status,
             acked_features: self.driver_features,
             device_features_sel: self.device_features_sel,
@@ -143,27 +179,17 @@ impl MmioTransport {
             queue_sel: self.queue_sel,
             config_generation: self.config_generation,
             interrupt_status: self.interrupt.status(),
-            activated: self.activated,
             queues: self.queues.iter().map(SavedQueue::from).collect(),
-            runtime: None,
-        }
+            runtime,
+        })
     }
 
-    /// The device's runtime handler, when it is active.
-    pub fn runtime(&self) -> Option<crate::event_loop::HandlerId> {
-        if self.activated {
-            self.device.runtime()
-        } else {
-            None
-        }
-    }
-
-    /// Whether the device runs and must have its runtime saved.
+    /// Whether the device is active: its handler is on the event loop.
     pub fn activated(&self) -> bool {
-        self.activated
+        self.handler.is_some()
     }
 
-    /// Puts the transport (and, if it was running, the device's runtime)
+    /// Puts the transport (and, if it was active, the device's handler)
     /// back as saved. The device must be the same type, freshly created.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
         let device_type = self.device.device_type();
@@ -177,7 +203,7 @@ impl MmioTransport {
             return Err(RestoreError::QueueCount(device_type));
         }
         for (i, saved) in state.queues.iter().enumerate() {
-            self.queues[i] = saved.to_queue(i).map_err(RestoreError::State)?;
+            self.queues[i] = saved.to_queue(i)?;
         }
         self.status = state.status;
         self.driver_features = state.acked_features;
@@ -186,17 +212,12 @@ impl MmioTransport {
         self.queue_sel = state.queue_sel;
         self.config_generation = state.config_generation;
         self.interrupt.restore_status(state.interrupt_status);
-        if state.status & STATUS_FEATURES_OK != 0 {
+        if state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             self.device.set_acked_features(state.acked_features);
         }
-        if !state.activated {
+        let Some(runtime) = &state.runtime else {
             return Ok(());
-        }
-        let runtime = state
-            .runtime
-            .as_deref()
-            .ok_or(RestoreError::NoRuntime(device_type))?;
-        let runtime = RuntimeState::decode(runtime).map_err(RestoreError::State)?;
+        };
         if runtime.queues.len() != self.queues.len() {
             return Err(RestoreError::QueueCount(device_type));
         }
@@ -205,20 +226,24 @@ impl MmioTransport {
             .iter()
             .enumerate()
             .map(|(i, q)| q.to_queue(i))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(RestoreError::State)?;
+            .collect::<Result<Vec<_>, _>>()?;
         let ctx = self
             .context(queues)
             .map_err(|e| RestoreError::Activate(ActivateError::Backend(e)))?;
-        self.device
-            .restore_runtime(ctx, &runtime.extra)
+        let handler = self
+            .device
+            .restore(ctx, &runtime.device)
             .map_err(RestoreError::Activate)?;
-        self.activated = true;
+        let id = self
+            .event_loop
+            .add(handler)
+            .map_err(RestoreError::EventLoop)?;
+        self.handler = Some(id);
         Ok(())
     }
 
     /// What the device starts with: `queues`, duplicates of the queue
-    /// notification eventfds, the interrupt line and the event loop.
+    /// notification eventfds and the interrupt line.
     fn context(&self, queues: Vec<Queue>) -> std::io::Result<ActivateContext> {
         let queue_events = self
             .queue_events
@@ -230,12 +255,11 @@ impl MmioTransport {
             queues,
             queue_events,
             interrupt: self.interrupt.clone(),
-            event_loop: self.event_loop.clone(),
         })
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
-        if self.status & STATUS_DRIVER_OK != 0 {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             return None;
         }
         let index = usize::try_from(self.queue_sel).ok()?;
@@ -251,8 +275,22 @@ impl MmioTransport {
         u32::try_from(half).unwrap_or(0)
     }
 
+    /// Takes the device's handler off the loop; its `stop` runs there.
+    fn remove_handler(&mut self) -> bool {
+        let Some(id) = self.handler.take() else {
+            return false;
+        };
+        if let Err(e) = self.event_loop.remove(id) {
+            tracing::debug!(
+                "virtio device {}: removing its handler: {e}",
+                self.device.device_type()
+            );
+        }
+        true
+    }
+
     fn reset(&mut self) {
-        if self.activated {
+        if self.remove_handler() {
             self.device.reset();
         }
         for q in &mut self.queues {
@@ -263,14 +301,13 @@ impl MmioTransport {
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.queue_sel = 0;
-        self.activated = false;
         self.interrupt.reset();
     }
 
     /// Marks the device broken and tells the driver (spec 2.1.2).
     fn needs_reset(&mut self) {
-        self.status |= STATUS_NEEDS_RESET;
-        if self.status & STATUS_DRIVER_OK != 0 {
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             let _ = self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
         }
     }
@@ -281,25 +318,27 @@ impl MmioTransport {
             return;
         }
         let new_bits = value & !self.status;
-        if new_bits & STATUS_FEATURES_OK != 0 {
+        if new_bits & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             let offered = self.device.avail_features();
             let ok = self.driver_features & !offered == 0
-                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+                && self.driver_features & feature(VIRTIO_F_VERSION_1) != 0;
             if !ok {
                 // Leaving FEATURES_OK clear tells the driver the set is refused.
-                self.status = value & !STATUS_FEATURES_OK;
+                self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
                 return;
             }
             self.device.set_acked_features(self.driver_features);
         }
         self.status = value;
-        if new_bits & STATUS_DRIVER_OK != 0 && !self.activated {
+        if new_bits & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.handler.is_none() {
             self.activate();
         }
     }
 
     fn activate(&mut self) {
-        if self.status & STATUS_FEATURES_OK == 0 || self.status & STATUS_FAILED != 0 {
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+            || self.status & VIRTIO_CONFIG_S_FAILED != 0
+        {
             self.needs_reset();
             return;
         }
@@ -328,11 +367,22 @@ impl MmioTransport {
             self.needs_reset();
             return;
         };
-        match self.device.activate(ctx) {
-            Ok(()) => self.activated = true,
+        let handler = match self.device.activate(ctx) {
+            Ok(handler) => handler,
             Err(e) => {
                 tracing::warn!(
                     "virtio device {} failed to activate: {e}",
+                    self.device.device_type()
+                );
+                self.needs_reset();
+                return;
+            }
+        };
+        match self.event_loop.add(handler) {
+            Ok(id) => self.handler = Some(id),
+            Err(e) => {
+                tracing::warn!(
+                    "virtio device {}: its handler cannot start: {e}",
                     self.device.device_type()
                 );
                 self.needs_reset();
@@ -340,42 +390,44 @@ impl MmioTransport {
         }
     }
 
-    fn read_register(&mut self, offset: u64) -> u32 {
+    fn read_register(&mut self, offset: u32) -> u32 {
         match offset {
-            0x00 => MAGIC_VALUE,
-            0x04 => MMIO_VERSION,
-            0x08 => self.device.device_type(),
-            0x0c => VENDOR_ID,
-            0x10 => Self::features_page(self.device.avail_features(), self.device_features_sel),
-            0x34 => {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => {
+                Self::features_page(self.device.avail_features(), self.device_features_sel)
+            }
+            VIRTIO_MMIO_QUEUE_NUM_MAX => {
                 let index = usize::try_from(self.queue_sel).unwrap_or(usize::MAX);
                 self.queues
                     .get(index)
                     .map_or(0, |q| u32::from(q.max_size()))
             }
-            0x44 => {
+            VIRTIO_MMIO_QUEUE_READY => {
                 let index = usize::try_from(self.queue_sel).unwrap_or(usize::MAX);
                 self.queues.get(index).map_or(0, |q| u32::from(q.ready()))
             }
-            0x60 => self.interrupt.status(),
-            0x70 => {
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => {
                 if self.interrupt.needs_reset() {
-                    self.status | STATUS_NEEDS_RESET
+                    self.status | VIRTIO_CONFIG_S_NEEDS_RESET
                 } else {
                     self.status
                 }
             }
-            0xfc => self.config_generation,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
 
-    fn write_register(&mut self, offset: u64, value: u32) {
+    fn write_register(&mut self, offset: u32, value: u32) {
         match offset {
-            0x14 => self.device_features_sel = value,
-            0x20 => {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
                 // Features are negotiated only before FEATURES_OK.
-                if self.status & STATUS_FEATURES_OK == 0 {
+                if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
                     let v = u64::from(value);
                     match self.driver_features_sel {
                         0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
@@ -386,33 +438,45 @@ impl MmioTransport {
                     }
                 }
             }
-            0x24 => self.driver_features_sel = value,
-            0x30 => self.queue_sel = value,
-            0x38 => {
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
+            VIRTIO_MMIO_QUEUE_NUM => {
                 let size = u16::try_from(value).unwrap_or(0);
                 if let Some(q) = self.selected_queue() {
                     q.set_size(size);
                 }
             }
-            0x44 => {
+            VIRTIO_MMIO_QUEUE_READY => {
                 if let Some(q) = self.selected_queue() {
                     q.set_ready(value == 1);
                 }
             }
-            0x50 => {
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
                 let index = usize::try_from(value).unwrap_or(usize::MAX);
                 if let Some(evt) = self.queue_events.get(index) {
                     let _ = evt.write(1);
                 }
             }
-            0x64 => self.interrupt.ack(value),
-            0x70 => self.set_status(value),
-            0x80 => self.with_queue(|q| q.set_desc_table_address(Some(value), None)),
-            0x84 => self.with_queue(|q| q.set_desc_table_address(None, Some(value))),
-            0x90 => self.with_queue(|q| q.set_avail_ring_address(Some(value), None)),
-            0x94 => self.with_queue(|q| q.set_avail_ring_address(None, Some(value))),
-            0xa0 => self.with_queue(|q| q.set_used_ring_address(Some(value), None)),
-            0xa4 => self.with_queue(|q| q.set_used_ring_address(None, Some(value))),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => {
+                self.with_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => {
+                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
+                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
+                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW => {
+                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
             _ => tracing::debug!("virtio-mmio: write to unknown register {offset:#x}"),
         }
     }
@@ -430,11 +494,13 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
-        if data.len() != 4 || !offset.is_multiple_of(4) {
+        // Below the config space, the offset fits a register number.
+        let register = u32::try_from(offset).ok();
+        let Some(register) = register.filter(|r| data.len() == 4 && r.is_multiple_of(4)) else {
             data.fill(0);
             return;
-        }
-        let v = self.read_register(offset);
+        };
+        let v = self.read_register(register);
         data.copy_from_slice(&v.to_le_bytes());
     }
 
@@ -447,10 +513,17 @@ impl BusDevice for MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if !offset.is_multiple_of(4) {
+        let Some(register) = u32::try_from(offset).ok().filter(|r| r.is_multiple_of(4)) else {
             return;
-        }
-        self.write_register(offset, u32::from_le_bytes(bytes));
+        };
+        self.write_register(register, u32::from_le_bytes(bytes));
+    }
+}
+
+impl Drop for MmioTransport {
+    /// A device that goes away takes its handler off the loop with it.
+    fn drop(&mut self) {
+        self.remove_handler();
     }
 }
 

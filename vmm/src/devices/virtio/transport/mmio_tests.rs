@@ -1,28 +1,63 @@
+use std::any::Any;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::devices::virtio::block::persist::BlockState;
+use crate::devices::virtio::persist::DeviceState;
+use crate::devices::virtio::{read_config_bytes, VIRTIO_MMIO_INT_VRING};
+use crate::event_loop::test_utils::{on_loop, LoopThread};
+use crate::event_loop::{Event, EventHandler, EventLoop};
 
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-use crate::devices::virtio::{
-    read_config_bytes, ActivateError, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
-};
+const STATUS_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const STATUS_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+const STATUS_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const STATUS_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const STATUS_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
 #[derive(Default)]
 struct Record {
     acked: u64,
     activations: usize,
+    restores: usize,
     resets: usize,
     queues: usize,
     config: Vec<u8>,
+    /// Handlers started and stopped on a running loop.
+    started: usize,
+    stopped: usize,
 }
 
 struct MockDevice {
     record: Arc<Mutex<Record>>,
     fail_activate: bool,
+}
+
+/// The mock's handler: records its life, saves its queues.
+struct MockHandler {
+    record: Arc<Mutex<Record>>,
+    queues: Vec<Queue>,
+}
+
+impl EventHandler for MockHandler {
+    fn start(&mut self, _ops: &mut Ops<'_>) {
+        self.record.lock().expect("unpoisoned").started += 1;
+    }
+    fn handle(&mut self, _event: Event, _ops: &mut Ops<'_>) {}
+    fn stop(&mut self) {
+        self.record.lock().expect("unpoisoned").stopped += 1;
+    }
+    fn save(&mut self) -> Option<Box<dyn Any + Send>> {
+        let queues: Vec<&Queue> = self.queues.iter().collect();
+        Some(Box::new(RuntimeState::new(
+            &queues,
+            DeviceState::Block(BlockState::default()),
+        )))
+    }
 }
 
 impl VirtioDevice for MockDevice {
@@ -33,7 +68,7 @@ impl VirtioDevice for MockDevice {
         &[16, 16]
     }
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | 0b101
+        feature(VIRTIO_F_VERSION_1) | 0b101
     }
     fn set_acked_features(&mut self, features: u64) {
         self.record.lock().expect("unpoisoned").acked = features;
@@ -44,44 +79,75 @@ impl VirtioDevice for MockDevice {
     fn write_config(&mut self, _offset: u64, data: &[u8]) {
         self.record.lock().expect("unpoisoned").config = data.to_vec();
     }
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+    fn activate(&mut self, ctx: ActivateContext) -> Result<Box<dyn EventHandler>, ActivateError> {
         if self.fail_activate {
             return Err(ActivateError::InvalidQueue(0));
         }
         let mut r = self.record.lock().expect("unpoisoned");
         r.activations += 1;
         r.queues = ctx.queues.iter().filter(|q| q.ready()).count();
-        Ok(())
+        Ok(Box::new(MockHandler {
+            record: self.record.clone(),
+            queues: ctx.queues,
+        }))
+    }
+    fn restore(
+        &mut self,
+        ctx: ActivateContext,
+        state: &DeviceState,
+    ) -> Result<Box<dyn EventHandler>, ActivateError> {
+        let DeviceState::Block(_) = state else {
+            return Err(state.mismatch("mock").into());
+        };
+        self.record.lock().expect("unpoisoned").restores += 1;
+        Ok(Box::new(MockHandler {
+            record: self.record.clone(),
+            queues: ctx.queues,
+        }))
     }
     fn reset(&mut self) {
         self.record.lock().expect("unpoisoned").resets += 1;
     }
 }
 
-/// A loop handle for devices that never reach the loop in these tests.
-fn test_loop() -> crate::event_loop::LoopHandle {
-    crate::event_loop::EventLoop::new(4)
-        .expect("io_uring")
-        .handle()
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mmap")
 }
 
 struct Fixture {
     t: MmioTransport,
     record: Arc<Mutex<Record>>,
     irq: EventFd,
+    /// A loop that is never run: handlers added wait in its queue.
+    _event_loop: EventLoop,
 }
 
-fn fixture(fail_activate: bool) -> Fixture {
-    let record = Arc::new(Mutex::new(Record::default()));
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("mmap");
+fn transport(
+    record: &Arc<Mutex<Record>>,
+    fail_activate: bool,
+    event_loop: LoopHandle,
+) -> (MmioTransport, EventFd) {
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
     let interrupt = Arc::new(Interrupt::new(irq.try_clone().expect("dup")));
     let dev = MockDevice {
         record: record.clone(),
         fail_activate,
     };
-    let t = MmioTransport::new(Box::new(dev), mem, interrupt, test_loop()).expect("valid queues");
-    Fixture { t, record, irq }
+    let t =
+        MmioTransport::new(Box::new(dev), memory(), interrupt, event_loop).expect("valid queues");
+    (t, irq)
+}
+
+fn fixture(fail_activate: bool) -> Fixture {
+    let record = Arc::new(Mutex::new(Record::default()));
+    let event_loop = EventLoop::new(4).expect("io_uring");
+    let (t, irq) = transport(&record, fail_activate, event_loop.handle());
+    Fixture {
+        t,
+        record,
+        irq,
+        _event_loop: event_loop,
+    }
 }
 
 fn r32(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -149,7 +215,7 @@ fn feature_pages() {
 #[test]
 fn full_initialization_activates_device() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1 | 1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1) | 1);
     assert_ne!(r32(&mut f.t, 0x70) & STATUS_FEATURES_OK, 0);
     w32(
         &mut f.t,
@@ -159,13 +225,13 @@ fn full_initialization_activates_device() {
     let r = f.record.lock().expect("unpoisoned");
     assert_eq!(r.activations, 1);
     assert_eq!(r.queues, 2);
-    assert_eq!(r.acked, VIRTIO_F_VERSION_1 | 1);
+    assert_eq!(r.acked, feature(VIRTIO_F_VERSION_1) | 1);
 }
 
 #[test]
 fn unoffered_features_are_refused() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1 | 0b10);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1) | 0b10);
     assert_eq!(r32(&mut f.t, 0x70) & STATUS_FEATURES_OK, 0);
     assert_eq!(f.record.lock().expect("unpoisoned").acked, 0);
 }
@@ -192,7 +258,7 @@ fn driver_ok_without_features_ok_needs_reset() {
 #[test]
 fn queue_outside_guest_memory_needs_reset() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(&mut f.t, 0x30, 1);
     w32(&mut f.t, 0x44, 0);
     w32(&mut f.t, 0x80, 0xffff_f000);
@@ -211,7 +277,7 @@ fn queue_outside_guest_memory_needs_reset() {
 #[test]
 fn runtime_errors_surface_as_needs_reset_until_reset() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(
         &mut f.t,
         0x70,
@@ -228,7 +294,7 @@ fn runtime_errors_surface_as_needs_reset_until_reset() {
 #[test]
 fn failed_activation_needs_reset() {
     let mut f = fixture(true);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(
         &mut f.t,
         0x70,
@@ -240,7 +306,7 @@ fn failed_activation_needs_reset() {
 #[test]
 fn reset_clears_state_and_resets_device() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(
         &mut f.t,
         0x70,
@@ -256,7 +322,7 @@ fn reset_clears_state_and_resets_device() {
 #[test]
 fn queue_config_is_frozen_after_driver_ok() {
     let mut f = fixture(false);
-    init_driver(&mut f.t, VIRTIO_F_VERSION_1);
+    init_driver(&mut f.t, feature(VIRTIO_F_VERSION_1));
     w32(
         &mut f.t,
         0x70,
@@ -317,18 +383,96 @@ fn invalid_queue_sizes_are_rejected_at_creation() {
         fn set_acked_features(&mut self, _: u64) {}
         fn read_config(&self, _: u64, _: &mut [u8]) {}
         fn write_config(&mut self, _: u64, _: &[u8]) {}
-        fn activate(&mut self, _: ActivateContext) -> Result<(), ActivateError> {
-            Ok(())
+        fn activate(&mut self, _: ActivateContext) -> Result<Box<dyn EventHandler>, ActivateError> {
+            Err(ActivateError::InvalidQueue(0))
+        }
+        fn restore(
+            &mut self,
+            _: ActivateContext,
+            _: &DeviceState,
+        ) -> Result<Box<dyn EventHandler>, ActivateError> {
+            Err(ActivateError::InvalidQueue(0))
         }
         fn reset(&mut self) {}
     }
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).expect("mmap");
     let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let event_loop = EventLoop::new(4).expect("io_uring");
     let r = MmioTransport::new(
         Box::new(Bad),
         mem,
         Arc::new(Interrupt::new(irq)),
-        test_loop(),
+        event_loop.handle(),
     );
     assert!(matches!(r, Err(Error::QueueSize { index: 0, size: 0 })));
+}
+
+/// Waits until `done` holds for the record (a handler runs on another thread).
+fn wait_for(record: &Mutex<Record>, done: impl Fn(&Record) -> bool) {
+    let start = Instant::now();
+    while !done(&record.lock().expect("unpoisoned")) {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn the_transport_runs_saves_and_stops_the_device_handler() {
+    let event_loop = LoopThread::start();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let (t, _irq) = transport(&record, false, event_loop.handle().clone());
+    let t = Arc::new(Mutex::new(t));
+    {
+        let mut t = t.lock().expect("unpoisoned");
+        assert!(!t.activated());
+        init_driver(&mut t, feature(VIRTIO_F_VERSION_1));
+        w32(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert!(t.activated());
+    }
+    wait_for(&record, |r| r.started == 1);
+
+    let saving = t.clone();
+    let saved = on_loop(event_loop.handle(), move |ops| {
+        saving.lock().expect("unpoisoned").save(ops)
+    })
+    .expect("the handler saves");
+    let runtime = saved.runtime.clone().expect("active: runtime state");
+    assert_eq!(runtime.queues.len(), 2);
+    assert_eq!(runtime.device, DeviceState::Block(BlockState::default()));
+    assert_eq!(saved.device_type, 42);
+
+    w32(&mut t.lock().expect("unpoisoned"), 0x70, 0);
+    wait_for(&record, |r| r.stopped == 1);
+    assert_eq!(record.lock().expect("unpoisoned").resets, 1);
+
+    // A fresh transport resumes the saved handler.
+    let (mut restored, _irq) = transport(&record, false, event_loop.handle().clone());
+    restored.restore(&saved).expect("restored");
+    assert!(restored.activated());
+    wait_for(&record, |r| r.started == 2);
+    assert_eq!(record.lock().expect("unpoisoned").restores, 1);
+    // Dropping it takes the handler off the loop.
+    drop(restored);
+    wait_for(&record, |r| r.stopped == 2);
+
+    // Saved state that does not fit the device is refused.
+    let mut bad = saved.clone();
+    bad.runtime.as_mut().expect("runtime").queues.pop();
+    let (mut other, _irq) = transport(&record, false, event_loop.handle().clone());
+    assert!(matches!(
+        other.restore(&bad),
+        Err(RestoreError::QueueCount(42))
+    ));
+    let mut bad = saved;
+    bad.runtime.as_mut().expect("runtime").device =
+        DeviceState::Vsock(crate::devices::virtio::vsock::persist::VsockState::default());
+    assert!(matches!(
+        other.restore(&bad),
+        Err(RestoreError::Activate(ActivateError::State(_)))
+    ));
+    assert!(!other.activated());
 }

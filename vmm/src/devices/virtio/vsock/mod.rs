@@ -14,22 +14,26 @@
 //!
 //! | file | what |
 //! |---|---|
+//! | `device.rs` | the virtio device: config space, the bound socket, activation |
+//! | `handler.rs` | its event-loop handler: queues to and from the muxer |
+//! | `persist.rs` | what a snapshot keeps of the handler |
 //! | `packet.rs` | `virtio_vsock_hdr`, TX parsing and validation, RX writing |
 //! | `connection.rs` | one stream: state and credit in both directions |
 //! | `muxer.rs` | the Unix-socket backend: listener, `CONNECT`, streams |
-//! | `device.rs` | the virtio device and its event-loop handler |
 //! | `unix.rs` | non-blocking Unix connect |
 
 pub mod connection;
 pub mod device;
+mod handler;
 pub mod muxer;
 pub mod packet;
+pub mod persist;
 mod unix;
 
 use std::path::PathBuf;
 use std::str::FromStr;
 
-pub use device::{Vsock, VIRTIO_ID_VSOCK};
+pub use device::Vsock;
 
 /// The guest context id unless `cid=` says otherwise.
 pub const DEFAULT_GUEST_CID: u64 = 3;

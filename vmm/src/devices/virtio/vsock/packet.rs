@@ -14,6 +14,10 @@ use std::io::{Read, Write};
 use virtio_queue::{DescriptorChain, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
+// virtio-bindings 0.2 has no virtio_vsock.h: the header layout, types,
+// operations, flags and events below are defined here from the virtio spec
+// (1.2, 5.10).
+
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;
 /// Largest payload the device accepts from or gives to the guest in one
@@ -26,7 +30,11 @@ pub const SHUTDOWN_RCV: u32 = 1;
 /// SHUTDOWN flag: the sender will send no more data.
 pub const SHUTDOWN_SEND: u32 = 2;
 /// The host's context id.
-pub const HOST_CID: u64 = 2;
+pub const HOST_CID: u64 = libc::VMADDR_CID_HOST as u64;
+/// `virtio_vsock_event.id` of a transport reset (virtio 1.2, 5.10.6.6).
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Bytes of `struct virtio_vsock_event`.
+pub const EVENT_LEN: u32 = 4;
 
 /// A `virtio_vsock_hdr` operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

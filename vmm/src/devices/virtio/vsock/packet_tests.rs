@@ -5,6 +5,7 @@
     clippy::type_complexity
 )]
 
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -14,7 +15,7 @@ use super::*;
 
 const GUEST_CID: u64 = 3;
 const BUF: u64 = 0x10_0000;
-const WRITE: u16 = 2;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 fn mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()

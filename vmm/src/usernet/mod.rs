@@ -1,6 +1,7 @@
-//! The guest's private network, in user space: a smoltcp stack that plays
-//! the gateway of a slirp-style /24, so a guest needs no TAP device, bridge,
-//! network namespace or root on the host.
+//! The userspace network behind the virtio-net device
+//! ([`crate::devices::virtio::net`]): a smoltcp stack that plays the
+//! gateway of the guest's private, slirp-style /24, so a guest needs no TAP
+//! device, bridge, network namespace or root on the host.
 //!
 //! | address | what |
 //! |---|---|
@@ -16,9 +17,18 @@
 //! connection reaches the guest as a RST. Data is copied between host
 //! sockets and smoltcp sockets with backpressure both ways.
 //!
-//! The stack never blocks and owns no thread: the caller (the virtio-net
-//! device's event-loop handler) feeds it guest frames, host readiness and
-//! timer expiries, and carries out the watch requests it queues.
+//! The stack never blocks and owns no thread: the virtio-net device's
+//! event-loop handler feeds it guest frames, host readiness and timer
+//! expiries, and carries out the [`WatchRequest`]s it queues.
+//!
+//! | file | what |
+//! |---|---|
+//! | `stack.rs` | the smoltcp interface, frame queues and connection table |
+//! | `conn.rs` | one proxied TCP connection |
+//! | `dns.rs` | the DNS forwarder |
+//! | `policy.rs` | outbound allow/deny rules |
+//! | `watch.rs` | watch requests and tokens, shared by the stack and the forwarder |
+//! | `sys.rs` | socket calls std has no API for |
 
 mod conn;
 mod dns;
@@ -27,12 +37,14 @@ mod stack;
 mod sys;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+mod watch;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 pub use policy::{Policy, Rule};
-pub use stack::{Stack, WatchRequest, MAX_FRAME_LEN};
+pub use stack::{Stack, MAX_FRAME_LEN};
+pub use watch::{WatchRequest, FIRST_TOKEN};
 
 /// The guest's address.
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -86,7 +98,7 @@ impl FromStr for Publish {
     type Err = Error;
 
     /// ```
-    /// use vmm::net::Publish;
+    /// use vmm::usernet::Publish;
     /// let p: Publish = "0.0.0.0:8000:80".parse().unwrap();
     /// assert_eq!((p.host.to_string().as_str(), p.guest_port), ("0.0.0.0:8000", 80));
     /// let p: Publish = "8000:80".parse().unwrap();
@@ -145,7 +157,7 @@ impl Default for NetConfig {
 ///
 /// ```
 /// let text = "# x\nsearch lan\nnameserver 192.0.2.1\nnameserver 192.0.2.2\n";
-/// assert_eq!(vmm::net::resolver_from(text), Some("192.0.2.1:53".parse().unwrap()));
+/// assert_eq!(vmm::usernet::resolver_from(text), Some("192.0.2.1:53".parse().unwrap()));
 /// ```
 pub fn resolver_from(resolv_conf: &str) -> Option<SocketAddr> {
     resolv_conf.lines().find_map(|line| {

@@ -1,7 +1,8 @@
-//! The block queue's runtime on the event loop: pops chains when the guest
+//! The block queue's handler on the event loop: pops chains when the guest
 //! notifies, submits reads, writes and flushes to io_uring straight into
 //! guest memory, and completes each request when its I/O finishes.
 
+use std::any::Any;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -10,9 +11,10 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::BlockState;
 use super::request::{self, Limits, Rejected, Request, RequestType, VIRTIO_BLK_S_OK};
 use super::Disk;
-use crate::devices::virtio::persist::RuntimeState;
+use crate::devices::virtio::persist::{DeviceState, RuntimeState};
 use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
 use crate::event_loop::{Event, EventHandler, Ops, Token};
 
@@ -31,7 +33,7 @@ struct InFlight {
 }
 
 /// The request queue of one block device.
-pub(super) struct BlockRuntime {
+pub(super) struct BlockHandler {
     mem: GuestMemoryMmap,
     queue: Queue,
     queue_evt: EventFd,
@@ -44,7 +46,7 @@ pub(super) struct BlockRuntime {
     completed: bool,
 }
 
-impl BlockRuntime {
+impl BlockHandler {
     pub(super) fn new(
         mem: GuestMemoryMmap,
         queue: Queue,
@@ -272,7 +274,7 @@ fn entry_key(token: Token) -> usize {
     usize::try_from(token).unwrap_or(usize::MAX)
 }
 
-impl EventHandler for BlockRuntime {
+impl EventHandler for BlockHandler {
     fn start(&mut self, ops: &mut Ops<'_>) {
         ops.watch(self.queue_evt.as_raw_fd(), QUEUE_TOKEN, libc::POLLIN as u32);
         // The driver may have queued requests before the handler started.
@@ -300,7 +302,14 @@ impl EventHandler for BlockRuntime {
 
     /// The queue is all there is: every request is either still on the
     /// avail ring (picked up again after a restore) or already used.
-    fn save(&mut self) -> Option<Vec<u8>> {
-        Some(RuntimeState::encode(&[&self.queue], Vec::new()))
+    fn save(&mut self) -> Option<Box<dyn Any + Send>> {
+        Some(Box::new(RuntimeState::new(
+            &[&self.queue],
+            DeviceState::Block(BlockState::default()),
+        )))
     }
 }
+
+#[cfg(test)]
+#[path = "handler_tests.rs"]
+mod tests;

@@ -11,7 +11,7 @@ use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::udp::{self, PacketBuffer, PacketMetadata, UdpMetadata};
 use smoltcp::wire::{IpAddress, IpEndpoint};
 
-use super::stack::WatchRequest;
+use super::watch::{Tokens, WatchRequest};
 use super::DNS_IP;
 use crate::event_loop::Token;
 
@@ -71,12 +71,12 @@ impl Dns {
     }
 
     /// Sends the guest's queued queries upstream. `allowed` is the policy's
-    /// verdict for 10.0.2.3:53; `token` hands out event tokens.
+    /// verdict for 10.0.2.3:53; `tokens` hands out event tokens.
     pub(super) fn forward_queries(
         &mut self,
         sockets: &mut SocketSet<'static>,
         allowed: bool,
-        token: &mut impl FnMut() -> Token,
+        tokens: &mut Tokens,
         requests: &mut Vec<WatchRequest>,
     ) -> bool {
         let socket = sockets.get_mut::<udp::Socket>(self.handle);
@@ -99,7 +99,7 @@ impl Dns {
             });
             match sent {
                 Ok(sock) => {
-                    let t = token();
+                    let t = tokens.next();
                     requests.push(WatchRequest::Watch {
                         fd: sock.as_raw_fd(),
                         token: t,

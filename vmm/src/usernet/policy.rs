@@ -33,7 +33,7 @@ impl FromStr for Rule {
     /// `A.B.C.D[/N][:PORT]`.
     ///
     /// ```
-    /// use vmm::net::Rule;
+    /// use vmm::usernet::Rule;
     /// let r: Rule = "10.0.0.0/8:443".parse().unwrap();
     /// assert!(r.matches("10.1.2.3".parse().unwrap(), 443));
     /// assert!(!r.matches("10.1.2.3".parse().unwrap(), 80));

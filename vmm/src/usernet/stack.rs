@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use smoltcp::iface::{Config, Interface, SocketSet};
@@ -17,6 +17,7 @@ use smoltcp::wire::{
 
 use super::conn::{Conn, Phase, Tuple};
 use super::dns::Dns;
+use super::watch::{Tokens, WatchRequest};
 use super::{sys, Error, NetConfig, Policy, DNS_IP, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, PREFIX_LEN};
 use crate::event_loop::Token;
 
@@ -28,32 +29,11 @@ const TO_GUEST_CAP: usize = 512;
 const MAX_CONNS: usize = 1024;
 /// Per-direction buffer of each proxied connection.
 const TCP_BUFFER: usize = 128 * 1024;
-/// Tokens below this belong to the device handler.
-pub const FIRST_TOKEN: Token = 16;
 /// Gateway-side ports for inbound connections.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
 /// Never ask for a timer sooner than this (smoltcp may say "now" while the
 /// guest has no receive buffers; the guest's refill wakes us instead).
 const MIN_TIMER: Duration = Duration::from_millis(1);
-
-/// A change to the set of host fds the event loop watches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WatchRequest {
-    /// Watch `fd` for `events` under `token`.
-    Watch {
-        /// The host fd.
-        fd: RawFd,
-        /// Its token.
-        token: Token,
-        /// Poll events.
-        events: u32,
-    },
-    /// Stop watching `token`.
-    Unwatch {
-        /// The token.
-        token: Token,
-    },
-}
 
 /// The frame queues between the virtio queues and smoltcp.
 #[derive(Default)]
@@ -113,7 +93,7 @@ pub struct Stack {
     outbound: HashMap<Tuple, Token>,
     inbound_ports: HashSet<u16>,
     dns: Dns,
-    next_token: Token,
+    tokens: Tokens,
     next_port: u16,
     requests: Vec<WatchRequest>,
 }
@@ -158,7 +138,7 @@ impl Stack {
             outbound: HashMap::new(),
             inbound_ports: HashSet::new(),
             dns,
-            next_token: FIRST_TOKEN,
+            tokens: Tokens::default(),
             next_port: *EPHEMERAL.start(),
             requests: Vec::new(),
         };
@@ -174,9 +154,7 @@ impl Stack {
     }
 
     fn token(&mut self) -> Token {
-        let t = self.next_token;
-        self.next_token = self.next_token.checked_add(1).unwrap_or(FIRST_TOKEN);
-        t
+        self.tokens.next()
     }
 
     fn now(&self) -> SmolInstant {
@@ -201,9 +179,11 @@ impl Stack {
         self.conns.len()
     }
 
-    /// Watch requests for every host fd the stack holds: call when the
-    /// handler (re)starts on the event loop.
+    /// Watch requests for every host fd the stack holds, in place of what
+    /// was queued: call when a handler (re)starts on the event loop (what
+    /// an earlier handler watched went with it).
     pub fn watch_all(&mut self) {
+        self.requests.clear();
         let watches: Vec<WatchRequest> = self
             .listeners
             .iter()
@@ -477,19 +457,12 @@ impl Stack {
                 }
             }
             let allowed = self.policy.allows(DNS_IP, 53);
-            let mut next = self.next_token;
-            let mut token = || {
-                let t = next;
-                next = next.checked_add(1).unwrap_or(FIRST_TOKEN);
-                t
-            };
             progress |= self.dns.forward_queries(
                 &mut self.sockets,
                 allowed,
-                &mut token,
+                &mut self.tokens,
                 &mut self.requests,
             );
-            self.next_token = next;
             if !progress {
                 break;
             }
