@@ -80,7 +80,7 @@ EOF
 append="console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.dumbkbd"
 cpu=host
 if [[ $profile == nested ]]; then
-	# What the nested host's instruction emulator cannot run (KVM-HOST.md):
+	# What the nested host's instruction emulator cannot run (docs/nested-kvm.md):
 	# mask it in CPUID and in the kernel's view, and no hypercall PV features.
 	append+=" rodata=off noxsave clearcpuid=smap,popcnt,cx16,xsave,erms,fsrm syscall_via_ud quiet"
 	cpu+=",-smap,-popcnt,-cx16,-xsave,-erms,-fsrm"

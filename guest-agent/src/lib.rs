@@ -6,7 +6,7 @@
 //! README for what the agent does at boot and at shutdown.
 
 #![cfg_attr(not(test), no_std)]
-// STYLE.md: no unwrap() outside tests; tests may unwrap.
+// CONTRIBUTING.md: no unwrap() outside tests; tests may unwrap.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 extern crate alloc;

@@ -11,7 +11,7 @@
 //!   [`runconfig`]: what the guest agent runs, its config file and the
 //!   initramfs that carries it.
 
-// STYLE.md: no unwrap() outside tests; tests may unwrap.
+// CONTRIBUTING.md: no unwrap() outside tests; tests may unwrap.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod erofs;

@@ -7,7 +7,7 @@
 //! with a private CA, htpasswd basic auth and bearer tokens
 //! (`local_registry`).
 
-// STYLE.md: tests may unwrap.
+// CONTRIBUTING.md: tests may unwrap.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;

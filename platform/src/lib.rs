@@ -15,7 +15,7 @@
 //! Prometheus text format ([`metrics`]). The CLI talks to the daemon with
 //! one JSON line each way over a Unix socket ([`api`]).
 
-// STYLE.md: no unwrap() outside tests; tests may unwrap.
+// CONTRIBUTING.md: no unwrap() outside tests; tests may unwrap.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;

@@ -309,7 +309,7 @@ pub fn api(sock: &Path, command: &str) -> String {
         Err(e) => panic!(
             "no reply to \"{command}\" within {:?}: {}",
             ceiling::HOST,
-            vmm::runtime::error_chain(&e)
+            vmm::error_chain(&e)
         ),
     }
 }

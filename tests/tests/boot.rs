@@ -97,7 +97,7 @@ fn exit_status_is_reported() {
 
 /// Two vCPUs come online (MP table, INIT/SIPI through the in-kernel LAPIC)
 /// and the same entrypoint runs. This works on the nested host too with the
-/// guest-kernel build here, despite the AP bring-up hang KVM-HOST.md recorded
+/// guest-kernel build here, despite the AP bring-up hang docs/nested-kvm.md records
 /// for an earlier kernel.
 #[test]
 fn boots_with_two_vcpus() {

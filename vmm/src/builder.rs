@@ -16,13 +16,17 @@ use crate::arch::x86_64::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, COM1_IRQ, COM1_PORT, HIMEM_START, I8042_DATA_PORT,
 };
 use crate::arch::x86_64::mptable;
-use crate::config::{self, ConsoleOutput, VmConfig};
+use crate::config::{self, ConsoleOutput, RestoreConfig, VmConfig, MAX_MEM_MIB};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialConsole;
+use crate::devices::legacy::{LegacyDevices, LegacyState};
 use crate::devices::manager::{self, DeviceManager};
 use crate::event_loop::EventLoop;
 use crate::host::HostKind;
-use crate::runtime::{self, LegacyDevices, LegacyState, RunOptions};
+use crate::snapshot::working_set::WorkingSet;
+use crate::snapshot::{format, memory, BaseImage, Error as SnapshotError, MicrovmState};
+use crate::vmm::{BuiltVm, GuestExit, RunOptions};
+use crate::vstate::persist;
 use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::{self, Vm};
 
@@ -96,21 +100,15 @@ pub enum Error {
     /// A device could not be set up.
     #[error("failed to set up {0}")]
     Device(&'static str, #[source] std::io::Error),
-    /// Every vCPU thread ended without a reason.
-    #[error("all vCPU threads ended unexpectedly")]
-    VcpusGone,
-    /// A vCPU thread could not be started or controlled.
+    /// The built VM failed while running.
     #[error(transparent)]
-    VcpuThread(#[from] crate::vstate::vcpu_thread::Error),
+    Run(#[from] crate::vmm::Error),
     /// KVM state could not be read or restored.
     #[error(transparent)]
     Persist(#[from] crate::vstate::persist::Error),
     /// A snapshot could not be read or restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::Error),
-    /// The control socket could not be set up.
-    #[error("cannot listen on control socket {0}")]
-    ApiSocket(String, #[source] std::io::Error),
     /// The device event loop failed.
     #[error("device event loop failed")]
     EventLoop(#[source] crate::event_loop::Error),
@@ -126,17 +124,6 @@ pub enum Error {
     /// A disk image could not be opened.
     #[error(transparent)]
     Block(#[from] crate::devices::virtio::block::Error),
-}
-
-/// How a guest ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestExit {
-    /// The guest rebooted (the agent's normal way to end).
-    Reset,
-    /// The guest powered off or halted for good.
-    PowerOff,
-    /// The control socket asked the VMM to quit.
-    Quit,
 }
 
 /// Builds the full kernel command line for `config` on `host`.
@@ -207,24 +194,6 @@ fn load_initrd(
         done += n;
     }
     Ok(InitrdPlacement { addr, size })
-}
-
-/// A VM with kernel, boot structures, devices and vCPUs in place, not yet
-/// running: everything the VMM does before the first KVM_RUN.
-pub struct BuiltVm {
-    pub(crate) vm: Vm,
-    pub(crate) vcpus: Vec<Vcpu>,
-    pub(crate) devices: DeviceManager,
-    pub(crate) event_loop: EventLoop,
-    pub(crate) reset: Arc<AtomicBool>,
-    pub(crate) legacy: LegacyDevices,
-    /// The saved PIT state of a restored VM that runs without a PIT.
-    pub(crate) carried_pit: Option<kvm_bindings::kvm_pit_state2>,
-    /// The full snapshot a restored VM's memory is mapped from.
-    pub(crate) base: Option<crate::snapshot::BaseImage>,
-    /// Hands host connections to the network device (the control socket's
-    /// `accept` command), when the VM has one.
-    pub(crate) inbound: Option<crate::devices::virtio::net::InboundHandle>,
 }
 
 /// Prepares `config` up to the first KVM_RUN.
@@ -363,21 +332,139 @@ pub(crate) fn attach_legacy_devices(
     Ok(LegacyDevices { serial, i8042 })
 }
 
-impl BuiltVm {
-    /// The VM and its device manager (to attach more devices before running).
-    pub fn devices(&mut self) -> (&Vm, &mut DeviceManager) {
-        (&self.vm, &mut self.devices)
-    }
-
-    /// Starts one thread per vCPU, runs the device event loop on this
-    /// thread, and returns when the guest resets, powers off or fails, or
-    /// the control socket asks the VMM to quit.
-    pub fn run(self, options: RunOptions) -> Result<GuestExit, Error> {
-        runtime::run(self, options)
-    }
-}
-
 /// Boots `config` and runs the guest until it resets, powers off or fails.
 pub fn run(config: VmConfig) -> Result<GuestExit, Error> {
-    build(config)?.run(RunOptions::default())
+    Ok(build(config)?.run(RunOptions::default())?)
+}
+
+/// Most vCPUs a snapshot may hold (the MP table's limit).
+const MAX_VCPUS: usize = crate::arch::x86_64::mptable::MAX_CPUS as usize;
+
+/// Reads and validates the snapshot, maps its memory copy-on-write and
+/// re-creates the VM, vCPUs and devices, ready to run: the same devices
+/// as the snapshot's, attached by the same code as a boot's.
+pub fn build_from_snapshot(config: RestoreConfig) -> Result<BuiltVm, Error> {
+    let name = config.snapshot.display().to_string();
+    let mut file =
+        File::open(&config.snapshot).map_err(|e| SnapshotError::Open(name.clone(), e))?;
+    let (header, state): (format::Header, MicrovmState) =
+        format::read_state(&mut file).map_err(|e| SnapshotError::Format(name.clone(), e))?;
+    memory::validate(&state.regions, header.mem_len, MAX_MEM_MIB << 20)
+        .map_err(|e| SnapshotError::Memory(name.clone(), e))?;
+    if state.vcpus.is_empty() || state.vcpus.len() > MAX_VCPUS {
+        return Err(SnapshotError::Invalid(name, "vCPU count").into());
+    }
+    let host = HostKind::detect().name();
+    if state.host != host {
+        tracing::warn!(
+            "snapshot taken on a {} host, restoring on a {host} host",
+            state.host
+        );
+    }
+    let (mem, base) = match &state.base {
+        None => {
+            let mem = memory::map_private(Arc::new(file), header.mem_offset, &state.regions)
+                .map_err(|e| SnapshotError::Memory(name.clone(), e))?;
+            let base = BaseImage {
+                path: std::fs::canonicalize(&config.snapshot)
+                    .unwrap_or_else(|_| config.snapshot.clone())
+                    .display()
+                    .to_string(),
+                state_crc: header.state_crc,
+                mem_len: header.mem_len,
+            };
+            (mem, base)
+        }
+        Some(base) => {
+            // Memory comes from the base, with the diff's pages on top.
+            let bad_base = || SnapshotError::Base(name.clone(), base.path.clone());
+            let mut base_file = File::open(&base.path).map_err(|_| bad_base())?;
+            let (base_header, _): (format::Header, MicrovmState) =
+                format::read_state(&mut base_file).map_err(|_| bad_base())?;
+            if base_header.state_crc != base.state_crc || base_header.mem_len != base.mem_len {
+                return Err(bad_base().into());
+            }
+            let mem =
+                memory::map_private(Arc::new(base_file), base_header.mem_offset, &state.regions)
+                    .map_err(|e| SnapshotError::Memory(name.clone(), e))?;
+            memory::read_runs(&mem, &state.dirty, &file, header.mem_offset)
+                .map_err(|e| SnapshotError::Memory(name.clone(), e))?;
+            (mem, base.clone())
+        }
+    };
+
+    if let Some(path) = &config.working_set {
+        let ws = WorkingSet::load(path)
+            .map_err(|e| SnapshotError::WorkingSet(path.display().to_string(), e))?;
+        // Populate in the background while the VM is created; a guest that
+        // reaches a page first simply faults it in itself.
+        let mem = mem.clone();
+        std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                let pages = ws.prefetch(&mem);
+                tracing::debug!("prefetched {pages} working-set pages");
+            })
+            .map_err(|e| SnapshotError::Open(name.clone(), e))?;
+    }
+    let kvm = vm::open_kvm()?;
+    let vm = if persist::pit_active(&state.vm.pit) {
+        Vm::new(kvm, mem)?
+    } else {
+        Vm::without_pit(kvm, mem)?
+    };
+    persist::restore_vm(&vm.fd, &state.vm, vm.has_pit)?;
+    let vm_has_pit = vm.has_pit;
+    tracing::debug!("restoring with in-kernel PIT: {vm_has_pit}");
+    let event_loop = EventLoop::new(EVENT_LOOP_ENTRIES).map_err(Error::EventLoop)?;
+    let reset = Arc::new(AtomicBool::new(false));
+    let mut devices = DeviceManager::new(event_loop.handle());
+    let legacy = attach_legacy_devices(
+        &vm,
+        &mut devices,
+        config.console,
+        reset.clone(),
+        Some(&state.legacy),
+    )?;
+    let inbound = attach_virtio_devices(
+        &vm,
+        &mut devices,
+        config.net.as_ref(),
+        &config.drives,
+        config.vsock.as_ref(),
+    )?;
+    if devices.transports().len() != state.virtio.len() {
+        return Err(
+            SnapshotError::Devices(name, state.virtio.len(), devices.transports().len()).into(),
+        );
+    }
+    for (transport, saved) in devices.transports().iter().zip(&state.virtio) {
+        transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(saved)
+            .map_err(|e| SnapshotError::Device(name.clone(), e))?;
+    }
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, vcpu_state) in state.vcpus.iter().enumerate() {
+        let index =
+            u8::try_from(index).map_err(|_| SnapshotError::Invalid(name.clone(), "vCPU count"))?;
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|e| Error::Vcpu(crate::vstate::vcpu::Error::Kvm("create a vCPU", e)))?;
+        persist::restore_vcpu(&fd, vcpu_state)?;
+        vcpus.push(Vcpu::from_fd(fd, index));
+    }
+    Ok(BuiltVm {
+        vm,
+        vcpus,
+        devices,
+        event_loop,
+        reset,
+        legacy,
+        carried_pit: (!vm_has_pit).then_some(state.vm.pit),
+        base: Some(base),
+        inbound,
+    })
 }

@@ -112,6 +112,36 @@ impl VmConfig {
     }
 }
 
+/// What to restore and how to wire it.
+pub struct RestoreConfig {
+    /// The snapshot file.
+    pub snapshot: PathBuf,
+    /// Where the guest's serial console goes.
+    pub console: ConsoleOutput,
+    /// The network, as when the snapshot was taken (same device list).
+    pub net: Option<crate::usernet::NetConfig>,
+    /// Disks, in the order they had when the snapshot was taken.
+    pub drives: Vec<crate::devices::virtio::block::BlockConfig>,
+    /// The vsock device (its socket path may differ per restore).
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+    /// Pages to map ahead of use, recorded with the `working-set` command.
+    pub working_set: Option<PathBuf>,
+}
+
+impl RestoreConfig {
+    /// Restores `snapshot` with no virtio devices, console on stdout.
+    pub fn new(snapshot: impl Into<PathBuf>) -> Self {
+        Self {
+            snapshot: snapshot.into(),
+            console: ConsoleOutput::Stdout,
+            net: None,
+            drives: Vec::new(),
+            vsock: None,
+            working_set: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 //! On a paging-based nested hypervisor (`kvm_pvm`), guest kernel code is
 //! instruction-emulated and a few instructions cannot run at all; the VMM then
 //! masks the matching CPUID features and boots the kernel with the matching
-//! flags (see `shared/KVM-HOST.md` and `guest-kernel/README.md`).
+//! flags (see `docs/nested-kvm.md` and `guest-kernel/README.md`).
 
 use std::path::Path;
 use std::sync::Once;

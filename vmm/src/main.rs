@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use std::time::Instant;
 
-use vmm::builder::{self, GuestExit};
+use vmm::api::{self, standby};
+use vmm::builder;
 use vmm::cli::Args;
-use vmm::config::{ConsoleOutput, VmConfig};
-use vmm::runtime::{standby, RunOptions};
-use vmm::snapshot::restore::{self, RestoreConfig};
+use vmm::config::{ConsoleOutput, RestoreConfig, VmConfig};
+use vmm::vmm::{GuestExit, RunOptions};
 
 fn init_logging(filter: Option<&str>) {
     let filter = filter
@@ -30,16 +30,10 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
     init_logging(args.log.as_deref());
-    let console = match args.console.as_str() {
+    let console = || match args.console.as_str() {
         "stdout" => ConsoleOutput::Stdout,
         "null" => ConsoleOutput::Null,
         path => ConsoleOutput::File(PathBuf::from(path)),
-    };
-    let mut options = RunOptions {
-        api_sock: args.api_sock,
-        console_input: args.console_input,
-        started: Some(started),
-        ..RunOptions::default()
     };
     let drives = match args
         .drives
@@ -62,49 +56,66 @@ fn main() -> ExitCode {
         },
         ..Default::default()
     });
-    let built = match (args.snapshot, args.kernel) {
-        (Some(snapshot), _) => restore::restore(RestoreConfig {
-            snapshot,
-            console,
-            net: net.clone(),
-            drives: drives.clone(),
-            vsock: args.vsock.clone(),
-            working_set: args.working_set.clone(),
-        }),
-        (None, Some(kernel)) => builder::build(VmConfig {
-            kernel,
-            initrd: args.initrd,
-            mem_mib: args.mem,
-            vcpus: args.vcpus,
-            cmdline_extra: args.cmdline,
-            cmdline_replace: args.cmdline_replace,
-            console,
-            vsock: args.vsock,
-            drives,
-            net,
-        }),
-        (None, None) => match options.api_sock.clone() {
-            Some(sock) => match standby::wait_for_restore(&sock) {
+    let mut options = RunOptions {
+        console_input: args.console_input,
+        started: Some(started),
+        ..RunOptions::default()
+    };
+    let restore = |snapshot, working_set| RestoreConfig {
+        snapshot,
+        console: console(),
+        net: net.clone(),
+        drives: drives.clone(),
+        vsock: args.vsock.clone(),
+        working_set,
+    };
+    let api_sock = args.api_sock.clone();
+    let launched = match (args.snapshot.clone(), args.kernel.clone()) {
+        (Some(snapshot), _) => launch(
+            builder::build_from_snapshot(restore(snapshot, args.working_set.clone())),
+            api_sock.as_deref(),
+            None,
+            options,
+        ),
+        (None, Some(kernel)) => launch(
+            builder::build(VmConfig {
+                kernel,
+                initrd: args.initrd.clone(),
+                mem_mib: args.mem,
+                vcpus: args.vcpus,
+                cmdline_extra: args.cmdline.clone(),
+                cmdline_replace: args.cmdline_replace,
+                console: console(),
+                vsock: args.vsock.clone(),
+                drives: drives.clone(),
+                net: net.clone(),
+            }),
+            api_sock.as_deref(),
+            None,
+            options,
+        ),
+        (None, None) => match api_sock.as_deref() {
+            Some(sock) => match standby::wait_for_restore(sock) {
                 Ok((snapshot, working_set, listener, client)) => {
-                    options.restore_requested = Some(std::time::Instant::now());
-                    options.api_listener = Some(listener);
+                    options.restore_requested = Some(Instant::now());
                     options.notify = Some(client);
-                    restore::restore(RestoreConfig {
-                        snapshot,
-                        console,
-                        net: net.clone(),
-                        drives: drives.clone(),
-                        vsock: args.vsock.clone(),
-                        working_set,
-                    })
+                    launch(
+                        builder::build_from_snapshot(restore(snapshot, working_set)),
+                        None,
+                        Some(listener),
+                        options,
+                    )
                 }
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
             },
             // clap requires --kernel unless --snapshot or --api-sock is given.
             None => return ExitCode::from(2),
         },
     };
-    match built.and_then(|vm| vm.run(options)) {
+    if let Some(sock) = &api_sock {
+        let _ = std::fs::remove_file(sock);
+    }
+    match launched {
         Ok(exit) => {
             tracing::info!(
                 "guest {}",
@@ -117,8 +128,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("vmm: error: {}", vmm::runtime::error_chain(&e));
+            eprintln!("vmm: error: {}", vmm::error_chain(&*e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Starts a built VM, serves its control socket (bound at `api_sock`, or
+/// the standby's `listener`) and runs it until it ends.
+fn launch(
+    built: Result<vmm::vmm::BuiltVm, builder::Error>,
+    api_sock: Option<&std::path::Path>,
+    listener: Option<std::os::unix::net::UnixListener>,
+    options: RunOptions,
+) -> Result<GuestExit, Box<dyn std::error::Error>> {
+    let built = built?;
+    let listener = match listener {
+        Some(l) => Some(l),
+        None => api_sock.map(api::bind).transpose()?,
+    };
+    let vm = built.start(options)?;
+    if let Some(listener) = listener {
+        api::serve(&vm, listener)?;
+    }
+    Ok(vm.run()?)
 }

@@ -17,8 +17,8 @@ use image_tools::initramfs::Initramfs;
 use perf::cgroup::{Charge, MemoryCgroup};
 use perf::memory::{mem_available, process_memory, ProcessMemory};
 use perf::{default_kernel, percentile, target_dir};
+use vmm::error_chain;
 use vmm::host::HostKind;
-use vmm::runtime::error_chain;
 use vmm_api::{Client, Reply};
 
 /// Snapshot, restore latency and density benchmark.

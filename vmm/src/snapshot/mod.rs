@@ -6,20 +6,20 @@
 //! header, state, then the guest memory image with zero pages left as holes
 //! ([`format`], [`memory`]). Restoring maps that image `MAP_PRIVATE`, so all
 //! clones share the file's pages through the page cache, and re-creates the
-//! VM, vCPUs and devices from the state ([`restore`]).
+//! VM, vCPUs and devices from the state ([`crate::builder::build_from_snapshot`]).
 
 pub mod format;
 pub mod memory;
-pub mod restore;
 pub mod working_set;
 
+use std::fs::OpenOptions;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
+use crate::devices::legacy::LegacyState;
 use crate::host::HostKind;
-use crate::runtime::LegacyState;
 use crate::vstate::persist::{VcpuState, VmState};
 use memory::RegionState;
 
@@ -146,7 +146,7 @@ fn write_with(
 ) -> Result<(u64, u64, u64), Error> {
     let name = path.display().to_string();
     let tmp = path.with_extension("snap-partial");
-    let mut file = crate::runtime::create_file(&tmp).map_err(|e| Error::Create(name.clone(), e))?;
+    let mut file = create_file(&tmp).map_err(|e| Error::Create(name.clone(), e))?;
     let mem_len: u64 = state.regions.iter().map(|r| r.len).sum();
     let result = (|| {
         let header = format::write_state(&mut file, state, mem_len)
@@ -160,4 +160,14 @@ fn write_with(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Opens a snapshot target for writing.
+fn create_file(path: &Path) -> std::io::Result<std::fs::File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
 }

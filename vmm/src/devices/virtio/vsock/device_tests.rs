@@ -1,5 +1,5 @@
 //! What the device shows the driver, and its host socket's life.
-// Tests may unwrap (STYLE.md).
+// Tests may unwrap (CONTRIBUTING.md).
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::net::UnixListener;

@@ -1,6 +1,6 @@
 //! The handler against a driver on mock queues: streams to host sockets,
 //! hostile headers, chain faults, and the state it saves and restores.
-// Tests may unwrap (STYLE.md).
+// Tests may unwrap (CONTRIBUTING.md).
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::io::{Read, Write};

@@ -1,4 +1,4 @@
-// Tests may unwrap (STYLE.md).
+// Tests may unwrap (CONTRIBUTING.md).
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::io::Write;
