@@ -149,10 +149,11 @@ fn restored(unix_ns: u64, entropy: &[u8]) {
     }
 }
 
-/// Interval between readiness probes of `ready_port`.
+/// Interval between readiness probes of `ready_port`. The agent probes
+/// until the port accepts, the entrypoint ends or the channel is gone for
+/// good: how long to wait for readiness is the host's decision (an
+/// emulated guest may take minutes to start a database), not the agent's.
 const PROBE_MS: u64 = 10;
-/// How long the agent probes `ready_port` before giving up on `READY`.
-const PROBE_LIMIT_MS: u64 = 60_000;
 /// First wait before reconnecting a lost channel; doubled after each try.
 const RECONNECT_FIRST_MS: u64 = 20;
 /// Reconnect tries before the agent carries on without a channel
@@ -172,8 +173,8 @@ struct Reconnect {
 pub struct HostLink {
     channel: Option<Channel>,
     ready_port: Option<u16>,
-    /// Probing until this monotonic time; `None`: not probing.
-    probe_until: Option<u64>,
+    /// Probing `ready_port` for readiness.
+    probing: bool,
     /// The entrypoint was reported ready (said again after a reconnect).
     ready: bool,
     /// The channel broke (a snapshot restore resets every vsock stream):
@@ -187,7 +188,7 @@ impl HostLink {
         Self {
             channel: None,
             ready_port: None,
-            probe_until: None,
+            probing: false,
             ready: false,
             reconnect: None,
         }
@@ -198,7 +199,7 @@ impl HostLink {
         Self {
             channel: Channel::open(),
             ready_port,
-            probe_until: None,
+            probing: false,
             ready: false,
             reconnect: None,
         }
@@ -214,7 +215,7 @@ impl HostLink {
     pub fn started(&mut self) {
         match self.ready_port {
             None => self.report_ready(),
-            Some(_) => self.probe_until = Some(sys::monotonic_ms().saturating_add(PROBE_LIMIT_MS)),
+            Some(_) => self.probing = true,
         }
         self.probe();
     }
@@ -226,7 +227,7 @@ impl HostLink {
 
     /// How long the loop may sleep.
     pub fn timeout(&self) -> Option<u64> {
-        let probe = self.probe_until.map(|_| PROBE_MS);
+        let probe = self.probing.then_some(PROBE_MS);
         let reconnect = self
             .reconnect
             .map(|r| r.at.saturating_sub(sys::monotonic_ms()));
@@ -271,7 +272,7 @@ impl HostLink {
             });
         } else {
             // Nobody listens: carry on as without a channel.
-            self.probe_until = None;
+            self.probing = false;
         }
     }
 
@@ -288,15 +289,12 @@ impl HostLink {
 
     /// Checks `ready_port` once if still probing.
     fn probe(&mut self) {
-        let (Some(until), Some(port)) = (self.probe_until, self.ready_port) else {
+        let (true, Some(port)) = (self.probing, self.ready_port) else {
             return;
         };
         if sock::tcp_accepts(port) {
-            self.probe_until = None;
+            self.probing = false;
             self.report_ready();
-        } else if sys::monotonic_ms() >= until {
-            // Never ready: the host's own deadline tells it so.
-            self.probe_until = None;
         }
     }
 
@@ -334,7 +332,7 @@ impl HostLink {
 
     /// Reports the entrypoint's end (`EXIT`).
     pub fn exited(&mut self, status: guest_agent::status::ExitStatus) {
-        self.probe_until = None;
+        self.probing = false;
         if let Some(r) = self.reconnect {
             // The channel was being re-opened: one last try, now.
             self.try_reconnect(sys::monotonic_ms(), r);

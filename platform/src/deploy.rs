@@ -23,8 +23,11 @@ use crate::db::AppRecord;
 use crate::settings::Settings;
 use crate::vm;
 
-/// Boot to `READY` on a nested, emulated host takes 10-60 s.
-const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the first boot may take to `READY`: 10-60 s on a nested,
+/// emulated host, several minutes on a slow one whose cores are busy (a
+/// database's start-up is emulated guest-kernel work there). The agent
+/// probes the app's port until this deadline ends the boot.
+const READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the snapshot may take (it writes the guest memory out).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The kernel arguments that mount the app's base image as the root.
@@ -73,9 +76,12 @@ pub enum BootFailure {
     /// The `vmm` ended before the agent connected.
     #[error("vmm exited")]
     VmmExited,
-    /// The agent's channel closed (or stayed silent for the whole wait).
+    /// The agent's channel closed before `READY`.
     #[error("the agent hung up before READY")]
     HungUp,
+    /// The app did not accept on its port within the boot deadline.
+    #[error("the app did not accept on its port within {0:?} of the boot")]
+    NotReady(Duration),
     /// The app's entrypoint ended before it was ready.
     #[error("the entrypoint ended ({})", AgentMsg::Exit(*.0))]
     EntrypointEnded(ExitStatus),
@@ -258,12 +264,24 @@ fn wait_ready(agent: &UnixListener, child: &mut Child) -> Result<UnixStream, Boo
         }
     };
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(READY_TIMEOUT));
     let mut lines = LineReader::new();
     loop {
+        let left = READY_TIMEOUT.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(BootFailure::NotReady(READY_TIMEOUT));
+        }
+        let _ = stream.set_read_timeout(Some(left));
         match stream.read(lines.spare()) {
             Ok(n) if n > 0 => lines.filled(n),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(BootFailure::NotReady(READY_TIMEOUT))
+            }
             _ => return Err(BootFailure::HungUp),
         }
         while let Some(line) = lines.next_line() {
