@@ -222,15 +222,19 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
 
     let vm = Vm::new(kvm, mem)?;
     let event_loop = EventLoop::new(EVENT_LOOP_ENTRIES).map_err(Error::EventLoop)?;
-    let reset = Arc::new(AtomicBool::new(false));
-    let mut devices = DeviceManager::new(event_loop.handle());
     let console = std::mem::replace(&mut config.console, ConsoleOutput::Null);
-    let legacy = attach_legacy_devices(&vm, &mut devices, console, reset.clone(), None)?;
     // Virtio devices: each gets an MMIO window, an IRQ and a cmdline entry
     // (attached before the command line is written).
-    let inbound = attach_virtio_devices(
+    let Attached {
+        reset,
+        devices,
+        legacy,
+        inbound,
+    } = attach_devices(
         &vm,
-        &mut devices,
+        &event_loop,
+        console,
+        None,
         config.net.as_ref(),
         &config.drives,
         config.vsock.as_ref(),
@@ -269,11 +273,42 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
     })
 }
 
+/// The devices of a VM, as [`attach_devices`] leaves them.
+struct Attached {
+    reset: Arc<AtomicBool>,
+    devices: DeviceManager,
+    legacy: LegacyDevices,
+    inbound: Option<crate::devices::virtio::net::InboundHandle>,
+}
+
+/// Attaches the legacy devices (with their saved state on a restore) and
+/// the virtio devices, in the one order a boot and every restore share.
+fn attach_devices(
+    vm: &Vm,
+    event_loop: &EventLoop,
+    console: ConsoleOutput,
+    legacy_state: Option<&LegacyState>,
+    net: Option<&crate::usernet::NetConfig>,
+    drives: &[crate::devices::virtio::block::BlockConfig],
+    vsock: Option<&crate::devices::virtio::vsock::VsockConfig>,
+) -> Result<Attached, Error> {
+    let reset = Arc::new(AtomicBool::new(false));
+    let mut devices = DeviceManager::new(event_loop.handle());
+    let legacy = attach_legacy_devices(vm, &mut devices, console, reset.clone(), legacy_state)?;
+    let inbound = attach_virtio_devices(vm, &mut devices, net, drives, vsock)?;
+    Ok(Attached {
+        reset,
+        devices,
+        legacy,
+        inbound,
+    })
+}
+
 /// Attaches the virtio devices, always in the same order (net, disks in
 /// order, vsock), so that a restore with the same flags finds each device in
 /// the slot its snapshot state belongs to. Returns the network device's
 /// inbound handle.
-pub(crate) fn attach_virtio_devices(
+fn attach_virtio_devices(
     vm: &Vm,
     devices: &mut DeviceManager,
     net: Option<&crate::usernet::NetConfig>,
@@ -300,7 +335,7 @@ pub(crate) fn attach_virtio_devices(
 
 /// Serial console on COM1 (interrupt through an irqfd) and the i8042 whose
 /// reset command ends the VM; restored from `state` when given.
-pub(crate) fn attach_legacy_devices(
+fn attach_legacy_devices(
     vm: &Vm,
     devices: &mut DeviceManager,
     console: ConsoleOutput,
@@ -417,18 +452,16 @@ pub fn build_from_snapshot(config: RestoreConfig) -> Result<BuiltVm, Error> {
     let vm_has_pit = vm.has_pit;
     tracing::debug!("restoring with in-kernel PIT: {vm_has_pit}");
     let event_loop = EventLoop::new(EVENT_LOOP_ENTRIES).map_err(Error::EventLoop)?;
-    let reset = Arc::new(AtomicBool::new(false));
-    let mut devices = DeviceManager::new(event_loop.handle());
-    let legacy = attach_legacy_devices(
+    let Attached {
+        reset,
+        devices,
+        legacy,
+        inbound,
+    } = attach_devices(
         &vm,
-        &mut devices,
+        &event_loop,
         config.console,
-        reset.clone(),
         Some(&state.legacy),
-    )?;
-    let inbound = attach_virtio_devices(
-        &vm,
-        &mut devices,
         config.net.as_ref(),
         &config.drives,
         config.vsock.as_ref(),

@@ -29,18 +29,4 @@ pub mod usernet;
 pub mod vmm;
 pub mod vstate;
 
-/// An error and its causes on one line, skipping a cause whose text the
-/// message already contains (some libraries repeat their cause).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = cause.source();
-    }
-    msg
-}
+pub use vmm_api::error_chain;
