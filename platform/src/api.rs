@@ -193,6 +193,14 @@ pub struct AppStatus {
     pub instances: Vec<InstanceStatus>,
     /// Pre-spawned standby VMMs (no guest yet) waiting to restore.
     pub standby: usize,
+    /// Why its last instance to die on its own died (out of memory,
+    /// seccomp, its exit), if one did.
+    #[serde(default)]
+    pub last_death: Option<String>,
+    /// The unprivileged uid (and gid) its VMMs run as, when the daemon
+    /// runs as root; `None`: a user namespace as the daemon's user.
+    #[serde(default)]
+    pub user: Option<u32>,
 }
 
 /// Sends `request` to the daemon at `sock` and waits for its answer (a

@@ -190,7 +190,7 @@ impl App {
             }
             None => self.spawn_standby()?,
         };
-        let instance = standby.restore(&self.record.snapshot)?;
+        let instance = standby.restore()?;
         self.metrics.restores.fetch_add(1, Ordering::Relaxed);
         Ok(instance)
     }
@@ -246,7 +246,17 @@ impl App {
         };
         for i in crashed {
             self.metrics.crashes.fetch_add(1, Ordering::Relaxed);
-            eprintln!("little: {}: instance {} died", self.record.spec.name, i.id);
+            let why = i.death().unwrap_or_else(|| "unknown".to_owned());
+            if why.starts_with("out of memory") {
+                self.metrics.oom_kills.fetch_add(1, Ordering::Relaxed);
+            } else if why.contains("seccomp") {
+                self.metrics.seccomp_kills.fetch_add(1, Ordering::Relaxed);
+            }
+            eprintln!(
+                "little: {}: instance {} died: {why}",
+                self.record.spec.name, i.id
+            );
+            *lock(&self.metrics.last_death) = Some(format!("instance {}: {why}", i.id));
             i.kill();
         }
         for i in doomed {
@@ -321,6 +331,8 @@ impl App {
                 })
                 .collect(),
             standby: st.standby.len(),
+            last_death: lock(&self.metrics.last_death).clone(),
+            user: crate::jail::user_of(&self.record).map(|(uid, _)| uid),
         }
     }
 }

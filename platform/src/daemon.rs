@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::api::{AppSpec, Request, Response};
 use crate::app::{App, TICK};
+use crate::cgroup::{self, Cgroups};
 use crate::db::Db;
 use crate::metrics::{render, Sample};
 use crate::settings::Settings;
@@ -40,37 +41,6 @@ pub struct Daemon {
     next_id: Arc<AtomicU64>,
 }
 
-/// Stops `vmm` processes a previous daemon on this home left behind (the
-/// daemon was killed): their command lines name files under `<home>/apps`.
-fn kill_leftovers(settings: &Settings) {
-    let marker = settings.home.join("apps").display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let text = String::from_utf8_lossy(&cmdline);
-        let exe_is_vmm = text
-            .split('\0')
-            .next()
-            .is_some_and(|argv0| argv0.ends_with("vmm"));
-        if exe_is_vmm && text.contains(&marker) {
-            // SAFETY: kill(2) with a pid read from /proc and a valid signal
-            // number touches no memory of this process.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
 impl Daemon {
     /// Opens the state, starts serving every stored app.
     pub fn open(settings: Settings) -> Result<Arc<Self>, DaemonError> {
@@ -83,10 +53,28 @@ impl Daemon {
                 return Err(DaemonError::Missing(path.display().to_string(), what));
             }
         }
-        let home = &settings.home;
+        let home = &settings.home.clone();
         std::fs::create_dir_all(home.join("apps"))
             .map_err(|e| DaemonError::Io(home.display().to_string(), e))?;
-        kill_leftovers(&settings);
+        let mut settings = settings;
+        crate::process::become_subreaper()
+            .map_err(|e| DaemonError::Io("PR_SET_CHILD_SUBREAPER".into(), e))?;
+        if settings.jail {
+            match Cgroups::open(&cgroup::tree_name(home)) {
+                Ok(tree) => {
+                    // Instances a killed daemon on this home left behind.
+                    let killed = tree.kill_all();
+                    if killed > 0 {
+                        eprintln!("little: stopped {killed} vmm processes a previous daemon left");
+                    }
+                    settings.cgroups = Some(tree);
+                }
+                Err(e) => eprintln!(
+                    "little: warning: instances run without cgroup limits: {}",
+                    error_chain(&e)
+                ),
+            }
+        }
         let db = Db::open(&home.join("state.redb"))?;
         let daemon = Arc::new(Self {
             settings: Arc::new(settings),
@@ -237,8 +225,10 @@ impl Daemon {
         if let Some(old) = &old {
             old.stop();
         }
+        let records = self.db.list().map_err(|e| error_chain(&e))?;
+        let uid = crate::jail::app_user(&records, &spec.name, crate::jail::uid_base());
         let mut record =
-            crate::deploy::deploy(&self.settings, &spec).map_err(|e| error_chain(&e))?;
+            crate::deploy::deploy(&self.settings, &spec, uid).map_err(|e| error_chain(&e))?;
         // A redeploy keeps its port unless it names another.
         if let (Some(old), true) = (&old, spec.listen.ends_with(":0")) {
             record.listen = old.listen.to_string();
@@ -283,23 +273,25 @@ impl Daemon {
     }
 }
 
-/// The app's console output: the first boot, then each instance's.
+/// The app's console output: the first boot, then each instance's
+/// (`<app>/logs/<boot|id>/console.log`).
 fn logs(app: &App) -> String {
     let dir = crate::deploy::logs_dir(&app.record);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
-    files.sort_by_key(|p| {
-        let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-        (stem != "boot", stem.parse::<u64>().unwrap_or(0))
-    });
+    names.sort_by_key(|n| (n != "boot", n.parse::<u64>().unwrap_or(0)));
     let mut out = String::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap_or_default();
+    for name in names {
+        let text =
+            std::fs::read_to_string(dir.join(&name).join(crate::jail::CONSOLE)).unwrap_or_default();
         if text.is_empty() {
             continue;
         }
-        let name = f.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
         out.push_str(&format!("==> {name} <==\n{text}"));
         if !text.ends_with('\n') {
             out.push('\n');

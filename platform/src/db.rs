@@ -41,6 +41,10 @@ pub struct AppRecord {
     pub rootfs: PathBuf,
     /// When it was deployed (seconds since the epoch).
     pub deployed_unix: u64,
+    /// The uid and gid its VMMs run as when the daemon runs as root
+    /// (0: none given yet).
+    #[serde(default)]
+    pub uid: u32,
 }
 
 /// The open database.
@@ -122,6 +126,7 @@ mod tests {
             snapshot: "/x/app.snap".into(),
             rootfs: "/x/rootfs.erofs".into(),
             deployed_unix: 1,
+            uid: 0,
         }
     }
 

@@ -8,7 +8,6 @@
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_agent::protocol::{AgentMsg, LineReader};
@@ -20,6 +19,8 @@ use vmm_api::{Client, ClientError, Command};
 
 use crate::api::AppSpec;
 use crate::db::AppRecord;
+use crate::jail::{self, JailPlan};
+use crate::process::{ProcessError, VmmProcess};
 use crate::settings::Settings;
 use crate::vm;
 
@@ -51,6 +52,12 @@ pub enum DeployError {
     /// A file or folder of the app could not be written.
     #[error("cannot write {0}")]
     Io(String, #[source] std::io::Error),
+    /// The first boot's jail could not be prepared.
+    #[error("cannot prepare the first boot's jail")]
+    Jail(#[from] jail::JailError),
+    /// The first boot's `vmm` could not be started.
+    #[error("cannot start the first boot")]
+    Spawn(#[from] ProcessError),
     /// The first boot did not get to `READY`; with what the `vmm` wrote on
     /// stderr and the end of the guest console.
     #[error("the first boot failed: {failure} {stderr} (console: {console})")]
@@ -118,7 +125,12 @@ fn tail(path: &Path) -> String {
 
 /// Imports, boots and snapshots `spec` under `<home>/apps/<name>`. The
 /// listen address is filled in by the caller.
-pub fn deploy(settings: &Settings, spec: &AppSpec) -> Result<AppRecord, DeployError> {
+///
+/// With the jail on, the boot runs as `uid` (when the daemon is root) in
+/// `<app>/boot`, which holds only the kernel, the initramfs, the base image
+/// and its log folder; it writes the snapshot there, and every file an
+/// instance reads is then given to the app's user, mode 0600.
+pub fn deploy(settings: &Settings, spec: &AppSpec, uid: u32) -> Result<AppRecord, DeployError> {
     let store = Store::new(settings.home.join("images"));
     let source =
         Source::parse(&spec.image).map_err(|e| DeployError::Import(spec.image.clone(), e))?;
@@ -137,35 +149,35 @@ pub fn deploy(settings: &Settings, spec: &AppSpec) -> Result<AppRecord, DeployEr
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
     let boot = dir.join("boot");
+    let logs = dir.join("logs").join("boot");
     std::fs::create_dir_all(&boot).map_err(io(&boot))?;
-    std::fs::create_dir_all(dir.join("logs")).map_err(io(&dir))?;
+    std::fs::create_dir_all(&logs).map_err(io(&logs))?;
     let initrd = dir.join("agent.cpio");
     agent_initramfs(&settings.agent, &config)?
         .write_file(&initrd)
         .map_err(|e| DeployError::Initramfs(initrd.display().to_string(), e))?;
-    let rootfs = store.rootfs(&image.id);
-    let snapshot = dir.join("app.snap");
-    first_boot(
-        settings,
-        spec,
-        &boot,
-        &initrd,
-        &rootfs,
-        &dir.join("logs/boot.log"),
-        &snapshot,
-    )?;
-    let _ = std::fs::remove_dir_all(&boot);
-    Ok(AppRecord {
+    let record = AppRecord {
         spec: spec.clone(),
         listen: spec.listen.clone(),
+        snapshot: dir.join("app.snap"),
         dir,
-        snapshot,
-        rootfs,
+        rootfs: store.rootfs(&image.id),
         deployed_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or_default(),
-    })
+        uid,
+    };
+    let user = jail::user_of(&record);
+    jail::give(&initrd, user, 0o600)?;
+    first_boot(settings, &record, &boot, &initrd, &logs)?;
+    jail::give(&record.snapshot, user, 0o600)?;
+    let _ = std::fs::remove_dir_all(&boot);
+    Ok(record)
+}
+
+fn boot_cgroup(spec: &AppSpec) -> String {
+    format!("{}-boot", spec.name)
 }
 
 fn guest_agent_check(config: &str) -> Result<(), DeployError> {
@@ -174,61 +186,89 @@ fn guest_agent_check(config: &str) -> Result<(), DeployError> {
         .map_err(DeployError::AgentConfig)
 }
 
+/// Boots the app in `boot` (its jail's root when jailed), waits for
+/// `READY`, and has the VMM write the snapshot to `app.snapshot`.
 fn first_boot(
     settings: &Settings,
-    spec: &AppSpec,
+    app: &AppRecord,
     boot: &Path,
     initrd: &Path,
-    rootfs: &Path,
-    console: &Path,
-    snapshot: &Path,
+    logs: &Path,
 ) -> Result<(), DeployError> {
     let agent = UnixListener::bind(vm::agent_socket(boot)).map_err(io(boot))?;
     agent.set_nonblocking(true).map_err(io(boot))?;
     let api = vm::api_socket(boot);
-    let args = VmmArgs {
+    let console = logs.join(jail::CONSOLE);
+    let mut args = VmmArgs {
         start: Start::Boot(Boot {
             kernel: settings.kernel.clone(),
             initrd: Some(initrd.to_owned()),
-            mem_mib: Some(spec.memory_mib.into()),
+            mem_mib: Some(app.spec.memory_mib.into()),
             cmdline: ROOT_CMDLINE.into(),
         }),
-        devices: vm::devices(rootfs, boot),
+        devices: vm::devices(&app.rootfs, boot),
         api_sock: Some(api.clone()),
-        console: Console::File(console.to_owned()),
+        console: Console::File(console.clone()),
+        jail: None,
     };
-    let mut child = args
-        .command(&settings.vmm)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(io(&settings.vmm))?;
+    // Where the VMM writes the snapshot, as it names it.
+    let mut written = app.snapshot.clone();
+    // Removed (its processes killed) when the boot is over, however it ends.
+    let mut _group = None;
+    if settings.jail {
+        jail::give(&vm::agent_socket(boot), jail::user_of(app), 0o600)?;
+        let plan = JailPlan {
+            app,
+            root: boot,
+            logs,
+            files: vec![
+                (settings.kernel.clone(), jail::KERNEL),
+                (initrd.to_owned(), jail::INITRD),
+            ],
+            cgroup: boot_cgroup(&app.spec),
+        };
+        let (jail, group) = plan.build(settings.cgroups.as_ref())?;
+        _group = group;
+        let root = Path::new("/");
+        args = VmmArgs {
+            start: Start::Boot(Boot {
+                kernel: jail::KERNEL.into(),
+                initrd: Some(jail::INITRD.into()),
+                mem_mib: Some(app.spec.memory_mib.into()),
+                cmdline: ROOT_CMDLINE.into(),
+            }),
+            devices: vm::devices(Path::new(jail::ROOTFS), root),
+            api_sock: Some(vm::api_socket(root)),
+            console: Console::File(jail::console()),
+            jail: Some(jail),
+        };
+        written = PathBuf::from(jail::SNAPSHOT);
+    }
+    let mut child = VmmProcess::spawn(&settings.vmm, &args, true)?;
     // The agent's channel stays open until the VMM is gone, as the guest
     // saw it when the snapshot was taken.
     let _channel = match wait_ready(&agent, &mut child) {
         Ok(channel) => channel,
         Err(failure) => {
-            let _ = child.kill();
+            child.kill();
             let mut stderr = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                let _ = pipe.read_to_string(&mut stderr);
+            if let Some(pipe) = child.stderr() {
+                let _ = pipe.take(64 * 1024).read_to_string(&mut stderr);
             }
             let _ = child.wait();
             return Err(DeployError::Boot {
                 failure,
                 stderr: stderr.trim().to_owned(),
-                console: tail(console),
+                console: tail(&console),
             });
         }
     };
     let snapshot = Command::Snapshot {
-        path: snapshot.to_owned(),
+        path: written.clone(),
     };
     let taken = Client::connect(&api, CONTROL_TIMEOUT).and_then(|mut c| c.send(&snapshot));
     if let Err(e) = taken {
-        let _ = child.kill();
-        let _ = child.wait();
+        child.kill_and_wait();
         return Err(DeployError::Snapshot(e));
     }
     if let Ok(mut c) = Client::connect(&api, CONTROL_TIMEOUT) {
@@ -237,11 +277,14 @@ fn first_boot(
     let start = Instant::now();
     while matches!(child.try_wait(), Ok(None)) {
         if start.elapsed() > Duration::from_secs(5) {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill_and_wait();
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if settings.jail {
+        let inside = boot.join(written.strip_prefix("/").unwrap_or(&written));
+        std::fs::rename(&inside, &app.snapshot).map_err(io(&app.snapshot))?;
     }
     Ok(())
 }
@@ -249,7 +292,7 @@ fn first_boot(
 /// Waits for the agent of the booting `child` to connect and say `READY`
 /// (other agent lines are ignored, as the protocol asks); returns the
 /// agent's channel.
-fn wait_ready(agent: &UnixListener, child: &mut Child) -> Result<UnixStream, BootFailure> {
+fn wait_ready(agent: &UnixListener, child: &mut VmmProcess) -> Result<UnixStream, BootFailure> {
     let start = Instant::now();
     let mut stream = loop {
         match agent.accept() {

@@ -13,13 +13,16 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_agent::protocol::{AgentMsg, Entropy, HostMsg, LineReader};
 use vmm_api::launch::{Console, Start, VmmArgs};
+
+use crate::cgroup::InstanceCgroup;
+use crate::jail::{self, JailPlan};
+use crate::process::{ProcessError, VmmProcess};
 use vmm_api::{Client, ClientError, Command, Reply};
 
 use crate::db::AppRecord;
@@ -40,8 +43,11 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
     /// The `vmm` process could not be started.
-    #[error("cannot start {0}")]
-    Spawn(String, #[source] std::io::Error),
+    #[error("cannot start the vmm")]
+    Spawn(#[from] ProcessError),
+    /// Its jail could not be prepared.
+    #[error("cannot prepare the jail")]
+    Jail(#[from] jail::JailError),
     /// The standby VMM never opened its control socket.
     #[error("the standby vmm did not open its control socket within {0:?}")]
     NoControlSocket(Duration),
@@ -60,45 +66,77 @@ fn path_str(p: &Path) -> String {
 /// A pre-spawned VMM waiting for `restore`.
 pub struct Standby {
     id: u64,
-    child: Child,
+    process: VmmProcess,
     dir: PathBuf,
     agent: UnixListener,
+    /// The snapshot's path as the VMM sees it.
+    snapshot: PathBuf,
+    cgroup: Option<InstanceCgroup>,
 }
 
 impl Standby {
-    /// Starts a standby `vmm` for `app` in `<app dir>/i/<id>` and waits for
-    /// its control socket.
+    /// Starts a standby `vmm` for `app` in `<app dir>/i/<id>` (its jail's
+    /// root when jailed) and waits for its control socket.
     pub fn spawn(settings: &Settings, app: &AppRecord, id: u64) -> Result<Self, InstanceError> {
         let dir = app.dir.join("i").join(id.to_string());
+        let logs = app.dir.join("logs").join(id.to_string());
         let dir_err = |e| InstanceError::Dir(path_str(&dir), e);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(dir_err)?;
         }
         std::fs::create_dir_all(&dir).map_err(dir_err)?;
+        std::fs::create_dir_all(&logs).map_err(dir_err)?;
         let agent = UnixListener::bind(vm::agent_socket(&dir)).map_err(dir_err)?;
-        let api = vm::api_socket(&dir);
-        let args = VmmArgs {
-            start: Start::Standby,
-            devices: vm::devices(&app.rootfs, &dir),
-            api_sock: Some(api.clone()),
-            console: Console::File(app.dir.join("logs").join(format!("{id}.log"))),
+        let (args, snapshot, cgroup) = if settings.jail {
+            jail::give(&vm::agent_socket(&dir), jail::user_of(app), 0o600)?;
+            let plan = JailPlan {
+                app,
+                root: &dir,
+                logs: &logs,
+                files: vec![(app.snapshot.clone(), jail::SNAPSHOT)],
+                cgroup: format!("{}-{id}", app.spec.name),
+            };
+            let (jail, cgroup) = plan.build(settings.cgroups.as_ref())?;
+            let root = Path::new("/");
+            let args = VmmArgs {
+                start: Start::Standby,
+                devices: vm::devices(Path::new(jail::ROOTFS), root),
+                api_sock: Some(vm::api_socket(root)),
+                console: Console::File(jail::console()),
+                jail: Some(jail),
+            };
+            (args, PathBuf::from(jail::SNAPSHOT), cgroup)
+        } else {
+            let args = VmmArgs {
+                start: Start::Standby,
+                devices: vm::devices(&app.rootfs, &dir),
+                api_sock: Some(vm::api_socket(&dir)),
+                console: Console::File(logs.join(jail::CONSOLE)),
+                jail: None,
+            };
+            (args, app.snapshot.clone(), None)
         };
-        let child = args
-            .command(&settings.vmm)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| InstanceError::Spawn(path_str(&settings.vmm), e))?;
+        let process = VmmProcess::spawn(&settings.vmm, &args, false);
+        let process = match process {
+            Ok(p) => p,
+            Err(e) => {
+                drop(cgroup);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        };
         let mut standby = Self {
             id,
-            child,
+            process,
             dir,
             agent,
+            snapshot,
+            cgroup,
         };
+        let api = vm::api_socket(&standby.dir);
         let start = Instant::now();
         while !api.exists() {
-            if start.elapsed() > STANDBY_START || !matches!(standby.child.try_wait(), Ok(None)) {
+            if start.elapsed() > STANDBY_START || !matches!(standby.process.try_wait(), Ok(None)) {
                 standby.kill();
                 return Err(InstanceError::NoControlSocket(STANDBY_START));
             }
@@ -109,22 +147,24 @@ impl Standby {
 
     /// Whether the process still waits.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.process.try_wait(), Ok(None))
     }
 
-    /// Stops the process and removes its folder.
+    /// Stops the process and removes its folder and cgroup.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.process.kill_and_wait();
+        if let Some(group) = &self.cgroup {
+            group.remove();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
-    /// Restores `snapshot` in this VMM: a running instance.
-    pub fn restore(mut self, snapshot: &Path) -> Result<Instance, InstanceError> {
+    /// Restores the app's snapshot in this VMM: a running instance.
+    pub fn restore(mut self) -> Result<Instance, InstanceError> {
         let id = self.id;
         let api = vm::api_socket(&self.dir);
         let restore = Command::Restore {
-            snapshot: snapshot.to_owned(),
+            snapshot: self.snapshot.clone(),
             working_set: None,
         };
         // The restoring connection is told when the vCPUs run; commands go
@@ -139,7 +179,7 @@ impl Standby {
                 return Err(InstanceError::Control(id, e));
             }
         };
-        let pid = self.child.id();
+        let pid = self.process.id();
         let exited = Arc::new(AtomicBool::new(false));
         let agent = self.agent.try_clone().ok();
         if let Some(agent) = agent {
@@ -149,7 +189,9 @@ impl Standby {
         Ok(Instance {
             id,
             pid,
-            child: Mutex::new(self.child),
+            process: Mutex::new(self.process),
+            cgroup: self.cgroup,
+            death: Mutex::new(None),
             dir: self.dir,
             ctl: Mutex::new(Some(ctl)),
             started: Instant::now(),
@@ -228,7 +270,10 @@ pub struct Instance {
     pub id: u64,
     /// Its `vmm` process.
     pub pid: u32,
-    child: Mutex<Child>,
+    process: Mutex<VmmProcess>,
+    cgroup: Option<InstanceCgroup>,
+    /// Why it died, once it has.
+    death: Mutex<Option<String>>,
     dir: PathBuf,
     ctl: Mutex<Option<Client>>,
     /// When it was restored.
@@ -311,11 +356,31 @@ impl Instance {
         if self.dead.load(Ordering::Acquire) || self.exited.load(Ordering::Acquire) {
             return false;
         }
-        let running = matches!(lock(&self.child).try_wait(), Ok(None));
-        if !running {
-            self.dead.store(true, Ordering::Release);
-        }
-        running
+        let ended = match lock(&self.process).try_wait() {
+            Ok(None) => return true,
+            Ok(Some(exit)) => exit.to_string(),
+            Err(e) => e.to_string(),
+        };
+        let reason = match &self.cgroup {
+            Some(group) if group.oom_kills() > 0 => format!(
+                "out of memory: it reached its cgroup's limit of {} MiB",
+                group.memory_limit().unwrap_or(0) >> 20
+            ),
+            _ => ended,
+        };
+        lock(&self.death).get_or_insert(reason);
+        self.dead.store(true, Ordering::Release);
+        false
+    }
+
+    /// Why it died (its exit, the OOM killer, seccomp), once it has; a
+    /// live instance whose control socket failed says so.
+    pub fn death(&self) -> Option<String> {
+        lock(&self.death).clone().or_else(|| {
+            self.dead
+                .load(Ordering::Acquire)
+                .then(|| "its control socket failed".to_owned())
+        })
     }
 
     /// Marks it unusable (a failed hand-over).
@@ -344,15 +409,17 @@ impl Instance {
             let _ = ctl.set_timeout(Duration::from_millis(200));
             let _ = ctl.send(&Command::Quit);
         }
-        let mut child = lock(&self.child);
+        let mut process = lock(&self.process);
         let start = Instant::now();
-        while matches!(child.try_wait(), Ok(None)) {
+        while matches!(process.try_wait(), Ok(None)) {
             if start.elapsed() > Duration::from_millis(200) {
-                let _ = child.kill();
-                let _ = child.wait();
+                let _ = process.kill_and_wait();
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Some(group) = &self.cgroup {
+            group.remove();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

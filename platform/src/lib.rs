@@ -9,8 +9,10 @@
 //! ([`instance`]). The accepted socket itself is passed to the instance's
 //! VMM (`accept <guest_port>` with SCM_RIGHTS on its control socket), so no
 //! byte is copied by the daemon. The VMM's command line and control socket
-//! come from [`vmm_api`]; every VM of an app gets the devices of [`vm`]. Idle instances are stopped after the
-//! app's idle timeout. Apps live in an embedded database ([`db`]), so a
+//! come from [`vmm_api`]; every VM of an app gets the devices of [`vm`].
+//! Every VMM is jailed ([`jail`]: its own root, namespaces, an unprivileged
+//! user, a cgroup from [`cgroup`]) and tracked as a [`process`] the daemon
+//! reaps. Idle instances are stopped after the app's idle timeout. Apps live in an embedded database ([`db`]), so a
 //! restarted daemon serves them again; counters are exported in the
 //! Prometheus text format ([`metrics`]). The CLI talks to the daemon with
 //! one JSON line each way over a Unix socket ([`api`]).
@@ -20,11 +22,14 @@
 
 pub mod api;
 pub mod app;
+pub mod cgroup;
 pub mod daemon;
 pub mod db;
 pub mod deploy;
 pub mod instance;
+pub mod jail;
 pub mod metrics;
+pub mod process;
 pub mod settings;
 mod sync;
 pub mod vm;

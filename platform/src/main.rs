@@ -43,6 +43,10 @@ enum Cmd {
         /// restore on a request; 0 spawns the VMM on the request.
         #[arg(long, value_name = "N", default_value_t = 1)]
         standby: usize,
+        /// Run VMMs without their jail (no namespaces, cgroups or user
+        /// change): for debugging only, never with untrusted images.
+        #[arg(long)]
+        no_jail: bool,
     },
     /// Import an image, boot it once, snapshot it when its port accepts,
     /// and serve it (replaces an app of the same name).
@@ -178,6 +182,7 @@ fn run(cli: Cli) -> Result<(), String> {
             agent,
             metrics,
             standby,
+            no_jail,
         } => {
             let kernel = kernel
                 .or_else(|| std::env::var_os("LITTLE_VMLINUX").map(PathBuf::from))
@@ -188,6 +193,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 vmm: vmm.unwrap_or_else(|| beside_me("vmm")),
                 agent: agent.unwrap_or_else(|| beside_me("guest-agent")),
                 standby,
+                jail: !no_jail,
+                cgroups: None,
             };
             let daemon = Daemon::open(settings).map_err(|e| platform::daemon::error_chain(&e))?;
             eprintln!("little: metrics on http://{metrics}/metrics");

@@ -45,6 +45,12 @@ pub struct AppMetrics {
     pub kills: AtomicU64,
     /// Instances found dead (crashed or killed from outside).
     pub crashes: AtomicU64,
+    /// Of those, killed by the OOM killer at their cgroup's memory limit.
+    pub oom_kills: AtomicU64,
+    /// Of those, killed by their seccomp filter.
+    pub seccomp_kills: AtomicU64,
+    /// Why the last one died.
+    pub last_death: std::sync::Mutex<Option<String>>,
     /// Connection accepted → handed to a freshly restored instance.
     pub wake_latency: Histogram,
 }
@@ -74,7 +80,7 @@ pub struct Sample<'a> {
 /// ```
 pub fn render(samples: &[Sample<'_>]) -> String {
     let mut out = String::new();
-    let counters: [Counter; 5] = [
+    let counters: [Counter; 7] = [
         ("little_requests_total", "Connections accepted.", |m| {
             m.requests.load(Ordering::Relaxed)
         }),
@@ -96,6 +102,16 @@ pub fn render(samples: &[Sample<'_>]) -> String {
         ("little_crashes_total", "Instances found dead.", |m| {
             m.crashes.load(Ordering::Relaxed)
         }),
+        (
+            "little_oom_kills_total",
+            "Instances killed at their cgroup's memory limit.",
+            |m| m.oom_kills.load(Ordering::Relaxed),
+        ),
+        (
+            "little_seccomp_kills_total",
+            "Instances killed by their seccomp filter.",
+            |m| m.seccomp_kills.load(Ordering::Relaxed),
+        ),
     ];
     for (name, help, get) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::cgroup::Cgroups;
+
 /// Where the daemon finds its tools and keeps its files.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -15,6 +17,11 @@ pub struct Settings {
     pub agent: PathBuf,
     /// Standby VMMs kept per app (pre-spawned, no guest) for fast wakes.
     pub standby: usize,
+    /// Jail every VMM (namespaces, its own root, an unprivileged user, no
+    /// capabilities, a cgroup); off only for debugging.
+    pub jail: bool,
+    /// The daemon's cgroup tree (set by the daemon when jailing).
+    pub cgroups: Option<Cgroups>,
 }
 
 impl Settings {

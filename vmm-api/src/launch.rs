@@ -18,6 +18,7 @@
 //!     devices: devices.clone(),
 //!     api_sock: Some("api.sock".into()),
 //!     console: Console::Null,
+//!     jail: None,
 //! };
 //! assert_eq!(
 //!     standby.to_args(),
@@ -109,6 +110,42 @@ pub enum Console {
     File(PathBuf),
 }
 
+/// A host path made visible inside the jail (`--jail-bind HOST=JAIL`,
+/// `--jail-bind-ro HOST=JAIL`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    /// The file or folder on the host.
+    pub host: PathBuf,
+    /// Where the VMM sees it: an absolute path inside the jail's root.
+    pub jail: PathBuf,
+    /// Mounted read-only (the VMM cannot write through it).
+    pub read_only: bool,
+}
+
+/// The jail the VMM puts itself in before any guest runs (`--jail-*`).
+///
+/// The VMM joins `cgroups`, enters new mount, PID, IPC and UTS namespaces
+/// (and a user namespace when it does not run as root), makes `root` its
+/// `/` with only `binds` (and a private `/proc`) in it, drops to `uid:gid`
+/// with no capabilities and `no_new_privs`, and closes every inherited file
+/// descriptor but stdio. Every path in the rest of the command line is then
+/// a path inside the jail. The process the caller starts forks the jailed
+/// VMM, writes its pid as one decimal line to stdout and exits 0: a caller
+/// that wants to wait for the VMM makes itself a child subreaper first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Jail {
+    /// The folder that becomes the VMM's `/` (`--jail-root`); its own
+    /// files (sockets) are created in it.
+    pub root: PathBuf,
+    /// The unprivileged user and group the VMM runs as (`--jail-user
+    /// UID:GID`); `None` keeps the caller's, inside a user namespace.
+    pub user: Option<(u32, u32)>,
+    /// cgroup folders the VMM joins before it forks (`--jail-cgroup`).
+    pub cgroups: Vec<PathBuf>,
+    /// Host paths the VMM may use.
+    pub binds: Vec<Bind>,
+}
+
 /// A whole `vmm` command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmmArgs {
@@ -120,6 +157,8 @@ pub struct VmmArgs {
     pub api_sock: Option<PathBuf>,
     /// The serial console.
     pub console: Console,
+    /// The jail; `None` runs the VMM as it is started.
+    pub jail: Option<Jail>,
 }
 
 impl VmmArgs {
@@ -174,6 +213,26 @@ impl VmmArgs {
             Console::Null => args.flag_value("--console", "null"),
             Console::File(path) => args.flag_value("--console", path),
         }
+        if let Some(jail) = &self.jail {
+            args.flag_value("--jail-root", &jail.root);
+            if let Some((uid, gid)) = jail.user {
+                args.flag_value("--jail-user", format!("{uid}:{gid}"));
+            }
+            for cgroup in &jail.cgroups {
+                args.flag_value("--jail-cgroup", cgroup);
+            }
+            for bind in &jail.binds {
+                let mut spec = bind.host.as_os_str().to_owned();
+                spec.push("=");
+                spec.push(&bind.jail);
+                let flag = if bind.read_only {
+                    "--jail-bind-ro"
+                } else {
+                    "--jail-bind"
+                };
+                args.flag_value(flag, spec);
+            }
+        }
         args.0
     }
 
@@ -224,6 +283,7 @@ mod tests {
             },
             api_sock: None,
             console: Console::File("/a/boot.log".into()),
+            jail: None,
         };
         assert_eq!(
             args.to_args(),
@@ -256,6 +316,7 @@ mod tests {
             devices: Devices::default(),
             api_sock: Some("/a/api.sock".into()),
             console: Console::Stdout,
+            jail: None,
         };
         assert_eq!(
             args.to_args(),
@@ -277,12 +338,55 @@ mod tests {
             devices: Devices::default(),
             api_sock: Some("api.sock".into()),
             console: Console::Null,
+            jail: None,
         };
         let command = args.command("/usr/bin/vmm");
         assert_eq!(command.get_program(), "/usr/bin/vmm");
         assert_eq!(
             command.get_args().collect::<Vec<_>>(),
             ["--api-sock", "api.sock", "--console", "null"]
+        );
+    }
+
+    #[test]
+    fn a_jail_names_its_root_user_cgroups_and_binds() {
+        let args = VmmArgs {
+            start: Start::Standby,
+            devices: Devices::default(),
+            api_sock: Some("/api.sock".into()),
+            console: Console::Null,
+            jail: Some(Jail {
+                root: "/apps/a/i/1".into(),
+                user: Some((3000001, 3000001)),
+                cgroups: vec!["/sys/fs/cgroup/pids/little/1".into()],
+                binds: vec![
+                    Bind {
+                        host: "/images/r.erofs".into(),
+                        jail: "/rootfs.erofs".into(),
+                        read_only: true,
+                    },
+                    Bind {
+                        host: "/apps/a/logs/1".into(),
+                        jail: "/log".into(),
+                        read_only: false,
+                    },
+                ],
+            }),
+        };
+        assert_eq!(
+            args.to_args()[4..],
+            [
+                "--jail-root",
+                "/apps/a/i/1",
+                "--jail-user",
+                "3000001:3000001",
+                "--jail-cgroup",
+                "/sys/fs/cgroup/pids/little/1",
+                "--jail-bind-ro",
+                "/images/r.erofs=/rootfs.erofs",
+                "--jail-bind",
+                "/apps/a/logs/1=/log",
+            ]
         );
     }
 }

@@ -99,10 +99,52 @@ pub struct Args {
     #[arg(long, value_name = "uds=PATH[,cid=N]")]
     pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
 
+    /// Jail the VMM before any guest runs: join the --jail-cgroup folders,
+    /// enter new mount, PID, IPC and UTS namespaces (and a user namespace
+    /// without --jail-user), make DIR the root with only the binds and a
+    /// private /proc in it, drop every capability and set no_new_privs.
+    /// Every other path on the command line is then a path inside DIR.
+    /// The started process prints the jailed VMM's pid and exits 0.
+    #[arg(long, value_name = "DIR")]
+    pub jail_root: Option<PathBuf>,
+
+    /// Run the jailed VMM as this unprivileged user and group (needs root).
+    #[arg(long, value_name = "UID:GID", requires = "jail_root")]
+    pub jail_user: Option<crate::jail::User>,
+
+    /// A cgroup folder the jailed VMM joins; repeatable (one per cgroup v1
+    /// hierarchy).
+    #[arg(long, value_name = "DIR", requires = "jail_root")]
+    pub jail_cgroup: Vec<PathBuf>,
+
+    /// Show a host file or folder inside the jail at JAIL, read-write;
+    /// repeatable.
+    #[arg(long, value_name = "HOST=JAIL", requires = "jail_root")]
+    pub jail_bind: Vec<crate::jail::BindSpec>,
+
+    /// Show a host file or folder inside the jail at JAIL, read-only;
+    /// repeatable.
+    #[arg(long, value_name = "HOST=JAIL", requires = "jail_root")]
+    pub jail_bind_ro: Vec<crate::jail::BindSpec>,
+
     /// Log filter: a level or a `target=level` list, e.g. `info` or
     /// `vmm=debug,warn`; `RUST_LOG` works too. Logs go to stderr.
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
+}
+
+impl Args {
+    /// The jail these arguments ask for, if any.
+    pub fn jail(&self) -> Option<crate::jail::Config> {
+        let root = self.jail_root.clone()?;
+        Some(crate::jail::Config {
+            root,
+            user: self.jail_user,
+            cgroups: self.jail_cgroup.clone(),
+            binds: self.jail_bind.clone(),
+            binds_ro: self.jail_bind_ro.clone(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -110,7 +152,7 @@ mod tests {
     use std::ffi::OsString;
 
     use clap::Parser;
-    use vmm_api::launch::{Boot, Console, Devices, Drive, Start, VmmArgs};
+    use vmm_api::launch::{Bind, Boot, Console, Devices, Drive, Jail, Start, VmmArgs};
 
     use super::Args;
     use crate::devices::virtio::block::BlockConfig;
@@ -160,6 +202,7 @@ mod tests {
             devices: devices(),
             api_sock: Some("/apps/a/boot/api.sock".into()),
             console: Console::File("/apps/a/logs/boot.log".into()),
+            jail: None,
         });
         assert_eq!(args.kernel.as_deref(), Some("/k/vmlinux".as_ref()));
         assert_eq!(args.initrd.as_deref(), Some("/apps/a/agent.cpio".as_ref()));
@@ -180,6 +223,7 @@ mod tests {
             devices: devices(),
             api_sock: None,
             console: Console::Null,
+            jail: None,
         };
         let standby = VmmArgs {
             start: Start::Standby,
@@ -219,5 +263,44 @@ mod tests {
             Some("/apps/a/app.ws".as_ref())
         );
         assert_eq!(parsed_devices(&restore), booted);
+    }
+
+    #[test]
+    fn a_jail_is_read_as_built() {
+        let args = parse(&VmmArgs {
+            start: Start::Standby,
+            devices: devices(),
+            api_sock: Some("/api.sock".into()),
+            console: Console::File("/log/console.log".into()),
+            jail: Some(Jail {
+                root: "/apps/a/i/1".into(),
+                user: Some((3000001, 3000002)),
+                cgroups: vec!["/cg/memory/1".into(), "/cg/pids/1".into()],
+                binds: vec![
+                    Bind {
+                        host: "/apps/a/logs/1".into(),
+                        jail: "/log".into(),
+                        read_only: false,
+                    },
+                    Bind {
+                        host: "/apps/a/app.snap".into(),
+                        jail: "/app.snap".into(),
+                        read_only: true,
+                    },
+                ],
+            }),
+        });
+        let jail = args.jail().expect("a jail");
+        assert_eq!(jail.root, std::path::Path::new("/apps/a/i/1"));
+        let user = jail.user.expect("a user");
+        assert_eq!((user.uid, user.gid), (3000001, 3000002));
+        assert_eq!(jail.cgroups.len(), 2);
+        assert_eq!(jail.binds.len(), 1);
+        assert_eq!(jail.binds[0].jail, std::path::Path::new("/log"));
+        assert_eq!(jail.binds_ro.len(), 1);
+        assert_eq!(
+            jail.binds_ro[0].host,
+            std::path::Path::new("/apps/a/app.snap")
+        );
     }
 }

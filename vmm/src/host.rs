@@ -6,7 +6,7 @@
 //! flags (see `docs/nested-kvm.md` and `guest-kernel/README.md`).
 
 use std::path::Path;
-use std::sync::Once;
+use std::sync::OnceLock;
 
 /// The kind of KVM underneath the VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,25 +18,25 @@ pub enum HostKind {
 }
 
 impl HostKind {
-    /// Detects the host kind: `LITTLE_HOST_KIND=hardware|nested` overrides,
-    /// otherwise the `kvm_pvm` module marks a nested host.
+    /// Detects the host kind once per process: `LITTLE_HOST_KIND=hardware|nested`
+    /// overrides, otherwise the `kvm_pvm` module marks a nested host.
     pub fn detect() -> HostKind {
-        let kind = match std::env::var("LITTLE_HOST_KIND").as_deref() {
-            Ok("nested") => HostKind::NestedEmulated,
-            Ok("hardware") => HostKind::Hardware,
-            _ if Path::new("/sys/module/kvm_pvm").exists() => HostKind::NestedEmulated,
-            _ => HostKind::Hardware,
-        };
-        static LOGGED: Once = Once::new();
-        LOGGED.call_once(|| {
+        static KIND: OnceLock<HostKind> = OnceLock::new();
+        *KIND.get_or_init(|| {
+            let kind = match std::env::var("LITTLE_HOST_KIND").as_deref() {
+                Ok("nested") => HostKind::NestedEmulated,
+                Ok("hardware") => HostKind::Hardware,
+                _ if Path::new("/sys/module/kvm_pvm").exists() => HostKind::NestedEmulated,
+                _ => HostKind::Hardware,
+            };
             if kind == HostKind::NestedEmulated {
                 tracing::info!(
                     "nested emulated KVM host (kvm_pvm): masking SMAP, POPCNT, CX16, XSAVE/AVX, \
                      ERMS/FSRM and hypercall PV features; guest kernel time is emulated"
                 );
             }
-        });
-        kind
+            kind
+        })
     }
 
     /// A short name for logs and benchmark reports.

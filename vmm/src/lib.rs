@@ -23,6 +23,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod footprint;
 pub mod host;
+pub mod jail;
 pub mod logging;
 pub mod snapshot;
 pub mod usernet;

@@ -30,6 +30,14 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
     init_logging(args.log.as_deref());
+    // Read from the host before the jail hides it.
+    let dns_upstream = (args.net || !args.publish.is_empty()).then(vmm::usernet::host_resolver);
+    if let Some(jail) = args.jail() {
+        if let Err(e) = vmm::jail::enter(&jail) {
+            eprintln!("vmm: error: {}", vmm::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    }
     let console = || match args.console.as_str() {
         "stdout" => ConsoleOutput::Stdout,
         "null" => ConsoleOutput::Null,
@@ -54,6 +62,7 @@ fn main() -> ExitCode {
             allow: args.net_allow,
             deny: args.net_deny,
         },
+        dns_upstream,
         ..Default::default()
     });
     let mut options = RunOptions {

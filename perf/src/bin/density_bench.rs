@@ -113,9 +113,7 @@ impl Bench {
     }
 
     fn instance(&mut self) -> Result<Instance, String> {
-        self.standby()?
-            .restore(&self.record.snapshot)
-            .map_err(|e| e.to_string())
+        self.standby()?.restore().map_err(|e| e.to_string())
     }
 
     /// A pre-spawned standby; a client connects; the accepted socket goes
@@ -128,9 +126,7 @@ impl Bench {
         let client = std::thread::spawn(move || first_byte(port));
         let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
         let accepted = Instant::now();
-        let instance = standby
-            .restore(&self.record.snapshot)
-            .map_err(|e| e.to_string())?;
+        let instance = standby.restore().map_err(|e| e.to_string())?;
         instance.reserve();
         let handed = instance.hand_over(&stream, self.record.spec.port);
         let handed_after = accepted.elapsed();
@@ -377,6 +373,8 @@ fn main() -> ExitCode {
             vmm: target_dir().join("release/vmm"),
             agent: target_dir().join("release/guest-agent"),
             standby: 1,
+            jail: false,
+            cgroups: None,
         };
         let image = std::fs::canonicalize(&args.image)
             .map_err(|e| format!("{}: {e}", args.image.display()))?;
@@ -393,7 +391,7 @@ fn main() -> ExitCode {
             env: Vec::new(),
         };
         let start = Instant::now();
-        let record = platform::deploy::deploy(&settings, &spec)
+        let record = platform::deploy::deploy(&settings, &spec, 0)
             .map_err(|e| platform::daemon::error_chain(&e))?;
         println!(
             "deploy {} ({} MiB guest): {:.1} s",

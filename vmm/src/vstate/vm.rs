@@ -1,5 +1,7 @@
 //! The KVM virtual machine: guest memory slots, in-kernel irqchip and PIT.
 
+use std::os::fd::{FromRawFd, IntoRawFd};
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -41,9 +43,22 @@ pub struct Vm {
     pub has_pit: bool,
 }
 
-/// Opens `/dev/kvm`, mapping the common failures to clear errors.
+/// Opens `/dev/kvm` (a jailed VMM uses the descriptor it opened before it
+/// left the host's tree), mapping the common failures to clear errors.
 pub fn open_kvm() -> Result<Kvm, Error> {
-    open_kvm_at("/dev/kvm")
+    match crate::jail::kvm_fd() {
+        Some(fd) => {
+            let fd = fd.try_clone_to_owned().map_err(|e| {
+                Error::OpenKvm(kvm_ioctls::Error::new(
+                    e.raw_os_error().unwrap_or(libc::EBADF),
+                ))
+            })?;
+            // SAFETY: `fd` is a fresh duplicate of the open /dev/kvm
+            // descriptor; the Kvm takes sole ownership of it.
+            Ok(unsafe { Kvm::from_raw_fd(fd.into_raw_fd()) })
+        }
+        None => open_kvm_at("/dev/kvm"),
+    }
 }
 
 /// Opens the KVM device at `path` (normally `/dev/kvm`).

@@ -1,0 +1,211 @@
+//! The jail around every VMM the daemon starts: the deploy's first boot,
+//! every standby and every restore.
+//!
+//! Each VMM's root is its own folder (`<app>/boot` or `<app>/i/<id>`),
+//! which holds its sockets; the app's files are bound into it under fixed
+//! names ([`ROOTFS`], [`SNAPSHOT`], …), read-only except its log folder.
+//! When the daemon runs as root, every app gets its own uid and gid
+//! ([`app_user`]) and the VMM runs as them; otherwise the VMM runs in a
+//! user namespace as the daemon's user. The jail itself is built by the
+//! VMM (`vmm --jail-root`, see `vmm_api::launch::Jail`).
+
+use std::path::{Path, PathBuf};
+
+use vmm_api::launch::{Bind, Jail};
+
+use crate::cgroup::{Cgroups, InstanceCgroup, Limits};
+use crate::db::AppRecord;
+
+/// The app's base image inside the jail.
+pub const ROOTFS: &str = "/rootfs.erofs";
+/// The app's snapshot inside the jail.
+pub const SNAPSHOT: &str = "/app.snap";
+/// The guest kernel inside the first boot's jail.
+pub const KERNEL: &str = "/vmlinux";
+/// The app's initramfs inside the first boot's jail.
+pub const INITRD: &str = "/agent.cpio";
+/// The VMM's log folder inside the jail (its console file is in it).
+pub const LOG_DIR: &str = "/log";
+/// The console file's name in the log folder.
+pub const CONSOLE: &str = "console.log";
+
+/// The first uid and gid given to apps when the daemon runs as root
+/// (`LITTLE_UID_BASE` overrides); app N gets base + N.
+pub const DEFAULT_UID_BASE: u32 = 3_000_000;
+
+/// Memory a VMM needs beside its guest's: its heap, the network stack's
+/// buffers, page tables and the page cache of the files it reads.
+pub const VMM_OVERHEAD_MIB: u64 = 96;
+
+/// The most tasks (threads) a VMM may run: its vCPUs, event loop, control
+/// and io_uring workers, with room to spare.
+pub const MAX_TASKS: u64 = 128;
+
+/// Errors of preparing a jail.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// A file or folder could not be given to the app's user.
+    #[error("cannot give {0} to the app's user")]
+    Chown(String, #[source] std::io::Error),
+    /// The instance's cgroup could not be made.
+    #[error("cannot make the instance's cgroup")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+}
+
+/// Whether the daemon runs as root (and can give apps their own users).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The first uid for apps.
+pub fn uid_base() -> u32 {
+    std::env::var("LITTLE_UID_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|b| *b > 0)
+        .unwrap_or(DEFAULT_UID_BASE)
+}
+
+/// The uid (and gid) for the app `name`: the one it had, else one past
+/// the highest any app has (never reused while an app holds it).
+pub fn app_user(records: &[AppRecord], name: &str, base: u32) -> u32 {
+    if let Some(r) = records
+        .iter()
+        .find(|r| r.spec.name == name && r.uid >= base)
+    {
+        return r.uid;
+    }
+    records
+        .iter()
+        .map(|r| r.uid)
+        .filter(|u| *u >= base)
+        .max()
+        .map_or(base, |u| u + 1)
+}
+
+/// Makes `path` belong to `uid:gid` (when the daemon is root and the app
+/// has its own user) with `mode`.
+pub fn give(path: &Path, user: Option<(u32, u32)>, mode: u32) -> Result<(), JailError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e| JailError::Chown(path.display().to_string(), e);
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(err)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
+}
+
+/// The user an app's VMMs run as: its own when the daemon is root,
+/// `None` (a user namespace as the daemon's user) otherwise.
+pub fn user_of(app: &AppRecord) -> Option<(u32, u32)> {
+    (running_as_root() && app.uid > 0).then_some((app.uid, app.uid))
+}
+
+/// The limits of a VMM whose guest has `memory_mib`.
+pub fn limits(memory_mib: u32) -> Limits {
+    Limits {
+        memory_bytes: (u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20,
+        pids: MAX_TASKS,
+        cpu_weight: 100,
+    }
+}
+
+/// What one VMM's jail holds.
+pub struct JailPlan<'a> {
+    /// The app.
+    pub app: &'a AppRecord,
+    /// The VMM's folder (its root).
+    pub root: &'a Path,
+    /// Its log folder on the host.
+    pub logs: &'a Path,
+    /// Extra read-only files: (host path, path inside).
+    pub files: Vec<(PathBuf, &'static str)>,
+    /// The cgroup name (unique per VMM).
+    pub cgroup: String,
+}
+
+impl JailPlan<'_> {
+    /// Prepares the folders (owned by the app's user, 0700), the cgroup,
+    /// and returns the jail with the group to remove when the VMM is gone.
+    pub fn build(
+        self,
+        cgroups: Option<&Cgroups>,
+    ) -> Result<(Jail, Option<InstanceCgroup>), JailError> {
+        let user = user_of(self.app);
+        give(self.root, user, 0o700)?;
+        give(self.logs, user, 0o700)?;
+        let group = cgroups
+            .map(|c| c.create(&self.cgroup, limits(self.app.spec.memory_mib)))
+            .transpose()?;
+        let mut binds = vec![
+            Bind {
+                host: self.app.rootfs.clone(),
+                jail: ROOTFS.into(),
+                read_only: true,
+            },
+            Bind {
+                host: self.logs.to_owned(),
+                jail: LOG_DIR.into(),
+                read_only: false,
+            },
+        ];
+        binds.extend(self.files.into_iter().map(|(host, jail)| Bind {
+            host,
+            jail: jail.into(),
+            read_only: true,
+        }));
+        let jail = Jail {
+            root: self.root.to_owned(),
+            user,
+            cgroups: group.as_ref().map(|g| g.dirs()).unwrap_or_default(),
+            binds,
+        };
+        Ok((jail, group))
+    }
+}
+
+/// The console file inside the jail.
+pub fn console() -> PathBuf {
+    Path::new(LOG_DIR).join(CONSOLE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::AppSpec;
+
+    fn record(name: &str, uid: u32) -> AppRecord {
+        AppRecord {
+            spec: serde_json::from_value::<AppSpec>(serde_json::json!({
+                "name": name, "image": "i", "port": 80, "listen": "127.0.0.1:0",
+                "memory_mib": 128, "concurrency": 1, "min": 0, "max": 1,
+                "idle_timeout_ms": 1000, "env": [],
+            }))
+            .unwrap(),
+            listen: String::new(),
+            dir: PathBuf::new(),
+            snapshot: PathBuf::new(),
+            rootfs: PathBuf::new(),
+            deployed_unix: 0,
+            uid,
+        }
+    }
+
+    #[test]
+    fn every_app_gets_its_own_user_and_keeps_it() {
+        let base = 3_000_000;
+        assert_eq!(app_user(&[], "a", base), base);
+        let apps = [record("a", base), record("b", base + 1), record("old", 0)];
+        assert_eq!(app_user(&apps, "a", base), base);
+        assert_eq!(app_user(&apps, "b", base), base + 1);
+        assert_eq!(app_user(&apps, "c", base), base + 2);
+        assert_eq!(app_user(&apps, "old", base), base + 2);
+    }
+
+    #[test]
+    fn limits_leave_room_for_the_vmm() {
+        let l = limits(128);
+        assert_eq!(l.memory_bytes, (128 + VMM_OVERHEAD_MIB) << 20);
+        assert_eq!(l.pids, MAX_TASKS);
+    }
+}
