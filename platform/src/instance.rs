@@ -80,6 +80,7 @@ impl Standby {
         let args = VmmArgs {
             start: Start::Standby,
             devices: vm::devices(&app.rootfs, &dir),
+            net_policy: vmm_api::launch::NetPolicy::default(),
             api_sock: Some(api.clone()),
             console: Console::File(app.dir.join("logs").join(format!("{id}.log"))),
         };

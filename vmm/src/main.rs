@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         publish: args.publish,
         policy: vmm::usernet::Policy {
             allow_by_default: !args.net_deny_outbound,
+            isolated: args.net_isolated,
             allow: args.net_allow,
             deny: args.net_deny,
         },
