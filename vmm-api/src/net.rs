@@ -5,7 +5,11 @@
 //! to on the guest's behalf, after its address mapping. A guest connect to
 //! the gateway `10.0.2.2:P` is a connect to the host's `127.0.0.1:P`, so
 //! `127.0.0.1:5432` is the rule that opens the host's loopback port 5432 to
-//! the guest (which still connects to `10.0.2.2:5432`).
+//! the guest (which still connects to `10.0.2.2:5432`). DNS queries to the
+//! forwarder `10.0.2.3:53` are matched as `10.0.2.3:53` and as the host
+//! resolver's address. No connection ever goes to the guest network
+//! `10.0.2.0/24` on the host, so a rule that can only name addresses there
+//! (say `10.0.2.2:5432`) is refused rather than silently never matching.
 //!
 //! ```
 //! use vmm_api::net::Rule;
@@ -17,13 +21,32 @@
 //! ```
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::str::FromStr;
+
+/// The guest network of every `vmm --net`: the guest `10.0.2.15`, the
+/// gateway `10.0.2.2` (the host's loopback as a destination) and the DNS
+/// forwarder [`DNS_FORWARDER`].
+pub const GUEST_NETWORK: Rule = Rule {
+    addr: Ipv4Addr::new(10, 0, 2, 0),
+    prefix: 24,
+    port: None,
+};
+
+/// The guest's DNS forwarder, the one guest-network address rules may name.
+pub const DNS_FORWARDER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53);
 
 /// A rule that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid network rule {0:?}: expected A.B.C.D[/N][:PORT]")]
-pub struct ParseRuleError(pub String);
+pub enum ParseRuleError {
+    /// Not `A.B.C.D[/N][:PORT]`.
+    #[error("invalid network rule {0:?}: expected A.B.C.D[/N][:PORT]")]
+    Syntax(String),
+    /// Only guest-network addresses fall under it, which no connection
+    /// goes to on the host.
+    #[error("network rule {0:?} names the guest network: rules match host-side destinations (write 127.0.0.1 for the gateway 10.0.2.2; DNS is 10.0.2.3:53)")]
+    GuestNetwork(String),
+}
 
 /// A destination match: an IPv4 network and optionally one port
 /// (`A.B.C.D[/N][:PORT]`).
@@ -72,8 +95,20 @@ impl Rule {
 impl FromStr for Rule {
     type Err = ParseRuleError;
 
+    /// `A.B.C.D[/N][:PORT]`, refusing a rule within [`GUEST_NETWORK`]
+    /// that does not cover [`DNS_FORWARDER`].
+    ///
+    /// ```
+    /// use vmm_api::net::{ParseRuleError, Rule};
+    /// assert!("10.0.2.3:53".parse::<Rule>().is_ok());
+    /// assert!("10.0.0.0/8".parse::<Rule>().is_ok());
+    /// assert!(matches!(
+    ///     "10.0.2.2:5432".parse::<Rule>(),
+    ///     Err(ParseRuleError::GuestNetwork(_))
+    /// ));
+    /// ```
     fn from_str(s: &str) -> Result<Self, ParseRuleError> {
-        let bad = || ParseRuleError(s.to_owned());
+        let bad = || ParseRuleError::Syntax(s.to_owned());
         let (net, port) = match s.split_once(':') {
             Some((net, port)) => (net, Some(port.parse::<u16>().map_err(|_| bad())?)),
             None => (s, None),
@@ -85,11 +120,16 @@ impl FromStr for Rule {
         if prefix > 32 {
             return Err(bad());
         }
-        Ok(Self {
+        let rule = Self {
             addr: addr.parse().map_err(|_| bad())?,
             prefix,
             port,
-        })
+        };
+        let guest_only = rule.prefix >= GUEST_NETWORK.prefix && GUEST_NETWORK.contains(rule.addr);
+        if guest_only && !rule.matches(SocketAddr::V4(DNS_FORWARDER)) {
+            return Err(ParseRuleError::GuestNetwork(s.to_owned()));
+        }
+        Ok(rule)
     }
 }
 
@@ -127,13 +167,46 @@ mod tests {
             "10.0.0.1/",
             "10.0.0.1:",
         ] {
-            assert!(bad.parse::<Rule>().is_err(), "{bad}");
+            assert!(
+                matches!(bad.parse::<Rule>(), Err(ParseRuleError::Syntax(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn rules_that_can_only_name_the_guest_network_are_refused() {
+        for bad in [
+            "10.0.2.2",
+            "10.0.2.2:5432",
+            "10.0.2.15",
+            "10.0.2.3:80",
+            "10.0.2.0/25:80",
+        ] {
+            let err = bad.parse::<Rule>().expect_err(bad);
+            assert_eq!(err, ParseRuleError::GuestNetwork(bad.into()));
+            assert!(err.to_string().contains("127.0.0.1"), "{err}");
+        }
+        for good in [
+            "10.0.2.3",
+            "10.0.2.3:53",
+            "10.0.2.0/24",
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+        ] {
+            assert!(good.parse::<Rule>().is_ok(), "{good}");
         }
     }
 
     #[test]
     fn rules_print_as_they_parse() {
-        for text in ["127.0.0.1:5432", "10.0.0.0/8", "0.0.0.0/0:443", "1.2.3.4"] {
+        for text in [
+            "127.0.0.1:5432",
+            "10.0.0.0/8",
+            "0.0.0.0/0:443",
+            "1.2.3.4",
+            "10.0.2.3:53",
+        ] {
             let rule: Rule = text.parse().unwrap();
             assert_eq!(rule.to_string(), text);
             assert_eq!(rule.to_string().parse::<Rule>().unwrap(), rule);

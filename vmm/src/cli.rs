@@ -102,13 +102,13 @@ pub struct Args {
     /// `--net-allow 127.0.0.1:5432` lets the guest reach the host's
     /// loopback port 5432 as 10.0.2.2:5432. DNS matches 10.0.2.3:53 and the
     /// host resolver's address.
-    #[arg(long, value_name = "RULE", value_parser = crate::usernet::host_rule)]
+    #[arg(long, value_name = "RULE")]
     pub net_allow: Vec<crate::usernet::Rule>,
 
     /// Deny outbound connections to the host-side destination
     /// `A.B.C.D[/N][:PORT]` (127.0.0.1 for the gateway 10.0.2.2, as for
     /// --net-allow); repeatable, checked first.
-    #[arg(long, value_name = "RULE", value_parser = crate::usernet::host_rule)]
+    #[arg(long, value_name = "RULE")]
     pub net_deny: Vec<crate::usernet::Rule>,
 
     /// A virtio-vsock device, `uds=PATH[,cid=N]` (cid defaults to 3): the VMM

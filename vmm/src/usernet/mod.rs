@@ -57,7 +57,7 @@ mod watch;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
-pub use policy::{host_rule, is_internal, Destination, Policy};
+pub use policy::{is_internal, Destination, Policy};
 pub use stack::{Stack, MAX_FRAME_LEN};
 pub use vmm_api::net::{ParseRuleError, Rule};
 pub use watch::{WatchRequest, FIRST_TOKEN};
@@ -87,13 +87,6 @@ pub enum Error {
     /// A `--publish` value is malformed.
     #[error("invalid publish spec {0:?}: expected [HOSTADDR:]HOSTPORT:GUESTPORT")]
     PublishSpec(String),
-    /// A policy rule is malformed.
-    #[error(transparent)]
-    Rule(#[from] ParseRuleError),
-    /// A policy rule can only name the guest's network, never a host-side
-    /// destination.
-    #[error("network rule {0} names the guest network: rules match host-side destinations (write 127.0.0.1 for the gateway 10.0.2.2; DNS is 10.0.2.3:53)")]
-    GuestRule(Rule),
     /// The host's interface addresses, which isolation refuses, could not be listed.
     #[error("cannot list the host's interface addresses")]
     HostAddresses(#[source] std::io::Error),

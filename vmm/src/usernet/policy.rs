@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::{Error, Rule, DNS_IP, GATEWAY_IP, PREFIX_LEN};
+use super::{Rule, DNS_IP};
 
 /// What a guest asked to reach, after the stack's address mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,31 +179,6 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         || (s[0] & 0xff00) == 0xff00
 }
 
-/// Parses a `--net-allow`/`--net-deny` rule, refusing one that can only
-/// name the guest's own network: rules match host-side destinations, and
-/// no connection ever goes to `10.0.2.0/24` on the host (`10.0.2.2` is the
-/// host's `127.0.0.1`), except DNS, named by `10.0.2.3:53`.
-///
-/// ```
-/// use vmm::usernet::host_rule;
-/// assert!(host_rule("127.0.0.1:5432").is_ok());
-/// assert!(host_rule("10.0.2.3:53").is_ok());
-/// assert!(host_rule("10.0.2.2:5432").is_err());
-/// ```
-pub fn host_rule(s: &str) -> Result<Rule, Error> {
-    let rule: Rule = s.parse()?;
-    let guest_net = Rule {
-        addr: GATEWAY_IP,
-        prefix: PREFIX_LEN,
-        port: None,
-    };
-    let dns = SocketAddr::new(IpAddr::V4(DNS_IP), 53);
-    if rule.prefix >= PREFIX_LEN && guest_net.contains(rule.addr) && !rule.matches(dns) {
-        return Err(Error::GuestRule(rule));
-    }
-    Ok(rule)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,19 +335,15 @@ mod tests {
     }
 
     #[test]
-    fn rules_on_the_guest_network_are_refused_with_a_hint() {
-        for bad in ["10.0.2.2", "10.0.2.2:5432", "10.0.2.15", "10.0.2.3:80"] {
-            assert!(matches!(host_rule(bad), Err(Error::GuestRule(_))), "{bad}");
+    fn the_guest_network_is_the_one_vmm_api_knows() {
+        let net = vmm_api::net::GUEST_NETWORK;
+        assert_eq!(net.prefix, super::super::PREFIX_LEN);
+        for ip in [super::super::GATEWAY_IP, DNS_IP, super::super::GUEST_IP] {
+            assert!(net.contains(ip), "{ip}");
         }
-        for good in [
-            "10.0.2.3",
-            "10.0.2.3:53",
-            "10.0.2.0/24",
-            "10.0.0.0/8",
-            "0.0.0.0/0",
-        ] {
-            assert!(host_rule(good).is_ok(), "{good}");
-        }
-        assert!(matches!(host_rule("nope"), Err(Error::Rule(_))));
+        assert_eq!(
+            vmm_api::net::DNS_FORWARDER,
+            std::net::SocketAddrV4::new(DNS_IP, 53)
+        );
     }
 }

@@ -211,7 +211,7 @@ fn isolated(allow: &[&str]) -> NetConfig {
     config.policy.isolated = true;
     config.policy.allow = allow
         .iter()
-        .map(|r| host_rule(r).expect("a valid rule"))
+        .map(|r| r.parse().expect("a valid rule"))
         .collect();
     config
 }
