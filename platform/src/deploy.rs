@@ -194,7 +194,7 @@ fn first_boot(
             cmdline: ROOT_CMDLINE.into(),
         }),
         devices: vm::devices(rootfs, boot),
-        net_policy: vmm_api::launch::NetPolicy::default(),
+        net_policy: vm::net_policy(spec),
         api_sock: Some(api.clone()),
         console: Console::File(console.to_owned()),
     };
