@@ -3,7 +3,8 @@
 //!
 //! Input: frames, each behind its length (u16 LE); the stack polls after
 //! each one. Outbound connections and DNS are denied so that no input makes
-//! the fuzzer open host sockets.
+//! the fuzzer open host sockets; a denied DNS query is answered REFUSED,
+//! so the query parser that builds that answer is fuzzed too.
 
 #![no_main]
 

@@ -3,7 +3,7 @@
 //!
 //! | request | response `data` |
 //! |---|---|
-//! | `{"op":"deploy", "name":…, "image":…, "port":…, …}` ([`AppSpec`]) | the [`AppStatus`] of the deployed app |
+//! | `{"op":"deploy", "name":…, "image":…, "port":…, "allow_host":["127.0.0.1:5432"], …}` ([`AppSpec`]) | the [`AppStatus`] of the deployed app |
 //! | `{"op":"ps"}` | a list of [`AppStatus`] |
 //! | `{"op":"logs", "app":…}` | the app's console output as a string |
 //! | `{"op":"rm", "app":…}` | `null` |
@@ -15,6 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use vmm_api::net::Rule;
 
 /// Errors talking to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,30 @@ pub struct AppSpec {
     pub idle_timeout_ms: u64,
     /// Extra environment, `KEY=VALUE`.
     pub env: Vec<String>,
+    /// Host-side destinations the app's guests may reach besides the public
+    /// internet and DNS (every VMM of an app runs `--net-isolated`); in
+    /// JSON, strings `A.B.C.D[/N][:PORT]`. `127.0.0.1:5432` opens the
+    /// host's loopback port 5432, which the guest reaches as `10.0.2.2:5432`.
+    /// Absent in records from before it existed.
+    #[serde(default, with = "rule_strings")]
+    pub allow_host: Vec<Rule>,
+}
+
+/// [`AppSpec::allow_host`] as JSON strings, checked when read.
+mod rule_strings {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use vmm_api::net::Rule;
+
+    pub fn serialize<S: Serializer>(rules: &[Rule], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(rules.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Rule>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|text| text.parse().map_err(serde::de::Error::custom))
+            .collect()
+    }
 }
 
 impl AppSpec {
@@ -66,6 +91,7 @@ impl AppSpec {
     ///     name: "web".into(), image: "x.tar".into(), port: 8080,
     ///     listen: "127.0.0.1:0".into(), memory_mib: 128, concurrency: 10,
     ///     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![],
+    ///     allow_host: vec!["127.0.0.1:5432".parse().unwrap()],
     /// };
     /// assert!(spec.validate().is_ok());
     /// spec.name = "../etc".into();
@@ -109,6 +135,31 @@ impl AppSpec {
             ));
         }
         Ok(())
+    }
+
+    /// The app's network as `little ps` shows it: `isolated`, then the
+    /// opened destinations.
+    ///
+    /// ```
+    /// # let mut spec = platform::api::AppSpec {
+    /// #     name: "web".into(), image: "x.tar".into(), port: 8080,
+    /// #     listen: "127.0.0.1:0".into(), memory_mib: 128, concurrency: 10,
+    /// #     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![], allow_host: vec![],
+    /// # };
+    /// assert_eq!(spec.network(), "isolated");
+    /// spec.allow_host = vec!["127.0.0.1:5432".parse().unwrap(), "10.1.0.0/16".parse().unwrap()];
+    /// assert_eq!(spec.network(), "isolated, allow-host 127.0.0.1:5432 10.1.0.0/16");
+    /// ```
+    pub fn network(&self) -> String {
+        let mut text = String::from("isolated");
+        if !self.allow_host.is_empty() {
+            text.push_str(", allow-host");
+            for rule in &self.allow_host {
+                text.push(' ');
+                text.push_str(&rule.to_string());
+            }
+        }
+        text
     }
 }
 
@@ -239,5 +290,53 @@ mod tests {
         let back: Request = serde_json::from_str(r#"{"op":"ps"}"#).unwrap();
         assert!(matches!(back, Request::Ps));
         assert!(serde_json::from_str::<Request>(r#"{"op":"nope"}"#).is_err());
+    }
+
+    fn spec() -> AppSpec {
+        AppSpec {
+            name: "web".into(),
+            image: "x.tar".into(),
+            port: 8080,
+            listen: "127.0.0.1:0".into(),
+            memory_mib: 128,
+            concurrency: 10,
+            min: 0,
+            max: 4,
+            idle_timeout_ms: 1000,
+            env: vec![],
+            allow_host: vec![
+                "127.0.0.1:5432".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_deploy_carries_its_host_rules_as_strings() {
+        let text = serde_json::to_string(&Request::Deploy(spec())).unwrap();
+        assert!(
+            text.contains(r#""allow_host":["127.0.0.1:5432","10.1.0.0/16"]"#),
+            "{text}"
+        );
+        let Request::Deploy(back) = serde_json::from_str(&text).unwrap() else {
+            panic!("a deploy");
+        };
+        assert_eq!(back, spec());
+    }
+
+    #[test]
+    fn a_deploy_without_host_rules_opens_nothing_and_bad_rules_are_refused() {
+        let mut json = serde_json::to_value(Request::Deploy(spec())).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("allow_host");
+        let Request::Deploy(back) = serde_json::from_value(json.clone()).unwrap() else {
+            panic!("a deploy");
+        };
+        assert!(back.allow_host.is_empty());
+        for bad in ["10.0.2.2:5432", "localhost:5432", "10.0.0.0/40"] {
+            json["allow_host"] = serde_json::json!([bad]);
+            let err = serde_json::from_value::<Request>(json.clone()).expect_err(bad);
+            assert!(err.to_string().contains(bad), "{err}");
+        }
     }
 }

@@ -120,6 +120,7 @@ mod tests {
                 max: 3,
                 idle_timeout_ms: 1000,
                 env: vec!["A=1".into()],
+                allow_host: vec!["127.0.0.1:5432".parse().unwrap()],
             },
             listen: "127.0.0.1:4000".into(),
             dir: "/x".into(),
@@ -143,5 +144,14 @@ mod tests {
         }
         let db = Db::open(&path).unwrap();
         assert_eq!(db.list().unwrap(), vec![record("b")]);
+    }
+
+    #[test]
+    fn records_from_before_host_rules_decode_with_none() {
+        let mut json = serde_json::to_value(record("old")).unwrap();
+        json["spec"].as_object_mut().unwrap().remove("allow_host");
+        let old: AppRecord = serde_json::from_value(json).unwrap();
+        assert!(old.spec.allow_host.is_empty());
+        assert_eq!(old.spec.name, "old");
     }
 }

@@ -207,6 +207,7 @@ fn first_boot(
             cmdline: ROOT_CMDLINE.into(),
         }),
         devices: vm::devices(&app.rootfs, boot),
+        net_policy: vm::net_policy(&app.spec),
         api_sock: Some(api.clone()),
         console: Console::File(console.clone()),
         jail: None,
@@ -241,6 +242,7 @@ fn first_boot(
             api_sock: Some(vm::api_socket(root)),
             console: Console::File(jail::console()),
             jail: Some(jail),
+            ..args
         };
         written = PathBuf::from(jail::SNAPSHOT);
     }

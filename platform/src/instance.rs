@@ -3,7 +3,8 @@
 //!
 //! A [`Standby`] is a `vmm --api-sock` started ahead of need with the
 //! app's devices ([`vm::devices`]: the read-only base image, a NIC, its own
-//! vsock socket) but no guest; [`Standby::restore`] sends it
+//! vsock socket) and network policy ([`vm::net_policy`]: isolated, the
+//! app's `--allow-host` rules) but no guest; [`Standby::restore`] sends it
 //! [`Command::Restore`] and gives a running [`Instance`]. The agent in the
 //! restored guest reconnects to the instance's [`vm::agent_socket`]; a
 //! thread answers its [`AgentMsg::Hello`] with [`HostMsg::Restored`] (clock
@@ -101,6 +102,7 @@ impl Standby {
             let args = VmmArgs {
                 start: Start::Standby,
                 devices: vm::devices(Path::new(jail::ROOTFS), root),
+                net_policy: vm::net_policy(&app.spec),
                 api_sock: Some(vm::api_socket(root)),
                 console: Console::File(jail::console()),
                 jail: Some(jail),
@@ -110,6 +112,7 @@ impl Standby {
             let args = VmmArgs {
                 start: Start::Standby,
                 devices: vm::devices(&app.rootfs, &dir),
+                net_policy: vm::net_policy(&app.spec),
                 api_sock: Some(vm::api_socket(&dir)),
                 console: Console::File(logs.join(jail::CONSOLE)),
                 jail: None,

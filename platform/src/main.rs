@@ -81,6 +81,13 @@ enum Cmd {
         /// Extra environment for the app (repeatable).
         #[arg(long, value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Open a host-side destination to the app, whose VMs otherwise
+        /// reach only the public internet and DNS (repeatable). The rule
+        /// names where the VMM connects: `127.0.0.1:5432` opens the host's
+        /// loopback port 5432, which the app reaches as 10.0.2.2:5432;
+        /// `10.1.0.0/16` a private network.
+        #[arg(long, value_name = "ADDR[/N][:PORT]")]
+        allow_host: Vec<vmm_api::net::Rule>,
     },
     /// List apps and their instances (age, connections, memory).
     Ps {
@@ -139,7 +146,7 @@ fn print_ps(apps: &[AppStatus]) {
     }
     for a in apps {
         println!(
-            "{}  http://{}  -> guest :{}  instances {}  standby {}  (concurrency {}, min {}, max {}, idle {} ms)",
+            "{}  http://{}  -> guest :{}  instances {}  standby {}  (concurrency {}, min {}, max {}, idle {} ms)  net: {}",
             a.spec.name,
             a.listen,
             a.spec.port,
@@ -148,7 +155,8 @@ fn print_ps(apps: &[AppStatus]) {
             a.spec.concurrency,
             a.spec.min,
             a.spec.max,
-            a.spec.idle_timeout_ms
+            a.spec.idle_timeout_ms,
+            a.spec.network()
         );
         if !a.instances.is_empty() {
             println!(
@@ -213,6 +221,7 @@ fn run(cli: Cli) -> Result<(), String> {
             max,
             idle_timeout,
             env,
+            allow_host,
         } => {
             let image = match std::fs::canonicalize(&image) {
                 Ok(p) => p.display().to_string(),
@@ -229,6 +238,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 max,
                 idle_timeout_ms: idle_timeout,
                 env,
+                allow_host,
             };
             spec.validate()?;
             let data = call(Request::Deploy(spec))?;

@@ -231,6 +231,7 @@ mod tests {
         VmmArgs {
             start: Start::Standby,
             devices: Devices::default(),
+            net_policy: vmm_api::launch::NetPolicy::default(),
             api_sock: Some("/api.sock".into()),
             console: Console::Null,
             jail,

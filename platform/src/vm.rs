@@ -1,13 +1,18 @@
-//! One VM folder: an app's devices, and where their host ends live.
+//! One VM folder: an app's devices and network policy, and where their
+//! host ends live.
 //!
 //! Deploy boots the app in `<app dir>/boot`, each instance runs in
 //! `<app dir>/i/<id>`; both get their `vmm` devices from [`devices`], so
-//! the snapshot the boot takes restores in every instance's VMM.
+//! the snapshot the boot takes restores in every instance's VMM, and their
+//! network policy from [`net_policy`], so every VMM of an app is isolated
+//! alike.
 
 use std::path::{Path, PathBuf};
 
 use guest_agent::protocol::AGENT_PORT;
-use vmm_api::launch::{Devices, Drive};
+use vmm_api::launch::{Devices, Drive, NetPolicy};
+
+use crate::api::AppSpec;
 
 /// The devices of every VM of an app: its base image read-only as
 /// `/dev/vda`, a NIC, and the vsock device the agent reaches the host with
@@ -20,6 +25,15 @@ pub fn devices(rootfs: &Path, dir: &Path) -> Devices {
         }],
         net: true,
         vsock: Some(dir.join("v.sock")),
+    }
+}
+
+/// The network policy of every VM of an app: isolated (public internet and
+/// DNS only), with the app's `--allow-host` rules opened.
+pub fn net_policy(spec: &AppSpec) -> NetPolicy {
+    NetPolicy {
+        isolated: true,
+        allow: spec.allow_host.clone(),
     }
 }
 
@@ -47,5 +61,53 @@ mod tests {
             agent_socket(dir).into_os_string().into_string().unwrap(),
             format!("{}_1024", uds.display())
         );
+    }
+
+    #[test]
+    fn every_vm_of_an_app_is_isolated_with_the_apps_host_rules() {
+        let mut spec = crate::api::AppSpec {
+            name: "web".into(),
+            image: "x.tar".into(),
+            port: 8080,
+            listen: "127.0.0.1:0".into(),
+            memory_mib: 128,
+            concurrency: 10,
+            min: 0,
+            max: 4,
+            idle_timeout_ms: 1000,
+            env: vec![],
+            allow_host: vec![],
+        };
+        assert_eq!(
+            net_policy(&spec),
+            NetPolicy {
+                isolated: true,
+                allow: vec![]
+            }
+        );
+        spec.allow_host = vec!["127.0.0.1:5432".parse().unwrap()];
+        let policy = net_policy(&spec);
+        assert!(policy.isolated);
+        assert_eq!(policy.allow, spec.allow_host);
+        // What reaches the vmm command line, for the boot and for a standby.
+        for start in [
+            vmm_api::launch::Start::Boot(vmm_api::launch::Boot::new("vmlinux")),
+            vmm_api::launch::Start::Standby,
+        ] {
+            let args = vmm_api::launch::VmmArgs {
+                start,
+                devices: devices(Path::new("/images/r.erofs"), Path::new("/apps/web/i/1")),
+                net_policy: net_policy(&spec),
+                api_sock: None,
+                console: vmm_api::launch::Console::Null,
+                jail: None,
+            }
+            .to_args();
+            let net = args.iter().position(|a| a == "--net").expect("a NIC");
+            assert_eq!(
+                args[net..net + 4],
+                ["--net", "--net-isolated", "--net-allow", "127.0.0.1:5432"]
+            );
+        }
     }
 }

@@ -3,10 +3,12 @@
 //! A snapshot restores only into a VMM with the devices it was taken with:
 //! the same `--drive`s in the same order, `--net`, `--vsock` (the host-side
 //! paths may differ). Giving the boot that makes a snapshot and every
-//! restore of it one [`Devices`] value keeps them the same.
+//! restore of it one [`Devices`] value keeps them the same. The network
+//! policy ([`NetPolicy`]) is host-side state, not a device: a restore may
+//! run under another policy than the boot did.
 //!
 //! ```
-//! use vmm_api::launch::{Boot, Console, Devices, Drive, Start, VmmArgs};
+//! use vmm_api::launch::{Boot, Console, Devices, Drive, NetPolicy, Start, VmmArgs};
 //!
 //! let devices = Devices {
 //!     drives: vec![Drive { path: "rootfs.erofs".into(), read_only: true }],
@@ -16,13 +18,18 @@
 //! let standby = VmmArgs {
 //!     start: Start::Standby,
 //!     devices: devices.clone(),
+//!     net_policy: NetPolicy {
+//!         isolated: true,
+//!         allow: vec!["127.0.0.1:5432".parse().expect("a valid rule")],
+//!     },
 //!     api_sock: Some("api.sock".into()),
 //!     console: Console::Null,
 //!     jail: None,
 //! };
 //! assert_eq!(
 //!     standby.to_args(),
-//!     ["--drive", "path=rootfs.erofs,ro", "--net", "--vsock", "uds=v.sock",
+//!     ["--drive", "path=rootfs.erofs,ro", "--net", "--net-isolated",
+//!      "--net-allow", "127.0.0.1:5432", "--vsock", "uds=v.sock",
 //!      "--api-sock", "api.sock", "--console", "null"],
 //! );
 //! let boot = VmmArgs {
@@ -34,6 +41,8 @@
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
+
+use crate::net::Rule;
 
 /// A virtio-blk disk (`--drive path=PATH[,ro]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +63,20 @@ pub struct Devices {
     /// A virtio-vsock device whose host end is the Unix socket at this path
     /// (`--vsock uds=PATH`).
     pub vsock: Option<PathBuf>,
+}
+
+/// What the guest behind the `--net` NIC may reach (host-side: it may differ
+/// between the boot that makes a snapshot and its restores). Ignored
+/// without [`Devices::net`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetPolicy {
+    /// Public internet and DNS only (`--net-isolated`): no host loopback
+    /// (the gateway `10.0.2.2`), no address of the host, no private,
+    /// link-local, multicast or reserved range.
+    pub isolated: bool,
+    /// Host-side destinations opened anyway (`--net-allow RULE`, each);
+    /// `127.0.0.1:P` opens the host's loopback port P as `10.0.2.2:P`.
+    pub allow: Vec<Rule>,
 }
 
 /// What a fresh boot needs besides the devices.
@@ -153,6 +176,8 @@ pub struct VmmArgs {
     pub start: Start,
     /// The guest's devices.
     pub devices: Devices,
+    /// The network policy (with [`Devices::net`]).
+    pub net_policy: NetPolicy,
     /// The control socket (`--api-sock`).
     pub api_sock: Option<PathBuf>,
     /// The serial console.
@@ -199,6 +224,12 @@ impl VmmArgs {
         }
         if self.devices.net {
             args.0.push("--net".into());
+            if self.net_policy.isolated {
+                args.0.push("--net-isolated".into());
+            }
+            for rule in &self.net_policy.allow {
+                args.flag_value("--net-allow", rule.to_string());
+            }
         }
         if let Some(uds) = &self.devices.vsock {
             let mut spec = OsString::from("uds=");
@@ -281,6 +312,10 @@ mod tests {
                 net: false,
                 vsock: None,
             },
+            net_policy: NetPolicy {
+                isolated: true,
+                allow: vec!["127.0.0.1:5432".parse().unwrap()],
+            },
             api_sock: None,
             console: Console::File("/a/boot.log".into()),
             jail: None,
@@ -307,6 +342,53 @@ mod tests {
     }
 
     #[test]
+    fn the_network_policy_follows_the_nic() {
+        let mut args = VmmArgs {
+            start: Start::Standby,
+            devices: Devices {
+                net: true,
+                ..Devices::default()
+            },
+            net_policy: NetPolicy {
+                isolated: true,
+                allow: vec![
+                    "127.0.0.1:5432".parse().unwrap(),
+                    "10.0.0.0/8".parse().unwrap(),
+                ],
+            },
+            api_sock: None,
+            console: Console::Stdout,
+            jail: None,
+        };
+        assert_eq!(
+            args.to_args(),
+            [
+                "--net",
+                "--net-isolated",
+                "--net-allow",
+                "127.0.0.1:5432",
+                "--net-allow",
+                "10.0.0.0/8",
+            ]
+        );
+        args.net_policy.isolated = false;
+        assert_eq!(
+            args.to_args(),
+            [
+                "--net",
+                "--net-allow",
+                "127.0.0.1:5432",
+                "--net-allow",
+                "10.0.0.0/8"
+            ]
+        );
+        // Without a NIC there is nothing to apply a policy to.
+        args.devices.net = false;
+        args.net_policy.isolated = true;
+        assert!(args.to_args().is_empty());
+    }
+
+    #[test]
     fn a_restore_names_its_snapshot_and_working_set() {
         let args = VmmArgs {
             start: Start::Restore {
@@ -314,6 +396,7 @@ mod tests {
                 working_set: Some("/a/app.ws".into()),
             },
             devices: Devices::default(),
+            net_policy: NetPolicy::default(),
             api_sock: Some("/a/api.sock".into()),
             console: Console::Stdout,
             jail: None,
@@ -336,6 +419,7 @@ mod tests {
         let args = VmmArgs {
             start: Start::Standby,
             devices: Devices::default(),
+            net_policy: NetPolicy::default(),
             api_sock: Some("api.sock".into()),
             console: Console::Null,
             jail: None,
@@ -353,6 +437,7 @@ mod tests {
         let args = VmmArgs {
             start: Start::Standby,
             devices: Devices::default(),
+            net_policy: NetPolicy::default(),
             api_sock: Some("/api.sock".into()),
             console: Console::Null,
             jail: Some(Jail {

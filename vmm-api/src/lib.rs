@@ -8,7 +8,9 @@
 //! - [`Client`]: a blocking client of that socket, which can pass a TCP
 //!   socket along with a command (SCM_RIGHTS);
 //! - [`launch`]: the `vmm` command line, with the guest's devices as one
-//!   value that the boot making a snapshot and every restore of it share.
+//!   value that the boot making a snapshot and every restore of it share;
+//! - [`net::Rule`]: an outbound network rule (`A.B.C.D[/N][:PORT]`, a
+//!   host-side destination), for `vmm --net-allow` and the platform.
 //!
 //! # The control protocol
 //!
@@ -47,6 +49,7 @@
 pub mod client;
 pub mod command;
 pub mod launch;
+pub mod net;
 pub mod reply;
 
 pub use client::{Client, ClientError};

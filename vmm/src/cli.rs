@@ -72,7 +72,8 @@ pub struct Args {
     pub drives: Vec<String>,
 
     /// Give the guest a virtio-net NIC on a private userspace network
-    /// (guest 10.0.2.15/24, gateway 10.0.2.2 = host loopback, DNS 10.0.2.3).
+    /// (guest 10.0.2.15/24, gateway 10.0.2.2 = host loopback, DNS 10.0.2.3;
+    /// see --net-isolated).
     #[arg(long)]
     pub net: bool,
 
@@ -81,15 +82,32 @@ pub struct Args {
     #[arg(long, value_name = "SPEC")]
     pub publish: Vec<crate::usernet::Publish>,
 
+    /// Isolate the guest network: the guest reaches the public internet and
+    /// DNS (10.0.2.3) and nothing else. Refused with a TCP RST: the host's
+    /// loopback (so the gateway 10.0.2.2), every address of the host's
+    /// interfaces, link-local 169.254.0.0/16 (cloud metadata), private
+    /// 10/8, 172.16/12, 192.168/16, CGNAT 100.64/10, 0.0.0.0/8, multicast,
+    /// broadcast and reserved ranges. --net-allow opens exceptions.
+    #[arg(long)]
+    pub net_isolated: bool,
+
     /// Deny every outbound guest connection and DNS query (except --net-allow).
     #[arg(long)]
     pub net_deny_outbound: bool,
 
-    /// Allow outbound connections to `A.B.C.D[/N][:PORT]`; repeatable.
+    /// Allow outbound connections to the host-side destination
+    /// `A.B.C.D[/N][:PORT]`, even under --net-isolated; repeatable. Rules
+    /// match where the VMM really connects, after its mapping: a guest
+    /// connect to the gateway 10.0.2.2:P goes to the host's 127.0.0.1:P, so
+    /// `--net-allow 127.0.0.1:5432` lets the guest reach the host's
+    /// loopback port 5432 as 10.0.2.2:5432. DNS matches 10.0.2.3:53 and the
+    /// host resolver's address.
     #[arg(long, value_name = "RULE")]
     pub net_allow: Vec<crate::usernet::Rule>,
 
-    /// Deny outbound connections to `A.B.C.D[/N][:PORT]`; repeatable, checked first.
+    /// Deny outbound connections to the host-side destination
+    /// `A.B.C.D[/N][:PORT]` (127.0.0.1 for the gateway 10.0.2.2, as for
+    /// --net-allow); repeatable, checked first.
     #[arg(long, value_name = "RULE")]
     pub net_deny: Vec<crate::usernet::Rule>,
 
@@ -152,7 +170,7 @@ mod tests {
     use std::ffi::OsString;
 
     use clap::Parser;
-    use vmm_api::launch::{Bind, Boot, Console, Devices, Drive, Jail, Start, VmmArgs};
+    use vmm_api::launch::{Bind, Boot, Console, Devices, Drive, Jail, NetPolicy, Start, VmmArgs};
 
     use super::Args;
     use crate::devices::virtio::block::BlockConfig;
@@ -179,6 +197,24 @@ mod tests {
         }
     }
 
+    fn net_policy() -> NetPolicy {
+        NetPolicy {
+            isolated: true,
+            allow: vec![
+                "127.0.0.1:5432".parse().expect("rule"),
+                "10.0.0.0/8:443".parse().expect("rule"),
+            ],
+        }
+    }
+
+    /// The network policy as this parser reads it.
+    fn parsed_policy(args: &Args) -> NetPolicy {
+        NetPolicy {
+            isolated: args.net_isolated,
+            allow: args.net_allow.clone(),
+        }
+    }
+
     /// The devices as this parser reads them: drives, net, vsock socket.
     fn parsed_devices(args: &Args) -> (Vec<BlockConfig>, bool, Option<std::path::PathBuf>) {
         let drives = args
@@ -200,6 +236,7 @@ mod tests {
                 cmdline: "little.root=/dev/vda little.rootfstype=erofs".into(),
             }),
             devices: devices(),
+            net_policy: net_policy(),
             api_sock: Some("/apps/a/boot/api.sock".into()),
             console: Console::File("/apps/a/logs/boot.log".into()),
             jail: None,
@@ -214,6 +251,8 @@ mod tests {
         );
         assert_eq!(args.console, "/apps/a/logs/boot.log");
         assert!(args.snapshot.is_none());
+        assert_eq!(parsed_policy(&args), net_policy());
+        assert!(!args.net_deny_outbound && args.net_deny.is_empty());
     }
 
     #[test]
@@ -221,6 +260,7 @@ mod tests {
         let boot = VmmArgs {
             start: Start::Boot(Boot::new("/k/vmlinux")),
             devices: devices(),
+            net_policy: net_policy(),
             api_sock: None,
             console: Console::Null,
             jail: None,
@@ -263,6 +303,45 @@ mod tests {
             Some("/apps/a/app.ws".as_ref())
         );
         assert_eq!(parsed_devices(&restore), booted);
+        assert_eq!(parsed_policy(&restore), net_policy());
+    }
+
+    #[test]
+    fn a_restore_may_run_under_another_policy_than_its_boot() {
+        let boot = VmmArgs {
+            start: Start::Boot(Boot::new("/k/vmlinux")),
+            devices: devices(),
+            net_policy: NetPolicy::default(),
+            api_sock: None,
+            console: Console::Null,
+            jail: None,
+        };
+        let restore = VmmArgs {
+            start: Start::Standby,
+            net_policy: net_policy(),
+            api_sock: Some("/apps/a/i/1/api.sock".into()),
+            ..boot.clone()
+        };
+        let (boot, restore) = (parse(&boot), parse(&restore));
+        assert_eq!(parsed_devices(&restore), parsed_devices(&boot));
+        assert_eq!(parsed_policy(&boot), NetPolicy::default());
+        assert_eq!(parsed_policy(&restore), net_policy());
+    }
+
+    #[test]
+    fn rules_naming_the_guest_network_are_refused() {
+        let argv = [
+            "vmm",
+            "--kernel",
+            "k",
+            "--net",
+            "--net-allow",
+            "10.0.2.2:5432",
+        ];
+        let err = Args::try_parse_from(argv).expect_err("10.0.2.2 is no host-side address");
+        assert!(err.to_string().contains("127.0.0.1"), "{err}");
+        let argv = ["vmm", "--kernel", "k", "--net", "--net-deny", "10.0.2.3"];
+        assert!(Args::try_parse_from(argv).is_ok());
     }
 
     #[test]
@@ -270,6 +349,7 @@ mod tests {
         let args = parse(&VmmArgs {
             start: Start::Standby,
             devices: devices(),
+            net_policy: NetPolicy::default(),
             api_sock: Some("/api.sock".into()),
             console: Console::File("/log/console.log".into()),
             jail: Some(Jail {

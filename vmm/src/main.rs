@@ -31,7 +31,18 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log.as_deref());
     // Read from the host before the jail hides it.
-    let dns_upstream = (args.net || !args.publish.is_empty()).then(vmm::usernet::host_resolver);
+    let wants_net = args.net || !args.publish.is_empty();
+    let dns_upstream = wants_net.then(vmm::usernet::host_resolver);
+    let host_addrs = match (wants_net && args.net_isolated, args.jail_root.is_some()) {
+        (true, true) => match vmm::usernet::host_addresses() {
+            Ok(addrs) => Some(addrs),
+            Err(e) => {
+                eprintln!("vmm: error: cannot list the host's addresses: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     if let Some(jail) = args.jail() {
         if let Err(e) = vmm::jail::enter(&jail) {
             eprintln!("vmm: error: {}", vmm::error_chain(&e));
@@ -59,10 +70,12 @@ fn main() -> ExitCode {
         publish: args.publish,
         policy: vmm::usernet::Policy {
             allow_by_default: !args.net_deny_outbound,
+            isolated: args.net_isolated,
             allow: args.net_allow,
             deny: args.net_deny,
         },
         dns_upstream,
+        host_addrs,
         ..Default::default()
     });
     let mut options = RunOptions {

@@ -389,6 +389,7 @@ fn main() -> ExitCode {
             max: u32::MAX,
             idle_timeout_ms: 1000,
             env: Vec::new(),
+            allow_host: Vec::new(),
         };
         let start = Instant::now();
         let record = platform::deploy::deploy(&settings, &spec, 0)

@@ -1,6 +1,8 @@
 //! DNS forwarding: guest UDP queries to 10.0.2.3:53 go out from a fresh,
 //! connected host UDP socket to the host's resolver; the first answer goes
-//! back to the guest from 10.0.2.3.
+//! back to the guest from 10.0.2.3. When the policy denies DNS, each query
+//! is answered REFUSED at once, so the guest's resolver fails rather than
+//! waits.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -71,7 +73,8 @@ impl Dns {
     }
 
     /// Sends the guest's queued queries upstream. `allowed` is the policy's
-    /// verdict for 10.0.2.3:53; `tokens` hands out event tokens.
+    /// verdict on DNS (denied queries are answered REFUSED); `tokens` hands
+    /// out event tokens.
     pub(super) fn forward_queries(
         &mut self,
         sockets: &mut SocketSet<'static>,
@@ -84,7 +87,20 @@ impl Dns {
         let mut progress = false;
         while let Ok((n, meta)) = socket.recv_slice(&mut buf) {
             progress = true;
-            if !allowed || self.queries.len() >= MAX_QUERIES {
+            if !allowed {
+                if let Some(answer) = refused(&buf[..n]) {
+                    let meta = UdpMetadata {
+                        endpoint: meta.endpoint,
+                        local_address: Some(IpAddress::Ipv4(DNS_IP)),
+                        meta: Default::default(),
+                    };
+                    if let Err(e) = socket.send_slice(&answer, meta) {
+                        tracing::debug!("dns: refusal dropped: {e}");
+                    }
+                }
+                continue;
+            }
+            if self.queries.len() >= MAX_QUERIES {
                 continue;
             }
             let local = match self.upstream {
@@ -164,5 +180,102 @@ impl Dns {
     /// When the oldest query expires.
     pub(super) fn next_expiry(&self) -> Option<Instant> {
         self.queries.values().map(|q| q.expires).min()
+    }
+}
+
+/// Size of a DNS message header.
+const HEADER: usize = 12;
+/// The REFUSED response code.
+const RCODE_REFUSED: u8 = 5;
+
+/// A REFUSED answer to the guest's `query`: its ID, opcode, RD bit and
+/// question, no records. `None` for a message that is not a query or whose
+/// question does not parse (nothing is answered then).
+pub(super) fn refused(query: &[u8]) -> Option<Vec<u8>> {
+    let header = query.get(..HEADER)?;
+    if header[2] & 0x80 != 0 {
+        return None;
+    }
+    let questions = u16::from_be_bytes([header[4], header[5]]);
+    let mut end = HEADER;
+    if questions == 1 {
+        // QNAME: length-prefixed labels of at most 63 bytes up to the root
+        // label; a query's question has no compression pointers.
+        loop {
+            let len = usize::from(*query.get(end)?);
+            end += 1;
+            if len == 0 {
+                break;
+            }
+            if len > 63 {
+                return None;
+            }
+            end += len;
+        }
+        // QTYPE and QCLASS.
+        end += 4;
+        if end > query.len() {
+            return None;
+        }
+    }
+    let mut answer = query.get(..end)?.to_vec();
+    // QR, the query's opcode and RD; not authoritative, not truncated.
+    answer[2] = 0x80 | (header[2] & 0x79);
+    // No recursion available, REFUSED.
+    answer[3] = RCODE_REFUSED;
+    let qdcount = if questions == 1 { 1u16 } else { 0 };
+    answer[4..6].copy_from_slice(&qdcount.to_be_bytes());
+    answer[6..12].fill(0);
+    Some(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A query for `example.com` A, ID 0xbeef, RD set.
+    fn query() -> Vec<u8> {
+        let mut q = vec![0xbe, 0xef, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(b"\x07example\x03com\x00\x00\x01\x00\x01");
+        q
+    }
+
+    #[test]
+    fn a_refusal_echoes_the_id_and_question() {
+        let q = query();
+        let a = refused(&q).expect("a query is answered");
+        assert_eq!(a.len(), q.len());
+        assert_eq!(&a[..2], &[0xbe, 0xef]);
+        assert_eq!(a[2], 0x81, "QR and RD");
+        assert_eq!(a[3] & 0x0f, RCODE_REFUSED);
+        assert_eq!(&a[4..12], &[0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&a[12..], &q[12..]);
+        // Records after the question (EDNS0 OPT) are not echoed.
+        let mut with_opt = q.clone();
+        with_opt[11] = 1;
+        with_opt.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(refused(&with_opt).expect("answered"), a);
+    }
+
+    #[test]
+    fn what_is_no_query_gets_no_answer() {
+        let q = query();
+        let mut response = q.clone();
+        response[2] |= 0x80;
+        let mut pointer = q.clone();
+        pointer[12] = 0xc0;
+        let mut long_label = q.clone();
+        long_label[12] = 64;
+        for bad in [
+            &[][..],
+            &q[..11],
+            &q[..q.len() - 1],
+            &q[..20],
+            &response,
+            &pointer,
+            &long_label,
+        ] {
+            assert_eq!(refused(bad), None, "{bad:?}");
+        }
     }
 }

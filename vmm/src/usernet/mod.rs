@@ -3,19 +3,34 @@
 //! gateway of the guest's private, slirp-style /24, so a guest needs no TAP
 //! device, bridge, network namespace or root on the host.
 //!
-//! | address | what |
+//! | guest destination | host-side destination (what [`Policy`] decides on) |
 //! |---|---|
-//! | `10.0.2.15/24` | the guest (set by the kernel's `ip=` argument) |
-//! | `10.0.2.2` | the gateway (this stack); as a destination it means the host's `127.0.0.1` |
-//! | `10.0.2.3` | DNS: UDP (and TCP) port 53 is forwarded to the host's resolver |
+//! | `10.0.2.15/24` | the guest itself (set by the kernel's `ip=` argument) |
+//! | `10.0.2.2:P` (the gateway, this stack) | the host's `127.0.0.1:P` |
+//! | `10.0.2.3:53`, UDP or TCP | DNS: the host's resolver ([`Destination::Dns`]) |
+//! | any other `10.0.2.0/24` address, broadcast, multicast, `0.0.0.0` | none: refused |
+//! | any other IPv4 `A:P` | `A:P` itself |
 //!
 //! Inbound, each accepted host TCP connection ([`Stack::accept_inbound`], or
 //! a `--publish` listener) becomes a TCP connection from the gateway to a
-//! guest port. Outbound, each guest SYN is re-originated from a non-blocking
-//! host socket to the real destination, subject to [`Policy`]; the SYN is
-//! only answered once the host connect succeeds, so a refused or denied
-//! connection reaches the guest as a RST. Data is copied between host
-//! sockets and smoltcp sockets with backpressure both ways.
+//! guest port. Outbound, each guest SYN is mapped to its host-side
+//! destination (table above), checked against [`Policy`] there, and
+//! re-originated from a non-blocking host socket; the SYN is only answered
+//! once the host connect succeeds, so a refused or denied connection
+//! reaches the guest as a RST. Outbound UDP other than DNS is not
+//! forwarded (smoltcp answers ICMP port unreachable); a denied DNS query is
+//! answered REFUSED. Data is copied between host sockets and smoltcp
+//! sockets with backpressure both ways.
+//!
+//! Under [`Policy::isolated`] (`vmm --net-isolated`, what every platform
+//! instance runs with) a guest reaches the public internet and DNS and
+//! nothing else: not the host's loopback (so not `10.0.2.2`), not any
+//! address of the host's interfaces (listed with getifaddrs when the stack
+//! starts), not link-local (`169.254.169.254`, cloud metadata), private,
+//! CGNAT, multicast or reserved ranges ([`is_internal`]). Allow rules
+//! (`--net-allow 127.0.0.1:5432`) open exactly what they name. The guest
+//! network is IPv4-only: outbound connections are IPv4, and only the
+//! host's resolver may be IPv6.
 //!
 //! The stack never blocks and owns no thread: the virtio-net device's
 //! event-loop handler feeds it guest frames, host readiness and timer
@@ -26,9 +41,9 @@
 //! | `stack.rs` | the smoltcp interface, frame queues and connection table |
 //! | `conn.rs` | one proxied TCP connection |
 //! | `dns.rs` | the DNS forwarder |
-//! | `policy.rs` | outbound allow/deny rules |
+//! | `policy.rs` | outbound policy: isolation, allow/deny rules, on host-side destinations |
 //! | `watch.rs` | watch requests and tokens, shared by the stack and the forwarder |
-//! | `sys.rs` | socket calls std has no API for |
+//! | `sys.rs` | socket calls std has no API for, and the host's interface addresses |
 
 mod conn;
 mod dns;
@@ -42,8 +57,10 @@ mod watch;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
-pub use policy::{Policy, Rule};
+pub use policy::{is_internal, Destination, Policy};
 pub use stack::{Stack, MAX_FRAME_LEN};
+pub use sys::host_addresses;
+pub use vmm_api::net::{ParseRuleError, Rule};
 pub use watch::{WatchRequest, FIRST_TOKEN};
 
 /// The guest's address.
@@ -71,9 +88,9 @@ pub enum Error {
     /// A `--publish` value is malformed.
     #[error("invalid publish spec {0:?}: expected [HOSTADDR:]HOSTPORT:GUESTPORT")]
     PublishSpec(String),
-    /// A policy rule is malformed.
-    #[error("invalid network rule {0:?}: expected A.B.C.D[/N][:PORT]")]
-    Rule(String),
+    /// The host's interface addresses, which isolation refuses, could not be listed.
+    #[error("cannot list the host's interface addresses")]
+    HostAddresses(#[source] std::io::Error),
     /// A published host port could not be bound.
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
@@ -140,6 +157,10 @@ pub struct NetConfig {
     /// The resolver guest DNS queries go to (default: the first
     /// `nameserver` of the host's `/etc/resolv.conf`).
     pub dns_upstream: Option<SocketAddr>,
+    /// The host's own interface addresses an isolated guest may not reach
+    /// (default: listed when the network starts; a jailed VMM lists them
+    /// before it enters its jail).
+    pub host_addrs: Option<Vec<std::net::IpAddr>>,
 }
 
 impl Default for NetConfig {
@@ -149,6 +170,7 @@ impl Default for NetConfig {
             publish: Vec::new(),
             policy: Policy::default(),
             dns_upstream: None,
+            host_addrs: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use smoltcp::wire::{
 
 use super::conn::{Conn, Phase, Tuple};
 use super::dns::Dns;
+use super::policy::Destination;
 use super::watch::{Tokens, WatchRequest};
 use super::{sys, Error, NetConfig, Policy, DNS_IP, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, PREFIX_LEN};
 use crate::event_loop::Token;
@@ -88,6 +89,10 @@ pub struct Stack {
     frames: Frames,
     epoch: std::time::Instant,
     policy: Policy,
+    /// The host's interface addresses (listed at start when isolated).
+    host_addrs: Vec<IpAddr>,
+    /// The policy's verdict on DNS, which does not change.
+    dns_allowed: bool,
     listeners: HashMap<Token, (TcpListener, u16)>,
     conns: HashMap<Token, Conn>,
     outbound: HashMap<Tuple, Token>,
@@ -127,12 +132,22 @@ impl Stack {
         let mut sockets = SocketSet::new(Vec::new());
         let upstream = config.dns_upstream.unwrap_or_else(super::host_resolver);
         let dns = Dns::new(&mut sockets, upstream);
+        let host_addrs = match (&config.host_addrs, config.policy.isolated) {
+            (_, false) => Vec::new(),
+            (Some(listed), true) => listed.clone(),
+            (None, true) => sys::host_addresses().map_err(Error::HostAddresses)?,
+        };
+        let dns_allowed = config
+            .policy
+            .allows(Destination::Dns { upstream }, &host_addrs);
         let mut stack = Self {
             iface,
             sockets,
             frames,
             epoch,
             policy: config.policy.clone(),
+            host_addrs,
+            dns_allowed,
             listeners: HashMap::new(),
             conns: HashMap::new(),
             outbound: HashMap::new(),
@@ -313,14 +328,20 @@ impl Stack {
         self.frames.to_stack.push_back(frame.to_vec());
     }
 
-    /// Where a guest destination goes on the host, if anywhere.
-    fn host_destination(&self, dst: SocketAddrV4) -> Option<SocketAddr> {
+    /// Where a guest destination goes on the host, if anywhere (the
+    /// mapping table of the [module docs](super)).
+    fn host_destination(&self, dst: SocketAddrV4) -> Option<Destination> {
         let ip = *dst.ip();
         let subnet = Ipv4Addr::from(u32::from(GATEWAY_IP) & (u32::MAX << (32 - PREFIX_LEN)));
         if ip == GATEWAY_IP {
-            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port()))
+            Some(Destination::Connect(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                dst.port(),
+            )))
         } else if ip == DNS_IP && dst.port() == 53 {
-            Some(self.dns_upstream())
+            Some(Destination::Dns {
+                upstream: self.dns.upstream(),
+            })
         } else if u32::from(ip) & (u32::MAX << (32 - PREFIX_LEN)) == u32::from(subnet)
             || ip.is_broadcast()
             || ip.is_multicast()
@@ -328,12 +349,8 @@ impl Stack {
         {
             None
         } else {
-            Some(SocketAddr::V4(dst))
+            Some(Destination::Connect(SocketAddr::V4(dst)))
         }
-    }
-
-    fn dns_upstream(&self) -> SocketAddr {
-        self.dns.upstream()
     }
 
     /// A guest SYN: start the host connect and hold the SYN until it
@@ -348,12 +365,20 @@ impl Stack {
                 .get(token)
                 .is_some_and(|c| matches!(c.phase, Phase::Connecting { .. }));
         }
-        let dst = tuple.1;
-        if !self.policy.allows(*dst.ip(), dst.port()) || self.conns.len() >= MAX_CONNS {
+        if self.conns.len() >= MAX_CONNS {
             return false;
         }
-        let Some(target) = self.host_destination(dst) else {
+        // The policy decides on where the connection really goes.
+        let Some(destination) = self.host_destination(tuple.1) else {
             return false;
+        };
+        if !self.policy.allows(destination, &self.host_addrs) {
+            tracing::debug!("net: {} ({destination:?}) denied by policy", tuple.1);
+            return false;
+        }
+        let target = match destination {
+            Destination::Connect(addr) => addr,
+            Destination::Dns { upstream } => upstream,
         };
         let stream = match sys::connect_nonblocking(target) {
             Ok(s) => s,
@@ -456,10 +481,9 @@ impl Stack {
                     progress |= conn.pump(self.sockets.get_mut::<tcp::Socket>(handle));
                 }
             }
-            let allowed = self.policy.allows(DNS_IP, 53);
             progress |= self.dns.forward_queries(
                 &mut self.sockets,
-                allowed,
+                self.dns_allowed,
                 &mut self.tokens,
                 &mut self.requests,
             );

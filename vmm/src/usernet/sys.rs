@@ -1,8 +1,8 @@
-//! The socket calls std does not offer: a non-blocking connect, and closing
-//! with a RST.
+//! The socket calls std does not offer: a non-blocking connect, closing
+//! with a RST, and listing the host's interface addresses.
 
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Starts a non-blocking TCP connect to `addr`; the stream becomes writable
@@ -114,5 +114,65 @@ pub fn set_linger_zero(stream: &TcpStream) {
     };
     if rc < 0 {
         tracing::debug!("SO_LINGER failed: {}", io::Error::last_os_error());
+    }
+}
+
+/// The IPv4 and IPv6 addresses of the host's network interfaces, loopback
+/// included (getifaddrs(3)).
+pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes one pointer through the pointer given,
+    // which points to a live local; a non-zero result is checked below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addrs = Vec::new();
+    let mut node = head;
+    while !node.is_null() {
+        // SAFETY: `node` is a node of the list getifaddrs returned, which
+        // stays allocated until the freeifaddrs below.
+        let ifa = unsafe { &*node };
+        // SAFETY: a non-null ifa_addr points to a sockaddr of the kind its
+        // family names, owned by the same list.
+        if let Some(ip) = unsafe { sockaddr_ip(ifa.ifa_addr) } {
+            if !addrs.contains(&ip) {
+                addrs.push(ip);
+            }
+        }
+        node = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once;
+    // nothing borrowed from the list outlives this call.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(addrs)
+}
+
+/// The address in `sa`, if it is IPv4 or IPv6.
+///
+/// # Safety
+///
+/// `sa` is null or points to a readable sockaddr at least as large as its
+/// `sa_family` says.
+unsafe fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: the caller guarantees a readable sockaddr; every sockaddr
+    // starts with its family. Unaligned reads ask nothing of the allocation.
+    let family = unsafe { std::ptr::read_unaligned(std::ptr::addr_of!((*sa).sa_family)) };
+    match libc::c_int::from(family) {
+        libc::AF_INET => {
+            // SAFETY: an AF_INET sockaddr is a sockaddr_in (caller's guarantee).
+            let sin = unsafe { std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in>()) };
+            Some(IpAddr::V4(Ipv4Addr::from(
+                sin.sin_addr.s_addr.to_ne_bytes(),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: an AF_INET6 sockaddr is a sockaddr_in6 (caller's guarantee).
+            let sin6 = unsafe { std::ptr::read_unaligned(sa.cast::<libc::sockaddr_in6>()) };
+            Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+        }
+        _ => None,
     }
 }

@@ -184,13 +184,47 @@ fn outbound_syn_to_the_gateway_reaches_host_loopback() {
 }
 
 fn expect_rst(s: &mut Stack, port: u16) {
+    expect_rst_from(s, gateway(port));
+}
+
+/// Waits for the RST from `from` to guest port 40001 (failing pending host
+/// connects, as a refused connect would).
+fn expect_rst_from(s: &mut Stack, from: SocketAddrV4) {
     let rst = until(s, |s| {
         for (token, _) in watched_tokens(s) {
             s.host_ready(token, (libc::POLLOUT | libc::POLLERR) as u32);
         }
         segments(s).into_iter().find(|seg| seg.rst)
     });
-    assert_eq!((rst.src, rst.dst), (gateway(port), guest(40001)));
+    assert_eq!((rst.src, rst.dst), (from, guest(40001)));
+}
+
+fn syn() -> Flags {
+    Flags {
+        syn: true,
+        ..Flags::default()
+    }
+}
+
+fn isolated(allow: &[&str]) -> NetConfig {
+    let mut config = NetConfig::default();
+    config.policy.isolated = true;
+    config.policy.allow = allow
+        .iter()
+        .map(|r| r.parse().expect("a valid rule"))
+        .collect();
+    config
+}
+
+/// A non-loopback IPv4 address of this host, if it has one.
+fn host_ipv4() -> Option<std::net::Ipv4Addr> {
+    sys::host_addresses()
+        .expect("getifaddrs")
+        .into_iter()
+        .find_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
+            _ => None,
+        })
 }
 
 #[test]
@@ -323,4 +357,176 @@ fn a_fresh_stack_resets_a_connection_it_never_saw() {
     let rst = until(&mut s, |s| segments(s).into_iter().find(|seg| seg.rst));
     assert_eq!((rst.src, rst.dst), (gateway(8080), guest(40001)));
     assert_eq!(s.connections(), 0);
+}
+
+#[test]
+fn isolated_connects_to_the_host_and_internal_ranges_are_reset_unopened() {
+    // Listening on every host address: a connection to the host, whichever
+    // address it used, would show up here.
+    let host = TcpListener::bind("0.0.0.0:0").expect("bind");
+    host.set_nonblocking(true).expect("nonblocking");
+    let port = host.local_addr().expect("addr").port();
+    let mut dsts = vec![
+        gateway(port),
+        SocketAddrV4::new([169, 254, 169, 254].into(), 80),
+        SocketAddrV4::new([10, 1, 2, 3].into(), port),
+        SocketAddrV4::new([192, 168, 1, 1].into(), port),
+        SocketAddrV4::new([172, 16, 0, 1].into(), port),
+        SocketAddrV4::new([100, 64, 0, 1].into(), port),
+    ];
+    match host_ipv4() {
+        Some(ip) => dsts.push(SocketAddrV4::new(ip, port)),
+        None => eprintln!("no non-loopback IPv4 address on this host"),
+    }
+    let mut s = stack(isolated(&[]));
+    for dst in dsts {
+        s.guest_frame(&tcp(guest(40001), dst, 1, syn(), b""));
+        s.poll();
+        assert!(
+            watched_tokens(&mut s).is_empty(),
+            "no host connect is even tried for {dst}"
+        );
+        expect_rst_from(&mut s, dst);
+        assert_eq!(s.connections(), 0);
+    }
+    assert!(host.accept().is_err(), "nothing reached the host");
+}
+
+#[test]
+fn isolated_syns_to_multicast_and_broadcast_are_never_connected() {
+    let mut s = stack(isolated(&[]));
+    for dst in [[224, 0, 0, 1], [255, 255, 255, 255], [0, 0, 0, 0]] {
+        let dst = SocketAddrV4::new(dst.into(), 80);
+        s.guest_frame(&tcp(guest(40001), dst, 1, syn(), b""));
+        s.poll();
+        assert!(watched_tokens(&mut s).is_empty(), "{dst}");
+        assert!(
+            segments(&mut s).iter().all(|seg| !seg.syn),
+            "{dst} is not answered as open"
+        );
+        assert_eq!(s.connections(), 0);
+    }
+}
+
+#[test]
+fn an_allow_rule_opens_one_host_loopback_port_through_the_gateway() {
+    let allowed = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = allowed.local_addr().expect("addr").port();
+    let other = TcpListener::bind("127.0.0.1:0").expect("bind");
+    other.set_nonblocking(true).expect("nonblocking");
+    let other_port = other.local_addr().expect("addr").port();
+    let rule = format!("127.0.0.1:{port}");
+    let mut s = stack(isolated(&[&rule]));
+
+    // The guest connects to the gateway; the rule names the mapped 127.0.0.1.
+    s.guest_frame(&tcp(guest(40000), gateway(port), 5000, syn(), b""));
+    s.poll();
+    let (token, _) = watched_tokens(&mut s).pop().expect("host socket watched");
+    let (mut accepted, _) = allowed.accept().expect("the VMM connected on the host");
+    s.host_ready(token, libc::POLLOUT as u32);
+    s.poll();
+    let synack = segments(&mut s).pop().expect("SYN-ACK");
+    assert!(synack.syn && synack.ack == Some(5001), "{synack:?}");
+    assert_eq!(synack.src, gateway(port));
+    let ack = Flags {
+        ack: Some(synack.seq + 1),
+        ..Flags::default()
+    };
+    s.guest_frame(&tcp(guest(40000), gateway(port), 5001, ack, b"SELECT 1"));
+    s.poll();
+    accepted
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut buf = [0u8; 8];
+    accepted
+        .read_exact(&mut buf)
+        .expect("data reaches the host");
+    assert_eq!(&buf, b"SELECT 1");
+
+    // Any other loopback port stays closed.
+    s.guest_frame(&tcp(guest(40001), gateway(other_port), 1, syn(), b""));
+    s.poll();
+    assert!(watched_tokens(&mut s).is_empty());
+    expect_rst_from(&mut s, gateway(other_port));
+    assert!(
+        other.accept().is_err(),
+        "the other port was never connected"
+    );
+}
+
+#[test]
+fn isolated_dns_reaches_a_loopback_resolver_that_stays_closed_otherwise() {
+    // A resolver on the host's loopback, UDP and TCP on one port.
+    let tcp_resolver = TcpListener::bind("127.0.0.1:0").expect("bind");
+    tcp_resolver.set_nonblocking(true).expect("nonblocking");
+    let addr = tcp_resolver.local_addr().expect("addr");
+    let Ok(udp_resolver) = UdpSocket::bind(addr) else {
+        eprintln!("UDP port {} is taken; skipping", addr.port());
+        return;
+    };
+    let config = NetConfig {
+        dns_upstream: Some(addr),
+        ..isolated(&[])
+    };
+    let mut s = stack(config);
+    let dns = SocketAddrV4::new(DNS_IP, 53);
+
+    s.guest_frame(&udp(guest(5353), dns, b"query"));
+    s.poll();
+    udp_resolver
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    let (n, _) = udp_resolver
+        .recv_from(&mut buf)
+        .expect("UDP query forwarded");
+    assert_eq!(&buf[..n], b"query");
+
+    s.guest_frame(&tcp(guest(40000), dns, 1, syn(), b""));
+    s.poll();
+    let stream = until(&mut s, |_| tcp_resolver.accept().ok());
+    drop(stream);
+
+    // The resolver's own address is no way in: 10.0.2.2:PORT is refused.
+    let _ = watched_tokens(&mut s);
+    s.guest_frame(&tcp(guest(40001), gateway(addr.port()), 1, syn(), b""));
+    s.poll();
+    assert!(watched_tokens(&mut s).is_empty());
+    expect_rst_from(&mut s, gateway(addr.port()));
+    assert!(tcp_resolver.accept().is_err());
+}
+
+#[test]
+fn a_denied_dns_query_is_answered_refused_not_dropped() {
+    let resolver = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    resolver.set_nonblocking(true).expect("nonblocking");
+    let mut config = NetConfig {
+        dns_upstream: Some(resolver.local_addr().expect("addr")),
+        ..isolated(&[])
+    };
+    config.policy.allow_by_default = false;
+    let mut s = stack(config);
+    let dns = SocketAddrV4::new(DNS_IP, 53);
+    // ID 0x1234, RD, one question: "a." IN A.
+    let query = [
+        0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 1, b'a', 0, 0, 1, 0, 1,
+    ];
+    s.guest_frame(&udp(guest(5353), dns, &query));
+    s.poll();
+    let answer = drain(&mut s)
+        .into_iter()
+        .find_map(|p| match p {
+            Parsed::Udp(src, dst, payload) => Some((src, dst, payload)),
+            _ => None,
+        })
+        .expect("an answer at once");
+    assert_eq!((answer.0, answer.1), (dns, guest(5353)));
+    assert_eq!(&answer.2[..2], &[0x12, 0x34]);
+    assert_eq!(answer.2[3] & 0x0f, 5, "REFUSED");
+    assert!(watched_tokens(&mut s).is_empty());
+    let mut buf = [0u8; 64];
+    assert!(
+        resolver.recv_from(&mut buf).is_err(),
+        "nothing went upstream"
+    );
 }
