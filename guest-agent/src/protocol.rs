@@ -338,6 +338,16 @@ impl LineReader {
         n
     }
 
+    /// Whether the stream is inside a line longer than [`MAX_LINE`]:
+    /// [`MAX_LINE`] bytes came without a newline. Asked once
+    /// [`next_line`](Self::next_line) has returned `None`, it tells a
+    /// reader that will not drain a misbehaving peer (the host) to close
+    /// the connection; the reader's memory is the same either way.
+    pub fn overlong(&self) -> bool {
+        let full = self.start == 0 && self.len == MAX_LINE;
+        self.skipping || (full && !self.buf.contains(&b'\n'))
+    }
+
     /// The next complete line, without its newline.
     pub fn next_line(&mut self) -> Option<Result<&[u8], ProtocolError>> {
         let pending = &self.buf[self.start..self.len];
