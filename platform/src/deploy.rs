@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use guest_agent::protocol::{AgentMsg, LineReader};
+use guest_agent::protocol::{AgentMsg, LineReader, MAX_LINE};
 use guest_agent::status::ExitStatus;
 use image_tools::runconfig::agent_initramfs;
 use image_tools::store::{ImportOptions, Source, Store};
@@ -79,6 +79,10 @@ pub enum BootFailure {
     /// The agent's channel closed before `READY`.
     #[error("the agent hung up before READY")]
     HungUp,
+    /// The agent sent a line longer than the protocol allows: the channel
+    /// was closed rather than drained.
+    #[error("the agent sent a line over {MAX_LINE} bytes")]
+    LineTooLong,
     /// The app did not accept on its port within the boot deadline.
     #[error("the app did not accept on its port within {0:?} of the boot")]
     NotReady(Duration),
@@ -291,6 +295,9 @@ fn wait_ready(agent: &UnixListener, child: &mut Child) -> Result<UnixStream, Boo
                 _ => {}
             }
         }
+        if lines.overlong() {
+            return Err(BootFailure::LineTooLong);
+        }
     }
 }
 
@@ -314,5 +321,44 @@ mod tests {
             error.to_string(),
             "the first boot failed: the entrypoint ended (EXIT status=3) vmm: warning (console: [    0.1] booting)"
         );
+    }
+
+    /// A booting guest whose agent sends 64 MiB without a newline fails
+    /// the boot as soon as a line is over `MAX_LINE`, and the channel is
+    /// closed before the flood is read.
+    #[test]
+    fn a_booting_agent_that_floods_one_line_fails_the_boot() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut vmm = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let mut agent = UnixStream::connect(&sock).unwrap();
+        let total = 64 << 20;
+        let flood = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < total {
+                match agent.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(_) => break,
+                }
+            }
+            sent
+        });
+        let result = wait_ready(&listener, &mut vmm);
+        let _ = vmm.kill();
+        let _ = vmm.wait();
+        assert!(
+            matches!(result, Err(BootFailure::LineTooLong)),
+            "{:?}",
+            result.map(|_| ())
+        );
+        let sent = flood.join().unwrap();
+        assert!(sent < total, "the whole 64 MiB was read: {sent} bytes");
     }
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use guest_agent::protocol::{AgentMsg, Entropy, HostMsg, LineReader};
+use guest_agent::protocol::{AgentMsg, Entropy, HostMsg, LineReader, MAX_LINE};
 use vmm_api::launch::{Console, Start, VmmArgs};
 use vmm_api::{Client, ClientError, Command, Reply};
 
@@ -203,6 +203,12 @@ fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>) {
                 _ => {}
             }
         }
+        if lines.overlong() {
+            // No agent sends such a line: the guest is not to be listened
+            // to, and draining it would only spend the daemon's time.
+            eprintln!("little: an agent sent a line over {MAX_LINE} bytes: channel closed");
+            return;
+        }
     }
 }
 
@@ -363,7 +369,7 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
 
-    use guest_agent::protocol::{HostMsg, MAX_LINE};
+    use guest_agent::protocol::HostMsg;
 
     use super::*;
 
@@ -411,5 +417,40 @@ mod tests {
         }
         drop(agent);
         channel.join().unwrap();
+    }
+
+    /// Writes up to `total` bytes without a newline until the peer stops
+    /// reading; returns how many it took.
+    fn flood(mut to: UnixStream, total: usize) -> usize {
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            match to.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        sent
+    }
+
+    /// A guest that sends 64 MiB without a newline is cut off: the channel
+    /// closes instead of draining it, long before all of it is written.
+    #[test]
+    fn an_agent_line_over_max_line_closes_the_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = vm::agent_socket(dir.path());
+        let listener = UnixListener::bind(&sock).unwrap();
+        let exited = Arc::new(AtomicBool::new(false));
+        let channel = {
+            let exited = exited.clone();
+            std::thread::spawn(move || agent_channel(listener, exited))
+        };
+        let agent = UnixStream::connect(&sock).unwrap();
+        let total = 64 << 20;
+        let sent = std::thread::spawn(move || flood(agent, total));
+        channel.join().unwrap();
+        let sent = sent.join().unwrap();
+        assert!(sent < total, "the whole 64 MiB was read: {sent} bytes");
+        assert!(!exited.load(Ordering::Acquire));
     }
 }
