@@ -176,7 +176,13 @@ fn a_full_buffer_of_whole_lines_is_not_overlong() {
     lines[MAX_LINE / 2] = b'\n';
     assert_eq!(r.push(&lines), MAX_LINE);
     assert!(!r.overlong());
-    assert_eq!(r.next_line().map(|l| l.map(<[u8]>::len)), Some(Ok(MAX_LINE / 2)));
+    assert_eq!(
+        r.next_line().map(|l| l.map(<[u8]>::len)),
+        Some(Ok(MAX_LINE / 2))
+    );
     assert_eq!(r.next_line(), None);
-    assert!(!r.overlong(), "half a line is pending, with room for the rest");
+    assert!(
+        !r.overlong(),
+        "half a line is pending, with room for the rest"
+    );
 }

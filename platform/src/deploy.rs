@@ -15,7 +15,7 @@ use guest_agent::protocol::{AgentMsg, LineReader, MAX_LINE};
 use guest_agent::status::ExitStatus;
 use image_tools::runconfig::agent_initramfs;
 use image_tools::store::{ImportOptions, Source, Store};
-use vmm_api::launch::{Boot, Console, Start, VmmArgs};
+use vmm_api::launch::{Boot, Start, VmmArgs};
 use vmm_api::{Client, ClientError, Command};
 
 use crate::api::AppSpec;
@@ -199,7 +199,7 @@ fn first_boot(
         }),
         devices: vm::devices(rootfs, boot),
         api_sock: Some(api.clone()),
-        console: Console::File(console.to_owned()),
+        console: vm::console(console.to_owned()),
     };
     let mut child = args
         .command(&settings.vmm)

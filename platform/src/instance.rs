@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_agent::protocol::{AgentMsg, Entropy, HostMsg, LineReader, MAX_LINE};
-use vmm_api::launch::{Console, Start, VmmArgs};
+use vmm_api::launch::{Start, VmmArgs};
 use vmm_api::{Client, ClientError, Command, Reply};
 
 use crate::db::AppRecord;
@@ -81,7 +81,7 @@ impl Standby {
             start: Start::Standby,
             devices: vm::devices(&app.rootfs, &dir),
             api_sock: Some(api.clone()),
-            console: Console::File(app.dir.join("logs").join(format!("{id}.log"))),
+            console: vm::console(app.dir.join("logs").join(format!("{id}.log"))),
         };
         let child = args
             .command(&settings.vmm)
