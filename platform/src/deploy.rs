@@ -5,7 +5,7 @@
 //! host channel means "the app accepts connections": the snapshot taken
 //! right then restores into an instance that serves at once.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -20,6 +20,7 @@ use vmm_api::{Client, ClientError, Command};
 
 use crate::api::AppSpec;
 use crate::db::AppRecord;
+use crate::home;
 use crate::settings::Settings;
 use crate::vm;
 
@@ -114,12 +115,6 @@ pub fn app_agent_config(image_config: &str, env: &[String], port: u16) -> String
     text
 }
 
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(2000);
-    text.get(start..).unwrap_or_default().to_owned()
-}
-
 /// Imports, boots and snapshots `spec` under `<home>/apps/<name>`. The
 /// listen address is filled in by the caller.
 pub fn deploy(settings: &Settings, spec: &AppSpec) -> Result<AppRecord, DeployError> {
@@ -141,11 +136,15 @@ pub fn deploy(settings: &Settings, spec: &AppSpec) -> Result<AppRecord, DeployEr
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
     let boot = dir.join("boot");
-    std::fs::create_dir_all(&boot).map_err(io(&boot))?;
-    std::fs::create_dir_all(dir.join("logs")).map_err(io(&dir))?;
+    home::create_dir_all(&boot).map_err(io(&boot))?;
+    let logs = dir.join("logs");
+    home::create_dir_all(&logs).map_err(io(&logs))?;
+    // The agent config in it carries the app's env values.
     let initrd = dir.join("agent.cpio");
+    let file = home::create_file(&initrd).map_err(io(&initrd))?;
     agent_initramfs(&settings.agent, &config)?
-        .write_file(&initrd)
+        .write(std::io::BufWriter::new(file))
+        .and_then(|mut w| w.flush().map_err(image_tools::initramfs::Error::Write))
         .map_err(|e| DeployError::Initramfs(initrd.display().to_string(), e))?;
     let rootfs = store.rootfs(&image.id);
     let snapshot = dir.join("app.snap");
@@ -222,7 +221,7 @@ fn first_boot(
             return Err(DeployError::Boot {
                 failure,
                 stderr: stderr.trim().to_owned(),
-                console: tail(console),
+                console: crate::logs::tail(console, 2000),
             });
         }
     };
@@ -328,7 +327,6 @@ mod tests {
     /// closed before the flood is read.
     #[test]
     fn a_booting_agent_that_floods_one_line_fails_the_boot() {
-        use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&sock).unwrap();

@@ -74,7 +74,7 @@ impl Standby {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(dir_err)?;
         }
-        std::fs::create_dir_all(&dir).map_err(dir_err)?;
+        crate::home::create_dir_all(&dir).map_err(dir_err)?;
         let agent = UnixListener::bind(vm::agent_socket(&dir)).map_err(dir_err)?;
         let api = vm::api_socket(&dir);
         let args = VmmArgs {
