@@ -66,6 +66,11 @@ pub struct Standby {
 }
 
 impl Standby {
+    /// Its number (and its console log's name).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Starts a standby `vmm` for `app` in `<app dir>/i/<id>` and waits for
     /// its control socket.
     pub fn spawn(settings: &Settings, app: &AppRecord, id: u64) -> Result<Self, InstanceError> {

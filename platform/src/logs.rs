@@ -208,6 +208,32 @@ impl Logs {
     }
 }
 
+/// Removes the console logs (`<id>.log`, `<id>.log.1`) of instances
+/// other than the newest `keep` and those in `live`, so an app that wakes
+/// again and again keeps a bounded number of logs (each capped by its
+/// `vmm`); the first boot's log stays.
+pub fn prune(dir: &Path, keep: usize, live: &[u64]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut ids: Vec<u64> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().into_string().ok()?;
+            let id = file
+                .strip_suffix(".log")
+                .or_else(|| file.strip_suffix(".log.1"))?;
+            id.parse().ok()
+        })
+        .collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids.dedup();
+    for id in ids.into_iter().skip(keep).filter(|id| !live.contains(id)) {
+        let _ = std::fs::remove_file(dir.join(format!("{id}.log")));
+        let _ = std::fs::remove_file(dir.join(format!("{id}.log.1")));
+    }
+}
+
 fn open(path: &Path) -> Option<(File, Identity)> {
     let file = File::open(path).ok()?;
     let id = identity(&file.metadata().ok()?);

@@ -152,3 +152,29 @@ fn tail_reads_only_the_end() {
     assert_eq!(tail(&path, 100), "0123456789");
     assert_eq!(tail(&dir.path().join("none"), 4), "");
 }
+
+/// Only the newest instance logs and the live ones are kept; the first
+/// boot's log always is.
+#[test]
+fn prune_keeps_the_newest_and_the_live_instance_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "boot.log", "b");
+    for id in [1, 2, 3, 10, 11, 12] {
+        write(d, &format!("{id}.log"), "x");
+        write(d, &format!("{id}.log.1"), "x");
+    }
+    prune(d, 3, &[2]);
+    let mut left: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "10.log", "10.log.1", "11.log", "11.log.1", "12.log", "12.log.1", "2.log", "2.log.1",
+            "boot.log"
+        ]
+    );
+}
