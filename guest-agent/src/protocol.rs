@@ -18,7 +18,9 @@
 //! A nonce is 1 to [`MAX_NONCE`] printable ASCII bytes without spaces. The
 //! entropy is 2 to `2 * MAX_ENTROPY` lowercase or uppercase hex digits (an
 //! even count). Unknown or malformed lines are ignored by the agent (and
-//! should be by the host), so either side may add messages later.
+//! should be by the host), so either side may add messages later. A line
+//! over [`MAX_LINE`] is dropped by the agent; the host closes the channel
+//! ([`LineReader::overlong`]).
 //!
 //! With the VMM's hybrid vsock backend (`vmm --vsock uds=PATH`) the host end
 //! is a Unix socket listening at `PATH_1024`.
