@@ -48,12 +48,18 @@ pub struct ConsoleLog {
 impl ConsoleLog {
     /// Starts a fresh log at `path` (created or truncated, mode 0600) and
     /// removes an older `PATH.1`, which belongs to a console before this
-    /// one. `max_bytes` 0 means no cap.
+    /// one (if it cannot be removed, the VM still starts: the first
+    /// rotation replaces it). `max_bytes` 0 means no cap.
     pub fn create(path: &Path, max_bytes: u64) -> io::Result<Self> {
         let file = create_private(path)?;
         let rotated = rotated_path(path);
         match std::fs::remove_file(&rotated) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(
+                    "cannot remove the old console log {}: {e}",
+                    rotated.display()
+                );
+            }
             _ => {}
         }
         Ok(Self {
