@@ -169,6 +169,22 @@ mod tests {
         assert_eq!(mode(&rotated), 0o600);
     }
 
+    /// When `PATH.1` cannot be replaced (here a non-empty folder sits
+    /// there), the file starts over instead: the cap still holds and the
+    /// newest output is kept.
+    #[test]
+    fn a_failed_rotation_starts_the_file_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("1.log");
+        let rotated = rotated_path(&path);
+        std::fs::create_dir(&rotated).expect("mkdir");
+        std::fs::write(rotated.join("x"), "").expect("write");
+        let mut log = ConsoleLog::create(&path, 10).expect("a stale PATH.1 does not stop the VM");
+        log.write_all(b"0123456789abcdefghij-tail").expect("write");
+        assert_eq!(std::fs::read(&path).expect("PATH"), b"-tail");
+        assert!(rotated.join("x").exists());
+    }
+
     #[test]
     fn no_cap_keeps_everything_in_one_file() {
         let dir = tempfile::tempdir().expect("tempdir");
