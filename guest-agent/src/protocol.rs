@@ -18,7 +18,9 @@
 //! A nonce is 1 to [`MAX_NONCE`] printable ASCII bytes without spaces. The
 //! entropy is 2 to `2 * MAX_ENTROPY` lowercase or uppercase hex digits (an
 //! even count). Unknown or malformed lines are ignored by the agent (and
-//! should be by the host), so either side may add messages later.
+//! should be by the host), so either side may add messages later. A line
+//! over [`MAX_LINE`] is dropped by the agent; the host closes the channel
+//! ([`LineReader::overlong`]).
 //!
 //! With the VMM's hybrid vsock backend (`vmm --vsock uds=PATH`) the host end
 //! is a Unix socket listening at `PATH_1024`.
@@ -336,6 +338,16 @@ impl LineReader {
         spare[..n].copy_from_slice(&bytes[..n]);
         self.filled(n);
         n
+    }
+
+    /// Whether the stream is inside a line longer than [`MAX_LINE`]:
+    /// [`MAX_LINE`] bytes came without a newline. Asked once
+    /// [`next_line`](Self::next_line) has returned `None`, it tells a
+    /// reader that will not drain a misbehaving peer (the host) to close
+    /// the connection; the reader's memory is the same either way.
+    pub fn overlong(&self) -> bool {
+        let full = self.start == 0 && self.len == MAX_LINE;
+        self.skipping || (full && !self.buf.contains(&b'\n'))
     }
 
     /// The next complete line, without its newline.

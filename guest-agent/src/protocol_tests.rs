@@ -133,3 +133,56 @@ fn line_reader_drops_overlong_lines_once() {
     assert_eq!(r.next_line(), Some(Ok(&b"PING 3"[..])));
     assert_eq!(errors, 1);
 }
+
+/// A peer that sends 64 MiB without a newline: the reader's buffer is the
+/// same fixed array throughout, it says `overlong` from the `MAX_LINE`th
+/// byte on (when the host cuts the peer off), never yields a line, and
+/// reports the line once when it finally ends.
+#[test]
+fn line_reader_stays_bounded_under_64_mib_without_a_newline() {
+    assert!(core::mem::size_of::<LineReader>() < 2 * MAX_LINE);
+    let mut r = LineReader::new();
+    let chunk = vec![b'x'; 64 * 1024];
+    assert_eq!(r.push(&chunk[..MAX_LINE - 1]), MAX_LINE - 1);
+    assert!(!r.overlong(), "a line may still end within MAX_LINE");
+    let mut fed = MAX_LINE - 1;
+    while fed < 64 << 20 {
+        let mut rest = &chunk[..];
+        while !rest.is_empty() {
+            let n = r.push(rest);
+            assert!(n > 0, "the reader always takes bytes");
+            rest = &rest[n..];
+            fed += n;
+            assert_eq!(r.next_line(), None, "after {fed} bytes");
+            assert_eq!(r.overlong(), fed >= MAX_LINE, "after {fed} bytes");
+        }
+    }
+    let n = r.push(b"\nREADY\n");
+    assert_eq!(r.next_line(), Some(Err(ProtocolError::TooLong)));
+    assert!(!r.overlong());
+    if n < 7 {
+        assert_eq!(r.next_line(), None);
+        r.push(&b"\nREADY\n"[n..]);
+    }
+    assert_eq!(r.next_line(), Some(Ok(&b"READY"[..])));
+    assert_eq!(r.next_line(), None);
+    assert!(!r.overlong());
+}
+
+#[test]
+fn a_full_buffer_of_whole_lines_is_not_overlong() {
+    let mut r = LineReader::new();
+    let mut lines = vec![b'a'; MAX_LINE];
+    lines[MAX_LINE / 2] = b'\n';
+    assert_eq!(r.push(&lines), MAX_LINE);
+    assert!(!r.overlong());
+    assert_eq!(
+        r.next_line().map(|l| l.map(<[u8]>::len)),
+        Some(Ok(MAX_LINE / 2))
+    );
+    assert_eq!(r.next_line(), None);
+    assert!(
+        !r.overlong(),
+        "half a line is pending, with room for the rest"
+    );
+}

@@ -1,16 +1,20 @@
-//! The daemon's API: one JSON request line, one JSON response line, on the
-//! Unix socket `<home>/little.sock`.
+//! The daemon's API: one JSON request line (at most [`MAX_REQUEST`]
+//! bytes), one JSON response line, on the Unix socket
+//! `<home>/little.sock` (mode 0600; the daemon answers only its own uid
+//! and root).
 //!
 //! | request | response `data` |
 //! |---|---|
-//! | `{"op":"deploy", "name":…, "image":…, "port":…, "allow_host":["127.0.0.1:5432"], …}` ([`AppSpec`]) | the [`AppStatus`] of the deployed app |
-//! | `{"op":"ps"}` | a list of [`AppStatus`] |
-//! | `{"op":"logs", "app":…}` | the app's console output as a string |
+//! | `{"op":"deploy", "name":…, "image":…, "port":…, "allow_host":["127.0.0.1:5432"], …}` ([`AppSpec`]) | the [`AppStatus`] of the deployed app (env values masked) |
+//! | `{"op":"ps", "show_env":false}` | a list of [`AppStatus`]; env values masked unless `show_env` |
+//! | `{"op":"logs", "app":…, "follow":false}` | `null`, then the console output as raw bytes until the daemon closes (with `follow`, until the client does) |
 //! | `{"op":"rm", "app":…}` | `null` |
 //!
 //! Every response is `{"ok":true,"data":…}` or `{"ok":false,"error":"…"}`.
+//! An over-long or malformed request gets an error and the connection is
+//! closed.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -32,6 +36,72 @@ pub enum ApiError {
     /// The daemon answered with an error.
     #[error("{0}")]
     Daemon(String),
+    /// What the daemon sent could not be written out (a closed stdout).
+    #[error("cannot write the output")]
+    Output(#[source] std::io::Error),
+}
+
+/// The longest request line the daemon reads, newline included.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// Why the daemon did not get a request.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The client closed before sending anything.
+    #[error("the client sent no request")]
+    Empty,
+    /// The line is longer than [`MAX_REQUEST`].
+    #[error("request longer than {MAX_REQUEST} bytes")]
+    TooLong,
+    /// Reading failed (or timed out).
+    #[error("cannot read the request")]
+    Io(#[from] std::io::Error),
+    /// The line is not a request.
+    #[error("malformed request")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Reads one request line from a client, holding at most
+/// [`MAX_REQUEST`] bytes of it: a longer one is refused without reading
+/// the rest.
+///
+/// ```
+/// use platform::api::{read_request, Request, RequestError, MAX_REQUEST};
+///
+/// let mut ok = &b"{\"op\":\"rm\",\"app\":\"web\"}\n"[..];
+/// assert!(matches!(read_request(&mut ok), Ok(Request::Rm { .. })));
+/// let long = vec![b' '; MAX_REQUEST + 1];
+/// assert!(matches!(read_request(&mut &long[..]), Err(RequestError::TooLong)));
+/// ```
+pub fn read_request(reader: &mut impl BufRead) -> Result<Request, RequestError> {
+    let mut line = Vec::new();
+    let limit = u64::try_from(MAX_REQUEST + 1).unwrap_or(u64::MAX);
+    reader.take(limit).read_until(b'\n', &mut line)?;
+    if line.len() > MAX_REQUEST {
+        return Err(RequestError::TooLong);
+    }
+    if line.is_empty() {
+        return Err(RequestError::Empty);
+    }
+    Ok(serde_json::from_slice(&line)?)
+}
+
+/// What env values are shown as: `KEY=***`.
+pub const MASK: &str = "***";
+
+/// `KEY=VALUE` entries with their values replaced by [`MASK`].
+///
+/// ```
+/// let env = vec!["TOKEN=s3cret".to_owned(), "A=b=c".to_owned()];
+/// assert_eq!(platform::api::mask_env(&env), ["TOKEN=***", "A=***"]);
+/// ```
+pub fn mask_env(env: &[String]) -> Vec<String> {
+    env.iter()
+        .map(|e| {
+            let key = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
+            format!("{key}={MASK}")
+        })
+        .collect()
 }
 
 /// What to deploy and how to scale it.
@@ -170,11 +240,19 @@ pub enum Request {
     /// Import, boot, snapshot and serve an app (replacing one of that name).
     Deploy(AppSpec),
     /// Every app and its instances.
-    Ps,
-    /// An app's console output.
+    Ps {
+        /// Show env values (masked otherwise).
+        #[serde(default)]
+        show_env: bool,
+    },
+    /// An app's console output, streamed after the response line.
     Logs {
         /// The app.
         app: String,
+        /// Keep streaming what the app's VMs write, until the client
+        /// closes.
+        #[serde(default)]
+        follow: bool,
     },
     /// Stop and forget an app.
     Rm {
@@ -254,19 +332,29 @@ pub struct AppStatus {
     pub user: Option<u32>,
 }
 
-/// Sends `request` to the daemon at `sock` and waits for its answer (a
-/// deploy boots a guest: no timeout).
-pub fn call(sock: &Path, request: &Request) -> Result<serde_json::Value, ApiError> {
+/// Sends `request` and reads the response line; the reader is left
+/// where the response ends.
+fn send(
+    sock: &Path,
+    request: &Request,
+) -> Result<(serde_json::Value, BufReader<UnixStream>), ApiError> {
     let mut stream =
         UnixStream::connect(sock).map_err(|e| ApiError::Connect(sock.display().to_string(), e))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    let sent = stream.write_all(line.as_bytes());
+    let mut reader = BufReader::new(stream);
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply)?;
+    let got = reader.read_line(&mut reply);
+    // A daemon that refuses the peer answers before reading: its line
+    // explains a failed send.
+    if reply.is_empty() {
+        sent?;
+        got?;
+    }
     let response: Response = serde_json::from_str(&reply)?;
     if response.ok {
-        Ok(response.data)
+        Ok((response.data, reader))
     } else {
         Err(ApiError::Daemon(
             response.error.unwrap_or_else(|| "unknown error".into()),
@@ -274,9 +362,40 @@ pub fn call(sock: &Path, request: &Request) -> Result<serde_json::Value, ApiErro
     }
 }
 
-/// Every app and its instances (`little ps`).
+/// Sends `request` to the daemon at `sock` and waits for its answer (a
+/// deploy boots a guest: no timeout).
+pub fn call(sock: &Path, request: &Request) -> Result<serde_json::Value, ApiError> {
+    send(sock, request).map(|(data, _)| data)
+}
+
+/// Every app and its instances (`little ps`), env values masked.
 pub fn ps(sock: &Path) -> Result<Vec<AppStatus>, ApiError> {
-    Ok(serde_json::from_value(call(sock, &Request::Ps)?)?)
+    let request = Request::Ps { show_env: false };
+    Ok(serde_json::from_value(call(sock, &request)?)?)
+}
+
+/// Copies `app`'s console output to `out` as the daemon streams it, a
+/// chunk at a time (`little logs`); with `follow`, until the daemon
+/// closes (the app is removed) or `out` fails.
+pub fn logs(sock: &Path, app: &str, follow: bool, out: &mut impl Write) -> Result<(), ApiError> {
+    let request = Request::Logs {
+        app: app.to_owned(),
+        follow,
+    };
+    let (_, mut reader) = send(sock, &request)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return out.flush().map_err(ApiError::Output),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        out.write_all(&buf[..n]).map_err(ApiError::Output)?;
+        if follow {
+            out.flush().map_err(ApiError::Output)?;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,10 +404,16 @@ mod tests {
 
     #[test]
     fn requests_are_tagged_json_lines() {
-        let text = serde_json::to_string(&Request::Logs { app: "web".into() }).unwrap();
-        assert_eq!(text, r#"{"op":"logs","app":"web"}"#);
+        let logs = Request::Logs {
+            app: "web".into(),
+            follow: true,
+        };
+        let text = serde_json::to_string(&logs).unwrap();
+        assert_eq!(text, r#"{"op":"logs","app":"web","follow":true}"#);
         let back: Request = serde_json::from_str(r#"{"op":"ps"}"#).unwrap();
-        assert!(matches!(back, Request::Ps));
+        assert!(matches!(back, Request::Ps { show_env: false }));
+        let back: Request = serde_json::from_str(r#"{"op":"logs","app":"web"}"#).unwrap();
+        assert!(matches!(back, Request::Logs { follow: false, .. }));
         assert!(serde_json::from_str::<Request>(r#"{"op":"nope"}"#).is_err());
     }
 
@@ -338,5 +463,56 @@ mod tests {
             let err = serde_json::from_value::<Request>(json.clone()).expect_err(bad);
             assert!(err.to_string().contains(bad), "{err}");
         }
+    }
+
+    /// A reader that counts what was taken from it.
+    struct Endless {
+        taken: usize,
+    }
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            buf.fill(b'x');
+            self.taken += buf.len();
+            Ok(buf.len())
+        }
+    }
+
+    /// A client that sends without end and no newline is refused after
+    /// `MAX_REQUEST` bytes: the daemon reads no more than that (plus one
+    /// buffer) and holds no more than that.
+    #[test]
+    fn an_endless_request_is_refused_after_max_request_bytes() {
+        let mut endless = Endless { taken: 0 };
+        let mut reader = BufReader::new(&mut endless);
+        let e = read_request(&mut reader).unwrap_err();
+        assert!(matches!(e, RequestError::TooLong), "{e}");
+        assert_eq!(e.to_string(), "request longer than 1048576 bytes");
+        drop(reader);
+        assert!(
+            endless.taken <= MAX_REQUEST + 64 * 1024,
+            "{}",
+            endless.taken
+        );
+    }
+
+    #[test]
+    fn a_request_of_max_request_bytes_is_read_and_one_more_is_not() {
+        let fits = |len: usize| {
+            let body = r#"{"op":"ps"}"#;
+            let line = format!("{body}{}\n", " ".repeat(len - body.len() - 1));
+            assert_eq!(line.len(), len);
+            read_request(&mut line.as_bytes())
+        };
+        assert!(matches!(fits(MAX_REQUEST), Ok(Request::Ps { .. })));
+        assert!(matches!(fits(MAX_REQUEST + 1), Err(RequestError::TooLong)));
+        assert!(matches!(
+            read_request(&mut &b""[..]),
+            Err(RequestError::Empty)
+        ));
+        assert!(matches!(
+            read_request(&mut &b"{\"op\":\"ps\""[..]),
+            Err(RequestError::Json(_))
+        ));
     }
 }

@@ -29,6 +29,10 @@ pub const TICK: Duration = Duration::from_millis(20);
 /// host those can take tens of seconds; dropping it sooner would lose a
 /// request that was only slow.
 const QUEUE_LIMIT: Duration = Duration::from_secs(300);
+/// Console logs kept per app besides the running VMs' and the first
+/// boot's: each is capped by its `vmm`, and this bounds how many an app
+/// that wakes again and again leaves behind.
+pub const KEEP_INSTANCE_LOGS: usize = 32;
 
 #[derive(Default)]
 struct State {
@@ -197,6 +201,18 @@ impl App {
 
     fn spawn_standby(&self) -> Result<Standby, InstanceError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let live: Vec<u64> = {
+            let st = lock(&self.state);
+            let instances = st.instances.iter().map(|i| i.id);
+            instances
+                .chain(st.standby.iter().map(Standby::id))
+                .collect()
+        };
+        crate::logs::prune(
+            &crate::deploy::logs_dir(&self.record),
+            KEEP_INSTANCE_LOGS,
+            &live,
+        );
         Standby::spawn(&self.settings, &self.record, id)
     }
 

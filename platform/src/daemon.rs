@@ -1,26 +1,39 @@
-//! `little serve`: the daemon. Loads the apps from the state database,
-//! serves them, answers the CLI on `<home>/little.sock`, runs the monitor
+//! `little serve`: the daemon. Claims its home (one daemon per home),
+//! loads the apps from the state database, serves them, answers the CLI
+//! on `<home>/little.sock` (its own uid and root only), runs the monitor
 //! and the `/metrics` endpoint.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::api::{AppSpec, Request, Response};
+use crate::api::{self, AppSpec, Request, RequestError, Response};
 use crate::app::{App, TICK};
 use crate::cgroup::{self, Cgroups};
 use crate::db::Db;
+use crate::home::{self, HomeLock};
+use crate::logs::Logs;
 use crate::metrics::{render, Sample};
+use crate::peer;
 use crate::settings::Settings;
 use crate::sync::lock;
+
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `logs --follow` looks for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
 /// Errors starting the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// The home is another daemon's, or could not be claimed.
+    #[error(transparent)]
+    Home(#[from] home::HomeError),
     /// The state folder or socket could not be set up.
     #[error("cannot set up {0}")]
     Io(String, #[source] std::io::Error),
@@ -39,11 +52,20 @@ pub struct Daemon {
     apps: Mutex<BTreeMap<String, Arc<App>>>,
     deploying: Mutex<()>,
     next_id: Arc<AtomicU64>,
+    /// This daemon's claim on its home, held for its life.
+    _home: HomeLock,
+    /// The uid the API answers (besides root).
+    uid: u32,
 }
 
 impl Daemon {
-    /// Opens the state, starts serving every stored app.
+    /// Claims the home, opens the state, starts serving every stored app.
+    ///
+    /// The claim comes first: a second daemon on a home stops here, before
+    /// it kills the first one's VMMs or touches its files.
     pub fn open(settings: Settings) -> Result<Arc<Self>, DaemonError> {
+        let claim = HomeLock::claim(&settings.home)?;
+        home::private_umask();
         for (path, what) in [
             (&settings.kernel, "the guest kernel: guest-kernel/build.sh"),
             (&settings.vmm, "cargo build --release -p vmm"),
@@ -53,16 +75,16 @@ impl Daemon {
                 return Err(DaemonError::Missing(path.display().to_string(), what));
             }
         }
-        let home = &settings.home.clone();
-        std::fs::create_dir_all(home.join("apps"))
-            .map_err(|e| DaemonError::Io(home.display().to_string(), e))?;
+        let apps = settings.home.join("apps");
+        home::create_dir_all(&apps).map_err(|e| DaemonError::Io(apps.display().to_string(), e))?;
         let mut settings = settings;
         crate::process::become_subreaper()
             .map_err(|e| DaemonError::Io("PR_SET_CHILD_SUBREAPER".into(), e))?;
         if settings.jail {
-            match Cgroups::open(&cgroup::tree_name(home)) {
+            match Cgroups::open(&cgroup::tree_name(&settings.home)) {
                 Ok(tree) => {
-                    // Instances a killed daemon on this home left behind.
+                    // Instances a killed daemon on this home left behind
+                    // (found by their cgroup, never by their command line).
                     let killed = tree.kill_all();
                     if killed > 0 {
                         eprintln!("little: stopped {killed} vmm processes a previous daemon left");
@@ -75,13 +97,15 @@ impl Daemon {
                 ),
             }
         }
-        let db = Db::open(&home.join("state.redb"))?;
+        let db = Db::open(&settings.home.join("state.redb"))?;
         let daemon = Arc::new(Self {
             settings: Arc::new(settings),
             db,
             apps: Mutex::new(BTreeMap::new()),
             deploying: Mutex::new(()),
             next_id: Arc::new(AtomicU64::new(1)),
+            _home: claim,
+            uid: peer::my_uid(),
         });
         // Before any other thread starts, so that every thread inherits
         // the blocked mask and only the waiter receives these signals.
@@ -104,10 +128,13 @@ impl Daemon {
     pub fn serve(self: &Arc<Self>, metrics: Option<SocketAddr>) -> Result<(), DaemonError> {
         let sock = self.settings.socket();
         let sock_err = |e| DaemonError::Io(sock.display().to_string(), e);
+        // A socket left by a daemon that died: this one holds the home.
         if sock.exists() {
             std::fs::remove_file(&sock).map_err(sock_err)?;
         }
         let listener = UnixListener::bind(&sock).map_err(sock_err)?;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(home::FILE_MODE))
+            .map_err(sock_err)?;
         if let Some(addr) = metrics {
             let metrics_listener =
                 TcpListener::bind(addr).map_err(|e| DaemonError::Io(addr.to_string(), e))?;
@@ -164,42 +191,67 @@ impl Daemon {
         });
     }
 
+    /// Answers one connection: checks who it is, reads one request
+    /// (bounded in size and time), answers it.
     fn client(&self, stream: UnixStream) {
-        let Ok(mut writer) = stream.try_clone() else {
-            return;
+        let peer = match peer::peer_cred(&stream) {
+            Ok(peer) => peer,
+            Err(e) => {
+                eprintln!("little: refused an API connection: no peer credentials: {e}");
+                return;
+            }
         };
-        let mut line = String::new();
-        if BufReader::new(Read::take(stream, 1 << 20))
-            .read_line(&mut line)
-            .is_err()
-        {
+        if !peer::may_use(peer.uid, self.uid) {
+            eprintln!(
+                "little: refused an API connection from uid {} (pid {})",
+                peer.uid, peer.pid
+            );
+            let refusal = format!(
+                "permission denied: this daemon answers uid {} and root, not uid {}",
+                self.uid, peer.uid
+            );
+            reply(&stream, &Response::error(refusal));
             return;
         }
-        let response = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => self.handle(request),
-            Err(e) => Response::error(format!("malformed request: {e}")),
+        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+        let request = match api::read_request(&mut BufReader::new(&stream)) {
+            Ok(request) => request,
+            Err(RequestError::Empty) => return,
+            Err(e) => {
+                reply(&stream, &Response::error(error_chain(&e)));
+                return;
+            }
         };
-        if let Ok(mut text) = serde_json::to_string(&response) {
-            text.push('\n');
-            let _ = writer.write_all(text.as_bytes());
+        let _ = stream.set_read_timeout(None);
+        match request {
+            Request::Logs { app, follow } => self.logs(&stream, &app, follow),
+            request => {
+                reply(&stream, &self.handle(request));
+            }
         }
     }
 
-    /// Runs one API request.
-    pub fn handle(&self, request: Request) -> Response {
+    /// Runs one API request that has a one-line answer.
+    fn handle(&self, request: Request) -> Response {
         match request {
             Request::Deploy(spec) => match self.deploy(spec) {
                 Ok(status) => Response::ok(status),
                 Err(e) => Response::error(e),
             },
-            Request::Ps => {
-                let apps: Vec<_> = lock(&self.apps).values().map(|a| a.status()).collect();
+            Request::Ps { show_env } => {
+                let apps: Vec<_> = lock(&self.apps)
+                    .values()
+                    .map(|a| {
+                        let mut status = a.status();
+                        if !show_env {
+                            status.spec.env = api::mask_env(&status.spec.env);
+                        }
+                        status
+                    })
+                    .collect();
                 Response::ok(serde_json::to_value(apps).unwrap_or_default())
             }
-            Request::Logs { app } => match lock(&self.apps).get(&app) {
-                Some(a) => Response::ok(serde_json::Value::String(logs(a))),
-                None => Response::error(format!("no app named {app:?}")),
-            },
+            Request::Logs { .. } => Response::error("logs are streamed on their own connection"),
             Request::Rm { app } => {
                 let removed = lock(&self.apps).remove(&app);
                 match removed {
@@ -213,6 +265,39 @@ impl Daemon {
                     }
                     None => Response::error(format!("no app named {app:?}")),
                 }
+            }
+        }
+    }
+
+    /// Streams `app`'s console output after an `ok` line; with `follow`,
+    /// keeps streaming until the client hangs up or the app is removed
+    /// (a redeploy, which takes the app out of service while it boots,
+    /// is followed through).
+    fn logs(&self, stream: &UnixStream, app: &str, follow: bool) {
+        let Some(dir) = lock(&self.apps)
+            .get(app)
+            .map(|a| crate::deploy::logs_dir(&a.record))
+        else {
+            reply(stream, &Response::error(format!("no app named {app:?}")));
+            return;
+        };
+        if !reply(stream, &Response::ok(serde_json::Value::Null)) {
+            return;
+        }
+        let mut out = stream;
+        let mut logs = Logs::new(dir);
+        loop {
+            if logs.poll(&mut out).is_err() {
+                return;
+            }
+            let kept = lock(&self.apps).contains_key(app) || self.db.contains(app).unwrap_or(false);
+            if !follow || !kept {
+                let _ = logs.finish(&mut out);
+                return;
+            }
+            std::thread::sleep(FOLLOW_POLL);
+            if peer::hung_up(stream) {
+                return;
             }
         }
     }
@@ -238,7 +323,8 @@ impl Daemon {
         let mut stored = app.record.clone();
         stored.listen = app.listen.to_string();
         self.db.put(&stored).map_err(|e| error_chain(&e))?;
-        let status = app.status();
+        let mut status = app.status();
+        status.spec.env = api::mask_env(&status.spec.env);
         lock(&self.apps).insert(spec.name, app);
         serde_json::to_value(status).map_err(|e| e.to_string())
     }
@@ -273,31 +359,17 @@ impl Daemon {
     }
 }
 
-/// The app's console output: the first boot, then each instance's
-/// (`<app>/logs/<boot|id>/console.log`).
-fn logs(app: &App) -> String {
-    let dir = crate::deploy::logs_dir(&app.record);
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort_by_key(|n| (n != "boot", n.parse::<u64>().unwrap_or(0)));
-    let mut out = String::new();
-    for name in names {
-        let text =
-            std::fs::read_to_string(dir.join(&name).join(crate::jail::CONSOLE)).unwrap_or_default();
-        if text.is_empty() {
-            continue;
-        }
-        out.push_str(&format!("==> {name} <==\n{text}"));
-        if !text.ends_with('\n') {
-            out.push('\n');
-        }
-    }
-    out
+/// Writes `response` as one line; false when the client is gone.
+fn reply(mut stream: &UnixStream, response: &Response) -> bool {
+    let Ok(mut text) = serde_json::to_string(response) else {
+        return false;
+    };
+    text.push('\n');
+    stream.write_all(text.as_bytes()).is_ok()
 }
 
 pub use vmm_api::error_chain;
+
+#[cfg(test)]
+#[path = "daemon_tests.rs"]
+mod tests;

@@ -17,6 +17,9 @@ pub enum DbError {
     /// redb failed.
     #[error("state database error")]
     Redb(#[source] Box<redb::Error>),
+    /// The database file could not be created owner-only.
+    #[error("cannot make {0} owner-only")]
+    Mode(String, #[source] std::io::Error),
     /// A record could not be encoded or decoded.
     #[error("state record {0:?} is malformed")]
     Record(String, #[source] serde_json::Error),
@@ -53,8 +56,11 @@ pub struct Db {
 }
 
 impl Db {
-    /// Opens (or creates) the database file.
+    /// Opens (or creates) the database file, owner-only: records carry
+    /// the apps' environment.
     pub fn open(path: &Path) -> Result<Self, DbError> {
+        crate::home::private_file(path)
+            .map_err(|e| DbError::Mode(path.display().to_string(), e))?;
         let db = Database::create(path).map_err(redb_err)?;
         let tx = db.begin_write().map_err(redb_err)?;
         tx.open_table(APPS).map_err(redb_err)?;
@@ -86,6 +92,13 @@ impl Db {
         };
         tx.commit().map_err(redb_err)?;
         Ok(removed)
+    }
+
+    /// Whether an app of that name is stored.
+    pub fn contains(&self, name: &str) -> Result<bool, DbError> {
+        let tx = self.db.begin_read().map_err(redb_err)?;
+        let table = tx.open_table(APPS).map_err(redb_err)?;
+        Ok(table.get(name).map_err(redb_err)?.is_some())
     }
 
     /// Every app, by name.
@@ -139,8 +152,10 @@ mod tests {
             let db = Db::open(&path).unwrap();
             db.put(&record("a")).unwrap();
             db.put(&record("b")).unwrap();
+            assert!(db.contains("a").unwrap());
             assert!(db.remove("a").unwrap());
             assert!(!db.remove("a").unwrap());
+            assert!(!db.contains("a").unwrap());
         }
         let db = Db::open(&path).unwrap();
         assert_eq!(db.list().unwrap(), vec![record("b")]);
@@ -153,5 +168,18 @@ mod tests {
         let old: AppRecord = serde_json::from_value(json).unwrap();
         assert!(old.spec.allow_host.is_empty());
         assert_eq!(old.spec.name, "old");
+    }
+
+    #[test]
+    fn the_database_file_is_owner_only_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: umask(2) only sets this process's file mode mask; 022 is
+        // the usual default, so other tests running now are unaffected.
+        unsafe { libc::umask(0o022) };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        Db::open(&path).unwrap().put(&record("a")).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

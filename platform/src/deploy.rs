@@ -5,20 +5,21 @@
 //! host channel means "the app accepts connections": the snapshot taken
 //! right then restores into an instance that serves at once.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use guest_agent::protocol::{AgentMsg, LineReader};
+use guest_agent::protocol::{AgentMsg, LineReader, MAX_LINE};
 use guest_agent::status::ExitStatus;
 use image_tools::runconfig::agent_initramfs;
 use image_tools::store::{ImportOptions, Source, Store};
-use vmm_api::launch::{Boot, Console, Start, VmmArgs};
+use vmm_api::launch::{Boot, Start, VmmArgs};
 use vmm_api::{Client, ClientError, Command};
 
 use crate::api::AppSpec;
 use crate::db::AppRecord;
+use crate::home;
 use crate::jail::{self, JailPlan};
 use crate::process::{ProcessError, VmmProcess};
 use crate::settings::Settings;
@@ -86,6 +87,10 @@ pub enum BootFailure {
     /// The agent's channel closed before `READY`.
     #[error("the agent hung up before READY")]
     HungUp,
+    /// The agent sent a line longer than the protocol allows: the channel
+    /// was closed rather than drained.
+    #[error("the agent sent a line over {MAX_LINE} bytes")]
+    LineTooLong,
     /// The app did not accept on its port within the boot deadline.
     #[error("the app did not accept on its port within {0:?} of the boot")]
     NotReady(Duration),
@@ -117,12 +122,6 @@ pub fn app_agent_config(image_config: &str, env: &[String], port: u16) -> String
     text
 }
 
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(2000);
-    text.get(start..).unwrap_or_default().to_owned()
-}
-
 /// Imports, boots and snapshots `spec` under `<home>/apps/<name>`. The
 /// listen address is filled in by the caller.
 ///
@@ -150,11 +149,14 @@ pub fn deploy(settings: &Settings, spec: &AppSpec, uid: u32) -> Result<AppRecord
     }
     let boot = dir.join("boot");
     let logs = dir.join("logs").join("boot");
-    std::fs::create_dir_all(&boot).map_err(io(&boot))?;
-    std::fs::create_dir_all(&logs).map_err(io(&logs))?;
+    home::create_dir_all(&boot).map_err(io(&boot))?;
+    home::create_dir_all(&logs).map_err(io(&logs))?;
+    // The agent config in it carries the app's env values.
     let initrd = dir.join("agent.cpio");
+    let file = home::create_file(&initrd).map_err(io(&initrd))?;
     agent_initramfs(&settings.agent, &config)?
-        .write_file(&initrd)
+        .write(std::io::BufWriter::new(file))
+        .and_then(|mut w| w.flush().map_err(image_tools::initramfs::Error::Write))
         .map_err(|e| DeployError::Initramfs(initrd.display().to_string(), e))?;
     let record = AppRecord {
         spec: spec.clone(),
@@ -170,6 +172,11 @@ pub fn deploy(settings: &Settings, spec: &AppSpec, uid: u32) -> Result<AppRecord
     };
     let user = jail::user_of(&record);
     jail::give(&initrd, user, 0o600)?;
+    if user.is_some() {
+        // The shared base image is read by every app's user, through its
+        // jail only: the home above it is the daemon's alone (0700).
+        jail::give(&record.rootfs, None, 0o644)?;
+    }
     first_boot(settings, &record, &boot, &initrd, &logs)?;
     jail::give(&record.snapshot, user, 0o600)?;
     let _ = std::fs::remove_dir_all(&boot);
@@ -209,7 +216,7 @@ fn first_boot(
         devices: vm::devices(&app.rootfs, boot),
         net_policy: vm::net_policy(&app.spec),
         api_sock: Some(api.clone()),
-        console: Console::File(console.clone()),
+        console: vm::console(console.clone()),
         jail: None,
     };
     // Where the VMM writes the snapshot, as it names it.
@@ -240,7 +247,7 @@ fn first_boot(
             }),
             devices: vm::devices(Path::new(jail::ROOTFS), root),
             api_sock: Some(vm::api_socket(root)),
-            console: Console::File(jail::console()),
+            console: vm::console(jail::console()),
             jail: Some(jail),
             ..args
         };
@@ -261,7 +268,7 @@ fn first_boot(
             return Err(DeployError::Boot {
                 failure,
                 stderr: stderr.trim().to_owned(),
-                console: tail(&console),
+                console: crate::logs::tail(&console, 2000),
             });
         }
     };
@@ -336,6 +343,9 @@ fn wait_ready(agent: &UnixListener, child: &mut VmmProcess) -> Result<UnixStream
                 _ => {}
             }
         }
+        if lines.overlong() {
+            return Err(BootFailure::LineTooLong);
+        }
     }
 }
 
@@ -359,5 +369,43 @@ mod tests {
             error.to_string(),
             "the first boot failed: the entrypoint ended (EXIT status=3) vmm: warning (console: [    0.1] booting)"
         );
+    }
+
+    /// A booting guest whose agent sends 64 MiB without a newline fails
+    /// the boot as soon as a line is over `MAX_LINE`, and the channel is
+    /// closed before the flood is read.
+    #[test]
+    fn a_booting_agent_that_floods_one_line_fails_the_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let mut vmm = VmmProcess::from_child(&child);
+        let mut agent = UnixStream::connect(&sock).unwrap();
+        let total = 64 << 20;
+        let flood = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0;
+            while sent < total {
+                match agent.write(&chunk) {
+                    Ok(n) => sent += n,
+                    Err(_) => break,
+                }
+            }
+            sent
+        });
+        let result = wait_ready(&listener, &mut vmm);
+        vmm.kill_and_wait();
+        assert!(
+            matches!(result, Err(BootFailure::LineTooLong)),
+            "{:?}",
+            result.map(|_| ())
+        );
+        let sent = flood.join().unwrap();
+        assert!(sent < total, "the whole 64 MiB was read: {sent} bytes");
     }
 }

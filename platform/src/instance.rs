@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use guest_agent::protocol::{AgentMsg, Entropy, HostMsg, LineReader};
-use vmm_api::launch::{Console, Start, VmmArgs};
+use guest_agent::protocol::{AgentMsg, Entropy, HostMsg, LineReader, MAX_LINE};
+use vmm_api::launch::{Start, VmmArgs};
 
 use crate::cgroup::InstanceCgroup;
 use crate::jail::{self, JailPlan};
@@ -76,6 +76,11 @@ pub struct Standby {
 }
 
 impl Standby {
+    /// Its number (and its log folder's name).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Starts a standby `vmm` for `app` in `<app dir>/i/<id>` (its jail's
     /// root when jailed) and waits for its control socket.
     pub fn spawn(settings: &Settings, app: &AppRecord, id: u64) -> Result<Self, InstanceError> {
@@ -85,8 +90,8 @@ impl Standby {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(dir_err)?;
         }
-        std::fs::create_dir_all(&dir).map_err(dir_err)?;
-        std::fs::create_dir_all(&logs).map_err(dir_err)?;
+        crate::home::create_dir_all(&dir).map_err(dir_err)?;
+        crate::home::create_dir_all(&logs).map_err(dir_err)?;
         let agent = UnixListener::bind(vm::agent_socket(&dir)).map_err(dir_err)?;
         let (args, snapshot, cgroup) = if settings.jail {
             jail::give(&vm::agent_socket(&dir), jail::user_of(app), 0o600)?;
@@ -104,7 +109,7 @@ impl Standby {
                 devices: vm::devices(Path::new(jail::ROOTFS), root),
                 net_policy: vm::net_policy(&app.spec),
                 api_sock: Some(vm::api_socket(root)),
-                console: Console::File(jail::console()),
+                console: vm::console(jail::console()),
                 jail: Some(jail),
             };
             (args, PathBuf::from(jail::SNAPSHOT), cgroup)
@@ -114,7 +119,7 @@ impl Standby {
                 devices: vm::devices(&app.rootfs, &dir),
                 net_policy: vm::net_policy(&app.spec),
                 api_sock: Some(vm::api_socket(&dir)),
-                console: Console::File(logs.join(jail::CONSOLE)),
+                console: vm::console(logs.join(jail::CONSOLE)),
                 jail: None,
             };
             (args, app.snapshot.clone(), None)
@@ -247,6 +252,12 @@ fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>) {
                 Ok(Ok(AgentMsg::Exit(_))) => exited.store(true, Ordering::Release),
                 _ => {}
             }
+        }
+        if lines.overlong() {
+            // No agent sends such a line: the guest is not to be listened
+            // to, and draining it would only spend the daemon's time.
+            eprintln!("little: an agent sent a line over {MAX_LINE} bytes: channel closed");
+            return;
         }
     }
 }
@@ -433,7 +444,7 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
 
-    use guest_agent::protocol::{HostMsg, MAX_LINE};
+    use guest_agent::protocol::HostMsg;
 
     use super::*;
 
@@ -481,5 +492,40 @@ mod tests {
         }
         drop(agent);
         channel.join().unwrap();
+    }
+
+    /// Writes up to `total` bytes without a newline until the peer stops
+    /// reading; returns how many it took.
+    fn flood(mut to: UnixStream, total: usize) -> usize {
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            match to.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        sent
+    }
+
+    /// A guest that sends 64 MiB without a newline is cut off: the channel
+    /// closes instead of draining it, long before all of it is written.
+    #[test]
+    fn an_agent_line_over_max_line_closes_the_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = vm::agent_socket(dir.path());
+        let listener = UnixListener::bind(&sock).unwrap();
+        let exited = Arc::new(AtomicBool::new(false));
+        let channel = {
+            let exited = exited.clone();
+            std::thread::spawn(move || agent_channel(listener, exited))
+        };
+        let agent = UnixStream::connect(&sock).unwrap();
+        let total = 64 << 20;
+        let sent = std::thread::spawn(move || flood(agent, total));
+        channel.join().unwrap();
+        let sent = sent.join().unwrap();
+        assert!(sent < total, "the whole 64 MiB was read: {sent} bytes");
+        assert!(!exited.load(Ordering::Acquire));
     }
 }

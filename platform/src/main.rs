@@ -78,8 +78,10 @@ enum Cmd {
         /// Stop an instance after this long without a connection (500ms, 1s, 2m).
         #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration_ms)]
         idle_timeout: u64,
-        /// Extra environment for the app (repeatable).
-        #[arg(long, value_name = "KEY=VALUE")]
+        /// Extra environment for the app (repeatable). A bare KEY takes
+        /// its value from this command's environment, which keeps the
+        /// value off the command line other users can see in /proc.
+        #[arg(long, value_name = "KEY=VALUE|KEY")]
         env: Vec<String>,
         /// Open a host-side destination to the app, whose VMs otherwise
         /// reach only the public internet and DNS (repeatable). The rule
@@ -89,16 +91,25 @@ enum Cmd {
         #[arg(long, value_name = "ADDR[/N][:PORT]")]
         allow_host: Vec<vmm_api::net::Rule>,
     },
-    /// List apps and their instances (age, connections, memory).
+    /// List apps and their instances (age, connections, memory); env
+    /// values are masked (`KEY=***`) unless --show-env.
     Ps {
         /// Print the daemon's JSON.
         #[arg(long)]
         json: bool,
+        /// Show the apps' env values.
+        #[arg(long)]
+        show_env: bool,
     },
-    /// Print an app's console output (first boot and every instance).
+    /// Print an app's console output (first boot and every instance;
+    /// each VM's rotated `.1` part before its current file).
     Logs {
         /// The app.
         app: String,
+        /// Keep printing what the app's VMs write, across log rotations
+        /// and new instances (like `tail -F`), until interrupted.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Stop an app's instances and forget it.
     Rm {
@@ -158,6 +169,9 @@ fn print_ps(apps: &[AppStatus]) {
             a.spec.idle_timeout_ms,
             a.spec.network()
         );
+        if !a.spec.env.is_empty() {
+            println!("  env {}", a.spec.env.join(" "));
+        }
         if !a.instances.is_empty() {
             println!(
                 "  {:>6} {:>8} {:>10} {:>6} {:>10}",
@@ -223,6 +237,17 @@ fn run(cli: Cli) -> Result<(), String> {
             env,
             allow_host,
         } => {
+            let env = env
+                .into_iter()
+                .map(|e| {
+                    if e.contains('=') {
+                        return Ok(e);
+                    }
+                    std::env::var(&e)
+                        .map(|value| format!("{e}={value}"))
+                        .map_err(|_| format!("--env {e}: {e} is not set in this environment"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let image = match std::fs::canonicalize(&image) {
                 Ok(p) => p.display().to_string(),
                 Err(_) => image,
@@ -250,8 +275,8 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("try: curl http://{}/", status.listen);
             Ok(())
         }
-        Cmd::Ps { json } => {
-            let data = call(Request::Ps)?;
+        Cmd::Ps { json, show_env } => {
+            let data = call(Request::Ps { show_env })?;
             if json {
                 println!("{data}");
                 return Ok(());
@@ -260,10 +285,15 @@ fn run(cli: Cli) -> Result<(), String> {
             print_ps(&apps);
             Ok(())
         }
-        Cmd::Logs { app } => {
-            let data = call(Request::Logs { app })?;
-            print!("{}", data.as_str().unwrap_or_default());
-            Ok(())
+        Cmd::Logs { app, follow } => {
+            let mut out = std::io::stdout().lock();
+            match api::logs(&sock, &app, follow, &mut out) {
+                // `little logs web | head`: the reader had enough.
+                Err(api::ApiError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    Ok(())
+                }
+                result => result.map_err(|e| platform::daemon::error_chain(&e)),
+            }
         }
         Cmd::Rm { app } => {
             call(Request::Rm { app: app.clone() })?;

@@ -117,6 +117,16 @@ impl VmmProcess {
         Self::adopt(child, stderr, keep_stderr)
     }
 
+    /// Takes over a child this process started (it must not be waited for
+    /// elsewhere).
+    pub fn from_child(child: &Child) -> Self {
+        Self {
+            pid: libc::pid_t::try_from(child.id()).unwrap_or(libc::pid_t::MAX),
+            exit: None,
+            stderr: None,
+        }
+    }
+
     /// Reads the jailed VMM's pid from the jailing process, which then
     /// exits; the VMM is this process's child from then on.
     fn adopt(

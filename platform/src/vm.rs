@@ -10,9 +10,22 @@
 use std::path::{Path, PathBuf};
 
 use guest_agent::protocol::AGENT_PORT;
-use vmm_api::launch::{Devices, Drive, NetPolicy};
+use vmm_api::launch::{Console, Devices, Drive, NetPolicy};
 
 use crate::api::AppSpec;
+
+/// A VM's console log is renamed to `<log>.1` at this size and started
+/// again, so a guest keeps at most twice this on disk per VM.
+pub const CONSOLE_MAX_BYTES: u64 = 8 << 20;
+
+/// The console of every VM of an app: the log file at `path`, capped at
+/// [`CONSOLE_MAX_BYTES`].
+pub fn console(path: PathBuf) -> Console {
+    Console::File {
+        path,
+        max_bytes: Some(CONSOLE_MAX_BYTES),
+    }
+}
 
 /// The devices of every VM of an app: its base image read-only as
 /// `/dev/vda`, a NIC, and the vsock device the agent reaches the host with

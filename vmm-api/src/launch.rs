@@ -129,8 +129,25 @@ pub enum Console {
     Stdout,
     /// Nowhere.
     Null,
-    /// This file (a path spelled `stdout` or `null` reads as the others).
-    File(PathBuf),
+    /// This file (a path spelled `stdout` or `null` reads as the others),
+    /// owner-only; at `max_bytes` it is renamed to `PATH.1` and a new one
+    /// starts, so at most twice that is kept (`--console-max-bytes`).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The cap in bytes (0: none); `None` for the VMM's default, 8 MiB.
+        max_bytes: Option<u64>,
+    },
+}
+
+impl Console {
+    /// A console file with the VMM's default cap.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self::File {
+            path: path.into(),
+            max_bytes: None,
+        }
+    }
 }
 
 /// A host path made visible inside the jail (`--jail-bind HOST=JAIL`,
@@ -242,7 +259,12 @@ impl VmmArgs {
         match &self.console {
             Console::Stdout => {}
             Console::Null => args.flag_value("--console", "null"),
-            Console::File(path) => args.flag_value("--console", path),
+            Console::File { path, max_bytes } => {
+                args.flag_value("--console", path);
+                if let Some(max) = max_bytes {
+                    args.flag_value("--console-max-bytes", max.to_string());
+                }
+            }
         }
         if let Some(jail) = &self.jail {
             args.flag_value("--jail-root", &jail.root);
@@ -317,7 +339,10 @@ mod tests {
                 allow: vec!["127.0.0.1:5432".parse().unwrap()],
             },
             api_sock: None,
-            console: Console::File("/a/boot.log".into()),
+            console: Console::File {
+                path: "/a/boot.log".into(),
+                max_bytes: Some(4096),
+            },
             jail: None,
         };
         assert_eq!(
@@ -337,6 +362,8 @@ mod tests {
                 "path=/a/data.img",
                 "--console",
                 "/a/boot.log",
+                "--console-max-bytes",
+                "4096",
             ]
         );
     }

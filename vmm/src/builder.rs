@@ -17,6 +17,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::mptable;
 use crate::config::{self, ConsoleOutput, RestoreConfig, VmConfig, MAX_MEM_MIB};
+use crate::devices::legacy::console_log::ConsoleLog;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialConsole;
 use crate::devices::legacy::{LegacyDevices, LegacyState};
@@ -154,8 +155,9 @@ fn console_writer(console: ConsoleOutput) -> Result<Box<dyn Write + Send>, Error
     Ok(match console {
         ConsoleOutput::Stdout => Box::new(LineWriter::new(std::io::stdout())),
         ConsoleOutput::Null => Box::new(std::io::sink()),
-        ConsoleOutput::File(path) => Box::new(LineWriter::new(
-            File::create(&path).map_err(|e| Error::Console(path.display().to_string(), e))?,
+        ConsoleOutput::File { path, max_bytes } => Box::new(LineWriter::new(
+            ConsoleLog::create(&path, max_bytes)
+                .map_err(|e| Error::Console(path.display().to_string(), e))?,
         )),
         ConsoleOutput::Writer(w) => w,
     })

@@ -66,6 +66,12 @@ pub struct Args {
     #[arg(long, value_name = "stdout|null|PATH", default_value = "stdout")]
     pub console: String,
 
+    /// With a console file: when it reaches this many bytes it is renamed
+    /// to `PATH.1` (replacing an older one) and a new file starts, so at
+    /// most twice this is kept; 0 for no cap.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::devices::legacy::console_log::DEFAULT_MAX_BYTES)]
+    pub console_max_bytes: u64,
+
     /// A virtio-blk disk from a raw image, `path=PATH[,ro][,serial=ID]`;
     /// repeatable, the guest sees /dev/vda, /dev/vdb, ... in order.
     #[arg(long = "drive", value_name = "path=PATH[,ro][,serial=ID]")]
@@ -238,7 +244,10 @@ mod tests {
             devices: devices(),
             net_policy: net_policy(),
             api_sock: Some("/apps/a/boot/api.sock".into()),
-            console: Console::File("/apps/a/logs/boot.log".into()),
+            console: Console::File {
+                path: "/apps/a/logs/boot.log".into(),
+                max_bytes: Some(1 << 20),
+            },
             jail: None,
         });
         assert_eq!(args.kernel.as_deref(), Some("/k/vmlinux".as_ref()));
@@ -250,9 +259,25 @@ mod tests {
             Some("/apps/a/boot/api.sock".as_ref())
         );
         assert_eq!(args.console, "/apps/a/logs/boot.log");
+        assert_eq!(args.console_max_bytes, 1 << 20);
         assert!(args.snapshot.is_none());
         assert_eq!(parsed_policy(&args), net_policy());
         assert!(!args.net_deny_outbound && args.net_deny.is_empty());
+    }
+
+    #[test]
+    fn a_console_file_without_a_cap_gets_the_vmm_default() {
+        let args = parse(&VmmArgs {
+            start: Start::Standby,
+            devices: Devices::default(),
+            api_sock: Some("/apps/a/i/1/api.sock".into()),
+            console: Console::file("/apps/a/logs/1.log"),
+        });
+        assert_eq!(args.console, "/apps/a/logs/1.log");
+        assert_eq!(
+            args.console_max_bytes,
+            crate::devices::legacy::console_log::DEFAULT_MAX_BYTES
+        );
     }
 
     #[test]

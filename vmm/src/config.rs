@@ -17,8 +17,15 @@ pub enum ConsoleOutput {
     Stdout,
     /// Discarded.
     Null,
-    /// A file (created or truncated).
-    File(PathBuf),
+    /// A file (created or truncated, mode 0600), renamed to `PATH.1` when
+    /// it reaches `max_bytes` (0: no cap) and started again
+    /// ([`ConsoleLog`](crate::devices::legacy::console_log::ConsoleLog)).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its cap in bytes; 0 for none.
+        max_bytes: u64,
+    },
     /// Any writer (tests, the platform daemon).
     Writer(Box<dyn Write + Send>),
 }
@@ -28,7 +35,9 @@ impl std::fmt::Debug for ConsoleOutput {
         match self {
             ConsoleOutput::Stdout => f.write_str("stdout"),
             ConsoleOutput::Null => f.write_str("null"),
-            ConsoleOutput::File(p) => write!(f, "file {}", p.display()),
+            ConsoleOutput::File { path, max_bytes } => {
+                write!(f, "file {} (cap {max_bytes} bytes)", path.display())
+            }
             ConsoleOutput::Writer(_) => f.write_str("writer"),
         }
     }

@@ -52,7 +52,10 @@ fn main() -> ExitCode {
     let console = || match args.console.as_str() {
         "stdout" => ConsoleOutput::Stdout,
         "null" => ConsoleOutput::Null,
-        path => ConsoleOutput::File(PathBuf::from(path)),
+        path => ConsoleOutput::File {
+            path: PathBuf::from(path),
+            max_bytes: args.console_max_bytes,
+        },
     };
     let drives = match args
         .drives

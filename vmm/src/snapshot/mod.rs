@@ -13,6 +13,7 @@ pub mod memory;
 pub mod working_set;
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -162,12 +163,38 @@ fn write_with(
     result
 }
 
-/// Opens a snapshot target for writing.
+/// Opens a snapshot target for writing, owner-only: it holds the guest's
+/// memory, secrets included.
 fn create_file(path: &Path) -> std::io::Result<std::fs::File> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
         .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A snapshot holds guest memory (the app's secrets): owner-only,
+    /// whatever the umask.
+    #[test]
+    fn snapshot_files_are_owner_only() {
+        // SAFETY: umask(2) only sets this process's file mode mask; 022 is
+        // the usual default, so other tests running now are unaffected.
+        unsafe { libc::umask(0o022) };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("app.snap");
+        create_file(&path).expect("create");
+        let mode = std::fs::metadata(&path)
+            .expect("created")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }

@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
@@ -128,7 +128,14 @@ impl WorkingSet {
         let crc = crc32fast::hash(&body);
         body.extend_from_slice(&crc.to_le_bytes());
         let tmp = path.with_extension("ws-partial");
-        File::create(&tmp)?.write_all(&body)?;
+        // Owner-only like the snapshot it describes.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?
+            .write_all(&body)?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     }
@@ -233,6 +240,12 @@ mod tests {
         let path = dir.path().join("app.ws");
         ws.save(&path).expect("save");
         assert_eq!(WorkingSet::load(&path).expect("load"), ws);
+        let mode = std::fs::metadata(&path).expect("saved").permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077,
+            0,
+            "owner-only"
+        );
         let fresh: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mmap");
         assert_eq!(ws.prefetch(&fresh), 3);

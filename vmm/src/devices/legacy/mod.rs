@@ -1,5 +1,6 @@
 //! Legacy PC devices: the serial console and the i8042 reset path.
 
+pub mod console_log;
 pub mod i8042;
 pub mod serial;
 
