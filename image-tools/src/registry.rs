@@ -67,6 +67,13 @@ pub enum RegistryError {
         #[source]
         source: rustls::Error,
     },
+    /// A token realm would get the credentials over plain HTTP from
+    /// another host than the registry's (a registry can name any realm).
+    #[error("the token realm {realm} is plain HTTP on another host than the registry: credentials are not sent there")]
+    InsecureRealm {
+        /// The realm URL.
+        realm: String,
+    },
     /// The registry asked for an authentication scheme we do not speak.
     #[error("registry wants unsupported authentication {0:?}")]
     Auth(String),
@@ -376,6 +383,9 @@ impl Client {
             param("scope").unwrap_or_else(|| format!("repository:{}:pull", self.repository));
         req = req.query("scope", &scope);
         if let Some(b) = &basic {
+            if !realm_may_get_credentials(&realm, &self.base) {
+                return Err(RegistryError::InsecureRealm { realm });
+            }
             req = req.set("Authorization", b);
         }
         let resp = match req.call() {
@@ -481,6 +491,27 @@ fn http_error(url: &str, e: ureq::Error) -> RegistryError {
 }
 
 /// The `key=value` or `key="quoted, value"` pairs of a challenge, in order.
+/// `scheme://host[:port]` of `url`, lowercased, or `None` if it has no
+/// scheme.
+fn origin(url: &str) -> Option<(String, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    // Credentials in the URL itself (`user:pass@host`) are not the host.
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    Some((scheme.to_ascii_lowercase(), host.to_ascii_lowercase()))
+}
+
+/// Whether a token realm may be sent the registry's credentials: over
+/// HTTPS anywhere (Docker Hub's realm is another host), over plain HTTP
+/// only to the registry's own host and port (a local registry).
+fn realm_may_get_credentials(realm: &str, registry_base: &str) -> bool {
+    match (origin(realm), origin(registry_base)) {
+        (Some((scheme, _)), _) if scheme == "https" => true,
+        (Some((scheme, host)), Some((_, registry))) => scheme == "http" && host == registry,
+        _ => false,
+    }
+}
+
 fn challenge_params(params: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = params.trim_start();
@@ -583,6 +614,21 @@ fn tls_config(cas: &[PathBuf]) -> Result<Arc<rustls::ClientConfig>, RegistryErro
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credentials_go_to_https_realms_and_to_the_registry_itself_only() {
+        use super::realm_may_get_credentials as may;
+        let hub = "https://registry-1.docker.io/v2/library/redis";
+        assert!(may("https://auth.docker.io/token", hub));
+        assert!(!may("http://auth.docker.io/token", hub));
+        let local = "http://127.0.0.1:5000/v2/app";
+        assert!(may("http://127.0.0.1:5000/token", local));
+        assert!(!may("http://127.0.0.1:5001/token", local));
+        assert!(!may("http://evil.example/token", local));
+        assert!(!may("http://evil.example@127.0.0.1:5001/t", local));
+        assert!(!may("ftp://127.0.0.1:5000/token", local));
+        assert!(!may("no-scheme", local));
+    }
+
     use super::*;
 
     #[test]

@@ -169,8 +169,14 @@ fn print_ps(apps: &[AppStatus]) {
             a.spec.idle_timeout_ms,
             a.spec.network()
         );
+        if let Some(uid) = a.user {
+            println!("  runs as uid/gid {uid}");
+        }
         if !a.spec.env.is_empty() {
             println!("  env {}", a.spec.env.join(" "));
+        }
+        if let Some(death) = &a.last_death {
+            println!("  last death: {death}");
         }
         if !a.instances.is_empty() {
             println!(

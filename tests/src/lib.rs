@@ -122,10 +122,12 @@ pub struct VmmRun {
     pub elapsed: Duration,
 }
 
-/// Runs the `vmm` release binary with `args`, killing it after `deadline`.
+/// Runs the `vmm` release binary with `args` under its seccomp filters
+/// (`--seccomp`, as the platform runs it), killing it after `deadline`.
 pub fn run_vmm(args: &[&str], deadline: Duration) -> VmmRun {
     let start = Instant::now();
     let mut child = Command::new(release_bin("vmm"))
+        .arg("--seccomp")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -191,9 +193,11 @@ fn collect(mut from: impl Read + Send + 'static) -> std::sync::Arc<std::sync::Mu
 }
 
 impl VmmProcess {
-    /// Starts the `vmm` release binary with `args`.
+    /// Starts the `vmm` release binary with `args`, under its seccomp
+    /// filters (`--seccomp`, as the platform runs it).
     pub fn spawn(args: &[&str]) -> Self {
         let mut child = Command::new(release_bin("vmm"))
+            .arg("--seccomp")
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -151,6 +151,21 @@ pub struct Args {
     #[arg(long, value_name = "HOST=JAIL", requires = "jail_root")]
     pub jail_bind_ro: Vec<crate::jail::BindSpec>,
 
+    /// Confine every thread to a seccomp allow-list (on by default with
+    /// --jail-root): a system call outside it kills the VMM.
+    #[arg(long, conflicts_with = "no_seccomp")]
+    pub seccomp: bool,
+
+    /// Run without seccomp filters even when jailed (debugging only).
+    #[arg(long)]
+    pub no_seccomp: bool,
+
+    /// With seccomp on: log system calls outside the allow-lists (kernel
+    /// audit log) instead of killing the VMM, to find what a new code path
+    /// needs.
+    #[arg(long)]
+    pub seccomp_log: bool,
+
     /// Log filter: a level or a `target=level` list, e.g. `info` or
     /// `vmm=debug,warn`; `RUST_LOG` works too. Logs go to stderr.
     #[arg(long, value_name = "FILTER")]
@@ -270,8 +285,10 @@ mod tests {
         let args = parse(&VmmArgs {
             start: Start::Standby,
             devices: Devices::default(),
+            net_policy: NetPolicy::default(),
             api_sock: Some("/apps/a/i/1/api.sock".into()),
             console: Console::file("/apps/a/logs/1.log"),
+            jail: None,
         });
         assert_eq!(args.console, "/apps/a/logs/1.log");
         assert_eq!(
@@ -376,7 +393,7 @@ mod tests {
             devices: devices(),
             net_policy: NetPolicy::default(),
             api_sock: Some("/api.sock".into()),
-            console: Console::File("/log/console.log".into()),
+            console: Console::file("/log/console.log"),
             jail: Some(Jail {
                 root: "/apps/a/i/1".into(),
                 user: Some((3000001, 3000002)),

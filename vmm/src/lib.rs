@@ -25,6 +25,7 @@ pub mod footprint;
 pub mod host;
 pub mod jail;
 pub mod logging;
+pub mod seccomp;
 pub mod snapshot;
 pub mod usernet;
 pub mod vmm;

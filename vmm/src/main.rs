@@ -49,6 +49,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    if (args.seccomp || args.jail_root.is_some()) && !args.no_seccomp {
+        let mode = if args.seccomp_log {
+            vmm::seccomp::Mode::Log
+        } else {
+            vmm::seccomp::Mode::Kill
+        };
+        if let Err(e) = vmm::seccomp::install(mode) {
+            eprintln!("vmm: error: {}", vmm::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    }
     let console = || match args.console.as_str() {
         "stdout" => ConsoleOutput::Stdout,
         "null" => ConsoleOutput::Null,

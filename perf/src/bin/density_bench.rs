@@ -58,11 +58,41 @@ struct Args {
     /// Guest kernel (default: target/guest-kernel/vmlinux).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Run the VMMs jailed as `little serve` does (namespaces, pivot_root,
+    /// the app's uid, cgroup, seccomp), without, or both in one run (each
+    /// N measured without, then with the jail).
+    #[arg(long, value_enum, default_value = "off")]
+    jail: JailMode,
+}
+
+/// Which VMMs `--jail` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum JailMode {
+    /// Unjailed only.
+    Off,
+    /// Jailed only.
+    On,
+    /// Unjailed, then jailed, for each N.
+    Both,
+}
+
+impl JailMode {
+    fn runs(self) -> &'static [bool] {
+        match self {
+            JailMode::Off => &[false],
+            JailMode::On => &[true],
+            JailMode::Both => &[false, true],
+        }
+    }
 }
 
 /// One N's figures; memory in bytes per instance.
 struct Row {
     n: usize,
+    jailed: bool,
+    /// Standby `restore` → `ok running` (host side), median over the N
+    /// idle instances.
+    restore_p50: Duration,
     /// MemAvailable drop per instance (MemAvailable while they ran, until
     /// `row` fills in the baseline).
     drop: u64,
@@ -112,8 +142,13 @@ impl Bench {
         Standby::spawn(&self.settings, &self.record, self.next_id).map_err(|e| e.to_string())
     }
 
-    fn instance(&mut self) -> Result<Instance, String> {
-        self.standby()?.restore().map_err(|e| e.to_string())
+    /// A restored instance and how long its restore took (`restore` →
+    /// `ok running`, the standby already waiting).
+    fn instance(&mut self) -> Result<(Instance, Duration), String> {
+        let standby = self.standby()?;
+        let start = Instant::now();
+        let instance = standby.restore().map_err(|e| e.to_string())?;
+        Ok((instance, start.elapsed()))
     }
 
     /// A pre-spawned standby; a client connects; the accepted socket goes
@@ -143,12 +178,16 @@ impl Bench {
     fn row(&mut self, n: usize, wakes: usize, settle: Duration) -> Result<Row, String> {
         let before = mem_available().map_err(|e| e.to_string())?;
         let mut idle = Vec::with_capacity(n);
+        let mut restores = Vec::with_capacity(n);
         let restored = (|| {
             for _ in 0..n {
-                idle.push(self.instance()?);
+                let (instance, took) = self.instance()?;
+                idle.push(instance);
+                restores.push(took);
             }
             Ok::<_, String>(())
         })();
+        restores.sort();
         let measured = restored.and_then(|()| {
             std::thread::sleep(settle);
             let during = mem_available().map_err(|e| e.to_string())?;
@@ -176,6 +215,8 @@ impl Bench {
             let per = |v: u64| v / n.max(1) as u64;
             Ok(Row {
                 n,
+                jailed: self.settings.jail,
+                restore_p50: percentile(&restores, 50).unwrap_or_default(),
                 drop: during,
                 pss: per(guest_pss + vmm_pss),
                 private: per(guest_private + vmm_private),
@@ -366,15 +407,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Jailed VMMs become this process's children once their jailing
+    // process exits, as they become the daemon's.
+    if let Err(e) = platform::process::become_subreaper() {
+        eprintln!("density-bench: {e}");
+        return ExitCode::FAILURE;
+    }
     let run = || -> Result<(), String> {
+        let jailing = args.jail != JailMode::Off;
+        let cgroups = if jailing && platform::jail::running_as_root() {
+            let tree = platform::cgroup::tree_name(tmp.path());
+            Some(
+                platform::cgroup::Cgroups::open(&tree)
+                    .map_err(|e| platform::daemon::error_chain(&e))?,
+            )
+        } else {
+            None
+        };
         let settings = Settings {
             home: tmp.path().to_path_buf(),
             kernel: args.kernel.clone().unwrap_or_else(default_kernel),
             vmm: target_dir().join("release/vmm"),
             agent: target_dir().join("release/guest-agent"),
             standby: 1,
-            jail: false,
-            cgroups: None,
+            jail: jailing,
+            cgroups,
         };
         let image = std::fs::canonicalize(&args.image)
             .map_err(|e| format!("{}: {e}", args.image.display()))?;
@@ -392,7 +449,9 @@ fn main() -> ExitCode {
             allow_host: Vec::new(),
         };
         let start = Instant::now();
-        let record = platform::deploy::deploy(&settings, &spec, 0)
+        // Jailed or not, every run restores the one snapshot this boot
+        // takes (jailed when any run is, so its files are the app's user's).
+        let record = platform::deploy::deploy(&settings, &spec, platform::jail::uid_base())
             .map_err(|e| platform::daemon::error_chain(&e))?;
         println!(
             "deploy {} ({} MiB guest): {:.1} s",
@@ -406,8 +465,10 @@ fn main() -> ExitCode {
             next_id: 0,
         };
         println!(
-            "{:>6} {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
+            "{:>6} {:>5} {:>10} {:>14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
             "N",
+            "jail",
+            "restore",
             "MemAvail drop",
             "PSS",
             "private",
@@ -419,10 +480,14 @@ fn main() -> ExitCode {
         );
         let mut rows = Vec::new();
         for &n in &args.n {
-            let r = bench.row(n, args.wakes, Duration::from_secs(args.settle))?;
-            println!(
-                "{:>6} {:>10.2} MiB {:>6.2} MiB {:>6.2} MiB {:>6.2} MiB {:>6.2} MiB {:>7.1} ms {:>7.1} ms {:>9.2} ms",
+            for &jailed in args.jail.runs() {
+                bench.settings.jail = jailed;
+                let r = bench.row(n, args.wakes, Duration::from_secs(args.settle))?;
+                println!(
+                "{:>6} {:>5} {:>7.2} ms {:>10.2} MiB {:>6.2} MiB {:>6.2} MiB {:>6.2} MiB {:>6.2} MiB {:>7.1} ms {:>7.1} ms {:>9.2} ms",
                 r.n,
+                if r.jailed { "on" } else { "off" },
+                ms(r.restore_p50),
                 mib(r.drop),
                 mib(r.pss),
                 mib(r.private),
@@ -432,10 +497,11 @@ fn main() -> ExitCode {
                 ms(r.wake_p99),
                 ms(r.handed)
             );
-            rows.push(r);
+                rows.push(r);
+            }
         }
         println!(
-            "(memory per idle instance; wake: a new instance restored in a pre-spawned standby vmm while N idle ones run, client connect -> first byte, {} wakes per N{}; hand-over: accept -> socket handed to the restored instance, mean, host side)",
+            "(restore: a standby vmm's restore -> vCPUs running, host side, median over the N; memory per idle instance; wake: a new instance restored in a pre-spawned standby vmm while N idle ones run, client connect -> first byte, {} wakes per N{}; hand-over: accept -> socket handed to the restored instance, mean, host side)",
             args.wakes,
             if emulated { ", guest kernel emulated" } else { "" }
         );

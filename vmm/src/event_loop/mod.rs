@@ -8,7 +8,10 @@
 //!
 //! Readiness uses multishot `POLL_ADD`, file I/O uses `READV`/`WRITEV`/`FSYNC`
 //! straight into and out of guest memory, timers use `TIMEOUT`. An idle VMM
-//! blocks in `io_uring_enter` and costs no CPU.
+//! blocks in `io_uring_enter` and costs no CPU. The ring is created
+//! disabled and restricted to exactly these opcodes (and no `register`
+//! operation) before it is enabled (`IORING_REGISTER_RESTRICTIONS`), so a
+//! compromised VMM cannot use it to reach what its seccomp filter forbids.
 //!
 //! ```
 //! use std::os::fd::AsRawFd;
@@ -42,6 +45,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
+use io_uring::register::Restriction;
 use io_uring::IoUring;
 use slab::Slab;
 use vmm_sys_util::eventfd::EventFd;
@@ -115,6 +119,9 @@ pub enum Error {
     /// io_uring could not be set up (old kernel, `io_uring_disabled`, limits).
     #[error("failed to set up io_uring")]
     Setup(#[source] std::io::Error),
+    /// The ring could not be restricted to the loop's opcodes.
+    #[error("failed to restrict io_uring to the event loop's opcodes")]
+    Restrict(#[source] std::io::Error),
     /// The wake-up eventfd could not be created.
     #[error("failed to create the event loop's wake-up eventfd")]
     EventFd(#[source] std::io::Error),
@@ -179,13 +186,41 @@ pub struct EventLoop {
     handle: LoopHandle,
 }
 
+/// The only submissions the loop's ring accepts.
+const OPCODES: [u8; 6] = [
+    io_uring::opcode::PollAdd::CODE,
+    io_uring::opcode::Readv::CODE,
+    io_uring::opcode::Writev::CODE,
+    io_uring::opcode::Fsync::CODE,
+    io_uring::opcode::Timeout::CODE,
+    io_uring::opcode::AsyncCancel::CODE,
+];
+
+/// A ring that accepts only [`OPCODES`], with no flags a submission may
+/// set beyond the ones the loop uses, and no further `register` calls.
+fn restricted_ring(entries: u32) -> Result<IoUring, Error> {
+    let ring = IoUring::builder()
+        .setup_r_disabled()
+        .build(entries)
+        .map_err(Error::Setup)?;
+    let mut restrictions: Vec<Restriction> =
+        OPCODES.iter().map(|op| Restriction::sqe_op(*op)).collect();
+    restrictions.push(Restriction::sqe_flags_allowed(0));
+    let submitter = ring.submitter();
+    submitter
+        .register_restrictions(&mut restrictions)
+        .map_err(Error::Restrict)?;
+    submitter.register_enable_rings().map_err(Error::Restrict)?;
+    Ok(ring)
+}
+
 /// Handler id of the loop's own command channel.
 const LOOP_ID: HandlerId = HandlerId::MAX;
 
 impl EventLoop {
     /// A loop whose ring holds `entries` submissions (rounded up to a power of two).
     pub fn new(entries: u32) -> Result<Self, Error> {
-        let ring = IoUring::new(entries.next_power_of_two()).map_err(Error::Setup)?;
+        let ring = restricted_ring(entries.next_power_of_two())?;
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
         let (tx, rx) = mpsc::channel();
         let mut core = Core {

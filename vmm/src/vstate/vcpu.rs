@@ -19,6 +19,9 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 /// Errors while configuring or running a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The vCPU thread's seccomp filter could not be installed.
+    #[error("vCPU thread seccomp filter")]
+    Seccomp(#[source] crate::seccomp::Error),
     /// A KVM ioctl on the vCPU failed.
     #[error("KVM refused to {0}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),

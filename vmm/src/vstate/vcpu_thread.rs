@@ -105,6 +105,15 @@ impl VcpuThread {
         let join = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.index()))
             .spawn(move || {
+                if let Err(e) = crate::seccomp::install_thread(crate::seccomp::ThreadKind::Vcpu) {
+                    {
+                        let mut ctl = thread_shared.lock();
+                        ctl.ended = true;
+                        thread_shared.cond.notify_all();
+                    }
+                    on_exit(Err(vcpu::Error::Seccomp(e)));
+                    return;
+                }
                 kick::register_current(vcpu.kvm_run_ptr());
                 let outcome = run_loop(&mut vcpu, &ctx, &thread_shared);
                 kick::unregister_current();
