@@ -253,3 +253,92 @@ pub fn write_layout(
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
     config_digest
 }
+
+fn read_json(path: &Path) -> serde_json::Value {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+fn blob_of(layout: &Path, digest: &serde_json::Value) -> std::path::PathBuf {
+    let digest = digest
+        .as_str()
+        .and_then(|d| Digest::parse(d).ok())
+        .unwrap_or_else(|| panic!("{digest} is not a sha256 digest"));
+    layout.join("blobs/sha256").join(digest.hex())
+}
+
+/// Copies the one-image OCI layout at `base` to `dir` with `layer` (a tar,
+/// stored uncompressed) on top and its container config changed by
+/// `edit`: a variant of a real test image, made without a container
+/// engine. Everything else the base's index, manifest and config hold (tags,
+/// history, labels) is kept. Returns the new config digest (the image id).
+pub fn extend_layout(
+    base: &Path,
+    dir: &Path,
+    layer: &[u8],
+    edit: impl FnOnce(&mut ContainerConfig),
+) -> Digest {
+    let mut index = read_json(&base.join("index.json"));
+    let Some([entry]) = index["manifests"].as_array_mut().map(Vec::as_mut_slice) else {
+        panic!("{} does not hold exactly one image", base.display());
+    };
+    let mut manifest = read_json(&blob_of(base, &entry["digest"]));
+    let mut config = read_json(&blob_of(base, &manifest["config"]["digest"]));
+
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).expect("blob dir");
+    for blob in fs::read_dir(base.join("blobs/sha256")).expect("the base's blobs") {
+        let blob = blob.expect("a blob entry");
+        fs::copy(blob.path(), blobs.join(blob.file_name())).expect("blob copied");
+    }
+
+    let (layer_digest, layer_size) = put_blob(dir, layer);
+    manifest["layers"]
+        .as_array_mut()
+        .expect("a manifest lists its layers")
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest, "size": layer_size,
+        }));
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .expect("a config lists its diff ids")
+        .push(serde_json::json!(layer_digest));
+    if let Some(history) = config["history"].as_array_mut() {
+        history.push(serde_json::json!({"created_by": "image_tools::test_utils::extend_layout"}));
+    }
+    // Edited through the JSON object, so fields ContainerConfig does not
+    // model (Labels, Volumes) stay.
+    let mut fields = match config["config"].take() {
+        serde_json::Value::Object(fields) => fields,
+        _ => serde_json::Map::new(),
+    };
+    let mut run: ContainerConfig =
+        serde_json::from_value(serde_json::Value::Object(fields.clone())).unwrap_or_default();
+    edit(&mut run);
+    if let serde_json::Value::Object(edited) = serde_json::to_value(&run).expect("json") {
+        for (key, value) in edited {
+            if value.is_null() {
+                fields.remove(&key);
+            } else {
+                fields.insert(key, value);
+            }
+        }
+    }
+    config["config"] = serde_json::Value::Object(fields);
+
+    let (config_digest, config_size) = put_blob(dir, &serde_json::to_vec(&config).expect("json"));
+    manifest["config"]["digest"] = serde_json::json!(config_digest);
+    manifest["config"]["size"] = serde_json::json!(config_size);
+    let (manifest_digest, manifest_size) =
+        put_blob(dir, &serde_json::to_vec(&manifest).expect("json"));
+    entry["digest"] = serde_json::json!(manifest_digest);
+    entry["size"] = serde_json::json!(manifest_size);
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).expect("json"),
+    )
+    .expect("index");
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
+    config_digest
+}

@@ -19,7 +19,7 @@ use image_tools::layer::{apply_tar_bytes, Budget, LayerError, Limits};
 use image_tools::oci::{ContainerConfig, Digest};
 use image_tools::registry::{ClientOptions, RegistryError};
 use image_tools::store::{ImportOptions, Source, Store, StoreError, StoredImage};
-use image_tools::test_utils::{write_layout, Compress, LayerBuilder};
+use image_tools::test_utils::{extend_layout, write_layout, Compress, LayerBuilder};
 use image_tools::tree::{Kind, Tree};
 use local_registry::{htpasswd, run_tool, Registry, ServerPki, TokenServer};
 
@@ -210,6 +210,51 @@ fn layers_flatten_with_whiteouts_links_and_owners() {
     assert_eq!(store.list().unwrap().len(), 1);
     store.remove("again").unwrap();
     assert!(store.list().unwrap().is_empty());
+}
+
+#[test]
+fn an_extended_layout_adds_a_layer_and_keeps_the_rest_of_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let config = ContainerConfig {
+        entrypoint: Some(vec!["/bin/ping".into()]),
+        user: Some("1000:2000".into()),
+        env: Some(vec!["A=1".into()]),
+        ..ContainerConfig::default()
+    };
+    let base_id = write_layout(&base, &synthetic_layers(), &config);
+    let top = LayerBuilder::new()
+        .dir("probe", 0o755, 0, 0)
+        .file("probe/run.sh", 0o755, 0, 0, b"#!/bin/sh\n")
+        .file("etc/keep", 0o644, 0, 0, b"replaced")
+        .finish();
+    let variant = dir.path().join("variant");
+    let id = extend_layout(&base, &variant, &top, |c| {
+        c.entrypoint = Some(vec!["/probe/run.sh".into()]);
+    });
+    assert_ne!(id, base_id);
+
+    let store = Store::new(dir.path().join("store"));
+    let image = store
+        .import(&Source::Layout(variant, None), "variant", &quiet())
+        .unwrap();
+    assert_eq!(image.id, id);
+    assert_eq!(image.layers.len(), 4, "three base layers and the new one");
+    assert_eq!(image.run.entrypoint, ["/probe/run.sh"]);
+    assert_eq!((image.run.uid, image.run.gid), (1000, 2000), "User kept");
+    assert!(
+        image.run.env.contains(&"A=1".to_owned()),
+        "{:?}",
+        image.run.env
+    );
+    let out = dir.path().join("x");
+    extract(&store.rootfs(&id), &out);
+    assert_eq!(
+        std::fs::read(out.join("probe/run.sh")).unwrap(),
+        b"#!/bin/sh\n"
+    );
+    assert_eq!(std::fs::read(out.join("etc/keep")).unwrap(), b"replaced");
+    assert_eq!(std::fs::read(out.join("opq/new")).unwrap(), b"new");
 }
 
 #[test]
