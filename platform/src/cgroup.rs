@@ -155,6 +155,27 @@ impl Cgroups {
         Ok(tree)
     }
 
+    /// The tree named `name` under this process's cgroup, if it exists
+    /// (nothing is created or moved).
+    pub fn find(name: &str) -> Option<Self> {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let (cgroup, mountinfo) = (read("/proc/self/cgroup"), read("/proc/self/mountinfo"));
+        let v2 = own_dir(&cgroup, &mountinfo, None).map(|d| d.join(name));
+        if let Some(dir) = v2.filter(|d| d.is_dir()) {
+            return Some(Self {
+                layout: Layout::V2(dir),
+            });
+        }
+        let dir = |c| own_dir(&cgroup, &mountinfo, Some(c)).map(|d| d.join(name));
+        let layout = Layout::V1 {
+            memory: dir("memory")?,
+            pids: dir("pids")?,
+            cpu: dir("cpu")?,
+        };
+        let tree = Self { layout };
+        tree.dirs().iter().any(|d| d.is_dir()).then_some(tree)
+    }
+
     /// v2: a non-root group with processes cannot hand controllers to
     /// children, so the daemon first moves itself to a leaf of its own.
     fn open_v2(own: &Path, name: &str) -> Result<Self, CgroupError> {
@@ -230,6 +251,17 @@ impl Cgroups {
             // Dropping it removes it.
         }
         killed
+    }
+}
+
+impl Cgroups {
+    /// Kills what is left in the tree and removes it (a daemon that stops;
+    /// a v2 tree's `little-daemon` leaf, holding the daemon, stays).
+    pub fn remove(&self) {
+        self.kill_all();
+        for dir in self.dirs() {
+            let _ = std::fs::remove_dir(&dir);
+        }
     }
 }
 

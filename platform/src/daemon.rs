@@ -187,6 +187,9 @@ impl Daemon {
             for app in apps {
                 app.stop();
             }
+            if let Some(tree) = &me.settings.cgroups {
+                tree.remove();
+            }
             std::process::exit(0);
         });
     }

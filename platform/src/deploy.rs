@@ -380,6 +380,8 @@ mod tests {
         let sock = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         listener.set_nonblocking(true).unwrap();
+        // Reaped by the VmmProcess that takes it over.
+        #[allow(clippy::zombie_processes)]
         let child = std::process::Command::new("sleep")
             .arg("60")
             .spawn()

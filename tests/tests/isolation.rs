@@ -254,11 +254,32 @@ fn check_jail(daemon: &Daemon, name: &str) {
             .map(str::trim)
             .unwrap_or_else(|| panic!("no {key}: in /proc/{pid}/status:\n{status}"))
     };
-    // Seccomp filters come separately: recorded, not asserted.
-    eprintln!(
-        "{name}'s instance vmm (pid {pid}): Seccomp: {}, user {:?}",
+    assert_eq!(
         field("Seccomp"),
-        app.user
+        "2",
+        "the jailed VMM (pid {pid}) runs without a seccomp filter"
+    );
+    // Each vCPU thread stacks its narrower filter on the VMM's.
+    let main_filters: u32 = field("Seccomp_filters").parse().unwrap_or(0);
+    let vcpu_filters = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the VMM's threads")
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            comm.starts_with("vcpu").then(|| {
+                let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Seccomp_filters:"))?
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })?
+        })
+        .collect::<Vec<_>>();
+    assert!(
+        !vcpu_filters.is_empty() && vcpu_filters.iter().all(|n| *n > main_filters),
+        "every vCPU thread of pid {pid} should add its own filter to the VMM's {main_filters}: {vcpu_filters:?}"
     );
     assert_eq!(
         field("NoNewPrivs"),

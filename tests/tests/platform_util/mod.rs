@@ -121,6 +121,11 @@ impl Drop for Daemon {
         for pid in self.vmm_processes() {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
+        // And its cgroup tree, which a killed daemon leaves behind.
+        let tree = platform::cgroup::tree_name(&self.home);
+        if let Some(tree) = platform::cgroup::Cgroups::find(&tree) {
+            tree.remove();
+        }
     }
 }
 

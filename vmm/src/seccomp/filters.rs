@@ -207,7 +207,6 @@ fn prctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, BackendError> {
     };
     options
         .iter()
-        .into_iter()
         .map(|option| {
             let option = u64::try_from(*option).unwrap_or(u64::MAX);
             rule(vec![cond(0, SeccompCmpOp::Eq, option)?])
