@@ -281,7 +281,17 @@ impl App {
         }
         if short_of_standby {
             match self.spawn_standby() {
-                Ok(s) => lock(&self.state).standby.push(s),
+                Ok(mut s) => {
+                    let mut st = lock(&self.state);
+                    // `stop` may have emptied the pool while this one
+                    // started: it must not outlive the app.
+                    if self.stopped.load(Ordering::Acquire) {
+                        drop(st);
+                        s.kill();
+                    } else {
+                        st.standby.push(s);
+                    }
+                }
                 Err(e) => eprintln!("little: {}: standby: {e}", self.record.spec.name),
             }
         }

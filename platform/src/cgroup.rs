@@ -255,6 +255,22 @@ impl Cgroups {
 }
 
 impl Cgroups {
+    /// Sets the CPU weight of the whole tree (1-10000, v2's scale): all
+    /// instances together compete with the host's other processes as one
+    /// group of this weight.
+    pub fn set_cpu_weight(&self, weight: u64) -> Result<(), CgroupError> {
+        match &self.layout {
+            Layout::V2(dir) => write(
+                &dir.join("cpu.weight"),
+                &weight.clamp(1, 10_000).to_string(),
+            ),
+            Layout::V1 { cpu, .. } => {
+                let shares = (weight * 1024 / 100).clamp(2, 262_144);
+                write(&cpu.join("cpu.shares"), &shares.to_string())
+            }
+        }
+    }
+
     /// Kills what is left in the tree and removes it (a daemon that stops;
     /// a v2 tree's `little-daemon` leaf, holding the daemon, stays).
     pub fn remove(&self) {

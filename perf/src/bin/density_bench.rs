@@ -59,8 +59,8 @@ struct Args {
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Run the VMMs jailed as `little serve` does (namespaces, pivot_root,
-    /// the app's uid, cgroup, seccomp), without, or both in one run (each
-    /// N measured without, then with the jail).
+    /// the app's uid, cgroup, seccomp), without, or both in one run (N of
+    /// each, restored and woken alternately).
     #[arg(long, value_enum, default_value = "off")]
     jail: JailMode,
 }
@@ -72,7 +72,7 @@ enum JailMode {
     Off,
     /// Jailed only.
     On,
-    /// Unjailed, then jailed, for each N.
+    /// Unjailed and jailed, alternately, for each N.
     Both,
 }
 
@@ -175,59 +175,88 @@ impl Bench {
         Ok((result?, handed_after))
     }
 
-    fn row(&mut self, n: usize, wakes: usize, settle: Duration) -> Result<Row, String> {
+    /// N idle instances per entry of `modes` (jailed or not), restored
+    /// alternately so both see the same host; then `wakes` wakes per mode,
+    /// alternating too. One row per mode; the MemAvailable drop is over
+    /// every instance of the run.
+    fn row(
+        &mut self,
+        n: usize,
+        wakes: usize,
+        settle: Duration,
+        modes: &[bool],
+    ) -> Result<Vec<Row>, String> {
         let before = mem_available().map_err(|e| e.to_string())?;
-        let mut idle = Vec::with_capacity(n);
-        let mut restores = Vec::with_capacity(n);
+        let mut idle: Vec<(bool, Instance)> = Vec::with_capacity(n * modes.len());
+        let mut restores: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); modes.len()];
         let restored = (|| {
             for _ in 0..n {
-                let (instance, took) = self.instance()?;
-                idle.push(instance);
-                restores.push(took);
+                for (m, &jailed) in modes.iter().enumerate() {
+                    self.settings.jail = jailed;
+                    let (instance, took) = self.instance()?;
+                    idle.push((jailed, instance));
+                    restores[m].push(took);
+                }
             }
             Ok::<_, String>(())
         })();
-        restores.sort();
         let measured = restored.and_then(|()| {
             std::thread::sleep(settle);
             let during = mem_available().map_err(|e| e.to_string())?;
-            let (mut guest_pss, mut guest_private, mut vmm_pss, mut vmm_private) = (0, 0, 0, 0);
-            for i in &idle {
-                if !i.alive() {
-                    return Err(format!("instance {} died while idle", i.id));
-                }
-                let m = process_memory(i.pid, &self.record.snapshot).map_err(|e| e.to_string())?;
-                guest_pss += m.guest_pss;
-                guest_private += m.guest_private;
-                vmm_pss += m.vmm_pss;
-                vmm_private += m.vmm_private;
-            }
-            let mut times = Vec::with_capacity(wakes);
-            let mut handed = Duration::ZERO;
+            let mut rows = Vec::new();
+            let mut times: Vec<Vec<Duration>> = vec![Vec::with_capacity(wakes); modes.len()];
+            let mut handed = vec![Duration::ZERO; modes.len()];
             for _ in 0..wakes {
-                let (t, h) = self.wake()?;
-                times.push(t);
-                handed += h;
+                for (m, &jailed) in modes.iter().enumerate() {
+                    self.settings.jail = jailed;
+                    let (t, h) = self.wake()?;
+                    times[m].push(t);
+                    handed[m] += h;
+                }
             }
-            times.sort();
-            let list: Vec<String> = times.iter().map(|t| format!("{:.0}", ms(*t))).collect();
-            println!("  N={n}: wakes, ms: {}", list.join(" "));
-            let per = |v: u64| v / n.max(1) as u64;
-            Ok(Row {
-                n,
-                jailed: self.settings.jail,
-                restore_p50: percentile(&restores, 50).unwrap_or_default(),
-                drop: during,
-                pss: per(guest_pss + vmm_pss),
-                private: per(guest_private + vmm_private),
-                guest_pss: per(guest_pss),
-                vmm_pss: per(vmm_pss),
-                wake_p50: percentile(&times, 50).unwrap_or_default(),
-                wake_p99: percentile(&times, 99).unwrap_or_default(),
-                handed: handed / u32::try_from(wakes.max(1)).unwrap_or(1),
-            })
+            for (m, &jailed) in modes.iter().enumerate() {
+                // The guest's memory is the snapshot mapping, named as the
+                // VMM opened it.
+                let snapshot = if jailed {
+                    PathBuf::from(platform::jail::SNAPSHOT)
+                } else {
+                    self.record.snapshot.clone()
+                };
+                let (mut guest_pss, mut guest_private, mut vmm_pss, mut vmm_private) = (0, 0, 0, 0);
+                for (_, i) in idle.iter().filter(|(j, _)| *j == jailed) {
+                    if !i.alive() {
+                        return Err(format!("instance {} died while idle", i.id));
+                    }
+                    let m = process_memory(i.pid, &snapshot).map_err(|e| e.to_string())?;
+                    guest_pss += m.guest_pss;
+                    guest_private += m.guest_private;
+                    vmm_pss += m.vmm_pss;
+                    vmm_private += m.vmm_private;
+                }
+                times[m].sort();
+                restores[m].sort();
+                let list: Vec<String> = times[m].iter().map(|t| format!("{:.0}", ms(*t))).collect();
+                let jail = if jailed { "on" } else { "off" };
+                println!("  N={n} jail {jail}: wakes, ms: {}", list.join(" "));
+                let per = |v: u64| v / n.max(1) as u64;
+                rows.push(Row {
+                    n,
+                    jailed,
+                    restore_p50: percentile(&restores[m], 50).unwrap_or_default(),
+                    drop: during,
+                    pss: per(guest_pss + vmm_pss),
+                    private: per(guest_private + vmm_private),
+                    guest_pss: per(guest_pss),
+                    vmm_pss: per(vmm_pss),
+                    wake_p50: percentile(&times[m], 50).unwrap_or_default(),
+                    wake_p99: percentile(&times[m], 99).unwrap_or_default(),
+                    handed: handed[m] / u32::try_from(wakes.max(1)).unwrap_or(1),
+                });
+            }
+            Ok(rows)
         });
-        for i in idle {
+        let count = idle.len();
+        for (_, i) in idle {
             i.kill();
         }
         // MemAvailable drifts with whatever else the host runs: the
@@ -235,10 +264,12 @@ impl Bench {
         // after the kills.
         std::thread::sleep(Duration::from_secs(1));
         let after = mem_available().map_err(|e| e.to_string())?;
-        measured.map(|mut r| {
+        measured.map(|mut rows| {
             let baseline = before / 2 + after / 2;
-            r.drop = baseline.saturating_sub(r.drop) / n.max(1) as u64;
-            r
+            for r in &mut rows {
+                r.drop = baseline.saturating_sub(r.drop) / count.max(1) as u64;
+            }
+            rows
         })
     }
 }
@@ -480,9 +511,16 @@ fn main() -> ExitCode {
         );
         let mut rows = Vec::new();
         for &n in &args.n {
-            for &jailed in args.jail.runs() {
-                bench.settings.jail = jailed;
-                let r = bench.row(n, args.wakes, Duration::from_secs(args.settle))?;
+            let settle = Duration::from_secs(args.settle);
+            // Like for like: unjailed VMMs each compete for the CPU as a
+            // process of weight 100; the jailed ones sit in one cgroup tree,
+            // which gets the weight of as many processes.
+            if let Some(tree) = &bench.settings.cgroups {
+                let weight = u64::try_from(n + args.wakes + 1).unwrap_or(u64::MAX) * 100;
+                tree.set_cpu_weight(weight)
+                    .map_err(|e| platform::daemon::error_chain(&e))?;
+            }
+            for r in bench.row(n, args.wakes, settle, args.jail.runs())? {
                 println!(
                 "{:>6} {:>5} {:>7.2} ms {:>10.2} MiB {:>6.2} MiB {:>6.2} MiB {:>6.2} MiB {:>6.2} MiB {:>7.1} ms {:>7.1} ms {:>9.2} ms",
                 r.n,
@@ -505,6 +543,9 @@ fn main() -> ExitCode {
             args.wakes,
             if emulated { ", guest kernel emulated" } else { "" }
         );
+        if let Some(tree) = &bench.settings.cgroups {
+            tree.remove();
+        }
         if let Some(path) = &args.svg {
             let title = format!(
                 "little.cloud density: busybox httpd, {} MiB guest, host {}{}",
