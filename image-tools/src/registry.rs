@@ -69,7 +69,7 @@ pub enum RegistryError {
     },
     /// A token realm would get the credentials over plain HTTP from
     /// another host than the registry's (a registry can name any realm).
-    #[error("the token realm {realm} is plain HTTP on another host than the registry: credentials are not sent there")]
+    #[error("the token realm {realm} is plain HTTP on another host than the registry's: credentials are not sent there")]
     InsecureRealm {
         /// The realm URL.
         realm: String,
@@ -491,19 +491,24 @@ fn http_error(url: &str, e: ureq::Error) -> RegistryError {
 }
 
 /// The `key=value` or `key="quoted, value"` pairs of a challenge, in order.
-/// `scheme://host[:port]` of `url`, lowercased, or `None` if it has no
-/// scheme.
+/// The scheme and host (without its port) of `url`, lowercased, or `None`
+/// if it has no scheme.
 fn origin(url: &str) -> Option<(String, String)> {
     let (scheme, rest) = url.split_once("://")?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     // Credentials in the URL itself (`user:pass@host`) are not the host.
-    let host = authority.rsplit('@').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
     Some((scheme.to_ascii_lowercase(), host.to_ascii_lowercase()))
 }
 
 /// Whether a token realm may be sent the registry's credentials: over
 /// HTTPS anywhere (Docker Hub's realm is another host), over plain HTTP
-/// only to the registry's own host and port (a local registry).
+/// only on the registry's own host (a local registry and its token
+/// server, on any port).
 fn realm_may_get_credentials(realm: &str, registry_base: &str) -> bool {
     match (origin(realm), origin(registry_base)) {
         (Some((scheme, _)), _) if scheme == "https" => true,
@@ -622,9 +627,11 @@ mod tests {
         assert!(!may("http://auth.docker.io/token", hub));
         let local = "http://127.0.0.1:5000/v2/app";
         assert!(may("http://127.0.0.1:5000/token", local));
-        assert!(!may("http://127.0.0.1:5001/token", local));
+        assert!(may("http://127.0.0.1:5001/token", local));
         assert!(!may("http://evil.example/token", local));
-        assert!(!may("http://evil.example@127.0.0.1:5001/t", local));
+        assert!(!may("http://127.0.0.1@evil.example:5000/t", local));
+        assert!(may("http://[::1]:9/t", "http://[::1]:5000/v2/app"));
+        assert!(!may("http://[::2]:9/t", "http://[::1]:5000/v2/app"));
         assert!(!may("ftp://127.0.0.1:5000/token", local));
         assert!(!may("no-scheme", local));
     }
