@@ -128,13 +128,11 @@ mod tests {
     /// the process on `execve`.
     #[test]
     fn the_vmm_filter_allows_work_and_kills_on_exec() {
-        // SAFETY: fork in a test: the child only makes system calls and
-        // exits, touching no lock another thread could hold... except the
-        // allocator, which it does not use after installing the filter
-        // (the filter is compiled before the fork).
+        // Compiled before the fork: the child allocates nothing.
         let programs = compile(ThreadKind::Vmm, Mode::Kill).expect("compiles");
-        // SAFETY: see above; the child calls only async-signal-safe
-        // functions besides the prepared filter installation.
+        // SAFETY: the child makes only system calls (prctl, seccomp,
+        // clone3, getpid, execv, _exit) on data prepared before the fork,
+        // so no lock another test thread held at the fork is ever taken.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork");
         if pid == 0 {
