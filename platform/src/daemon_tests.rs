@@ -4,19 +4,8 @@ use std::path::{Path, PathBuf};
 use super::*;
 use crate::db::AppRecord;
 
-/// Where the log these tests call `<name>.log` (or `.log.1`) lives:
-/// `<name>/console.log` (`.1`) in the logs folder, its folder made.
 fn at(logs: &Path, file: &str) -> PathBuf {
-    let (name, rotated) = match file.strip_suffix(".log.1") {
-        Some(name) => (name, true),
-        None => (file.strip_suffix(".log").expect("a .log name"), false),
-    };
-    std::fs::create_dir_all(logs.join(name)).unwrap();
-    if rotated {
-        crate::logs::rotated(logs, name)
-    } else {
-        crate::logs::current(logs, name)
-    }
+    crate::logs::test_path(logs, file)
 }
 
 fn settings(home: &Path) -> Settings {

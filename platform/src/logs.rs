@@ -254,6 +254,22 @@ pub fn tail(path: &Path, max: u64) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// Where the log tests call `<name>.log` (or `<name>.log.1`) lives in the
+/// logs folder `dir`: `<name>/console.log` (`.1`), its folder made.
+#[cfg(test)]
+pub(crate) fn test_path(dir: &Path, file: &str) -> PathBuf {
+    let (name, is_rotated) = match file.strip_suffix(".log.1") {
+        Some(name) => (name, true),
+        None => (file.strip_suffix(".log").expect("a .log name"), false),
+    };
+    std::fs::create_dir_all(dir.join(name)).expect("the VM's log folder");
+    if is_rotated {
+        rotated(dir, name)
+    } else {
+        current(dir, name)
+    }
+}
+
 #[cfg(test)]
 #[path = "logs_tests.rs"]
 mod tests;

@@ -1,18 +1,7 @@
 use super::*;
 
-/// Where the log these tests call `<name>.log` (or `<name>.log.1`) lives:
-/// `<name>/console.log` (`.1`), its folder made.
 fn at(dir: &Path, file: &str) -> PathBuf {
-    let (name, rotated) = match file.strip_suffix(".log.1") {
-        Some(name) => (name, true),
-        None => (file.strip_suffix(".log").expect("a .log name"), false),
-    };
-    std::fs::create_dir_all(dir.join(name)).unwrap();
-    if rotated {
-        super::rotated(dir, name)
-    } else {
-        current(dir, name)
-    }
+    test_path(dir, file)
 }
 
 fn write(dir: &Path, file: &str, text: &str) {
