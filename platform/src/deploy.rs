@@ -224,33 +224,16 @@ fn first_boot(
     // Removed (its processes killed) when the boot is over, however it ends.
     let mut _group = None;
     if settings.jail {
-        jail::give(&vm::agent_socket(boot), jail::user_of(app), 0o600)?;
         let plan = JailPlan {
             app,
             root: boot,
             logs,
-            files: vec![
-                (settings.kernel.clone(), jail::KERNEL),
-                (initrd.to_owned(), jail::INITRD),
-            ],
+            snapshot: None,
             cgroup: boot_cgroup(&app.spec),
         };
-        let (jail, group) = plan.build(settings.cgroups.as_ref())?;
+        let (jailed, group) = plan.confine(args, settings.cgroups.as_ref())?;
+        args = jailed;
         _group = group;
-        let root = Path::new("/");
-        args = VmmArgs {
-            start: Start::Boot(Boot {
-                kernel: jail::KERNEL.into(),
-                initrd: Some(jail::INITRD.into()),
-                mem_mib: Some(app.spec.memory_mib.into()),
-                cmdline: ROOT_CMDLINE.into(),
-            }),
-            devices: vm::devices(Path::new(jail::ROOTFS), root),
-            api_sock: Some(vm::api_socket(root)),
-            console: vm::console(jail::console()),
-            jail: Some(jail),
-            ..args
-        };
         written = PathBuf::from(jail::SNAPSHOT);
     }
     let mut child = VmmProcess::spawn(&settings.vmm, &args, true)?;

@@ -93,35 +93,25 @@ impl Standby {
         crate::home::create_dir_all(&dir).map_err(dir_err)?;
         crate::home::create_dir_all(&logs).map_err(dir_err)?;
         let agent = UnixListener::bind(vm::agent_socket(&dir)).map_err(dir_err)?;
+        let args = VmmArgs {
+            start: Start::Standby,
+            devices: vm::devices(&app.rootfs, &dir),
+            net_policy: vm::net_policy(&app.spec),
+            api_sock: Some(vm::api_socket(&dir)),
+            console: vm::console(logs.join(jail::CONSOLE)),
+            jail: None,
+        };
         let (args, snapshot, cgroup) = if settings.jail {
-            jail::give(&vm::agent_socket(&dir), jail::user_of(app), 0o600)?;
             let plan = JailPlan {
                 app,
                 root: &dir,
                 logs: &logs,
-                files: vec![(app.snapshot.clone(), jail::SNAPSHOT)],
+                snapshot: Some(&app.snapshot),
                 cgroup: format!("{}-{id}", app.spec.name),
             };
-            let (jail, cgroup) = plan.build(settings.cgroups.as_ref())?;
-            let root = Path::new("/");
-            let args = VmmArgs {
-                start: Start::Standby,
-                devices: vm::devices(Path::new(jail::ROOTFS), root),
-                net_policy: vm::net_policy(&app.spec),
-                api_sock: Some(vm::api_socket(root)),
-                console: vm::console(jail::console()),
-                jail: Some(jail),
-            };
+            let (args, cgroup) = plan.confine(args, settings.cgroups.as_ref())?;
             (args, PathBuf::from(jail::SNAPSHOT), cgroup)
         } else {
-            let args = VmmArgs {
-                start: Start::Standby,
-                devices: vm::devices(&app.rootfs, &dir),
-                net_policy: vm::net_policy(&app.spec),
-                api_sock: Some(vm::api_socket(&dir)),
-                console: vm::console(logs.join(jail::CONSOLE)),
-                jail: None,
-            };
             (args, app.snapshot.clone(), None)
         };
         let process = VmmProcess::spawn(&settings.vmm, &args, false);

@@ -11,10 +11,11 @@
 
 use std::path::{Path, PathBuf};
 
-use vmm_api::launch::{Bind, Jail};
+use vmm_api::launch::{Bind, Console, Jail, Start, VmmArgs};
 
 use crate::cgroup::{Cgroups, InstanceCgroup, Limits};
 use crate::db::AppRecord;
+use crate::vm;
 
 /// The app's base image inside the jail.
 pub const ROOTFS: &str = "/rootfs.erofs";
@@ -118,49 +119,66 @@ pub struct JailPlan<'a> {
     pub root: &'a Path,
     /// Its log folder on the host.
     pub logs: &'a Path,
-    /// Extra read-only files: (host path, path inside).
-    pub files: Vec<(PathBuf, &'static str)>,
+    /// The app's snapshot, for a VMM that restores it.
+    pub snapshot: Option<&'a Path>,
     /// The cgroup name (unique per VMM).
     pub cgroup: String,
 }
 
 impl JailPlan<'_> {
-    /// Prepares the folders (owned by the app's user, 0700), the cgroup,
-    /// and returns the jail with the group to remove when the VMM is gone.
-    pub fn build(
+    /// Turns `args`, a command line with host paths (the base image, the
+    /// sockets in [`Self::root`], the console in [`Self::logs`], a boot's
+    /// kernel and initramfs), into the same VMM jailed: those files bound
+    /// in under fixed names and named by them. Prepares the folders and the
+    /// agent socket (owned by the app's user, 0700 and 0600) and the
+    /// cgroup, which is returned to be removed when the VMM is gone.
+    pub fn confine(
         self,
+        mut args: VmmArgs,
         cgroups: Option<&Cgroups>,
-    ) -> Result<(Jail, Option<InstanceCgroup>), JailError> {
+    ) -> Result<(VmmArgs, Option<InstanceCgroup>), JailError> {
         let user = user_of(self.app);
         give(self.root, user, 0o700)?;
         give(self.logs, user, 0o700)?;
+        give(&vm::agent_socket(self.root), user, 0o600)?;
         let group = cgroups
             .map(|c| c.create(&self.cgroup, limits(self.app.spec.memory_mib)))
             .transpose()?;
-        let mut binds = vec![
-            Bind {
-                host: self.app.rootfs.clone(),
-                jail: ROOTFS.into(),
-                read_only: true,
-            },
-            Bind {
-                host: self.logs.to_owned(),
-                jail: LOG_DIR.into(),
-                read_only: false,
-            },
-        ];
-        binds.extend(self.files.into_iter().map(|(host, jail)| Bind {
-            host,
+        let bind = |host: &Path, jail: &str, read_only| Bind {
+            host: host.to_owned(),
             jail: jail.into(),
-            read_only: true,
-        }));
-        let jail = Jail {
+            read_only,
+        };
+        let mut binds = vec![
+            bind(&self.app.rootfs, ROOTFS, true),
+            bind(self.logs, LOG_DIR, false),
+        ];
+        if let Some(snapshot) = self.snapshot {
+            binds.push(bind(snapshot, SNAPSHOT, true));
+        }
+        if let Start::Boot(boot) = &mut args.start {
+            binds.push(bind(&boot.kernel, KERNEL, true));
+            boot.kernel = KERNEL.into();
+            if let Some(initrd) = &mut boot.initrd {
+                binds.push(bind(initrd, INITRD, true));
+                *initrd = INITRD.into();
+            }
+        }
+        let root = Path::new("/");
+        args.devices = vm::devices(Path::new(ROOTFS), root);
+        if args.api_sock.is_some() {
+            args.api_sock = Some(vm::api_socket(root));
+        }
+        if let Console::File { path, .. } = &mut args.console {
+            *path = console();
+        }
+        args.jail = Some(Jail {
             root: self.root.to_owned(),
             user,
             cgroups: group.as_ref().map(|g| g.dirs()).unwrap_or_default(),
             binds,
-        };
-        Ok((jail, group))
+        });
+        Ok((args, group))
     }
 }
 

@@ -136,7 +136,8 @@ impl VmmProcess {
     ) -> Result<Self, ProcessError> {
         let mut line = String::new();
         if let Some(out) = keeper.stdout.take() {
-            let _ = BufReader::new(out).read_line(&mut line);
+            // A pid is a few digits: read no more than a line of them.
+            let _ = BufReader::new(out.take(32)).read_line(&mut line);
         }
         let status = keeper.wait().map_err(ProcessError::Wait)?;
         match line.trim().parse::<libc::pid_t>() {
