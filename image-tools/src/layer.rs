@@ -15,6 +15,7 @@ use std::path::Path;
 use sha2::{Digest as _, Sha256};
 
 use crate::oci::Digest;
+use crate::tarbound;
 use crate::tree::{split_path, DataRef, Kind, Meta, Node, PathError, Tree};
 
 /// Caps over one image import.
@@ -281,10 +282,10 @@ fn read_ops<R: Read>(
             LayerError::Tar { layer, source }
         }
     };
-    let mut archive = tar::Archive::new(reader);
+    let (mut archive, meter) = tarbound::archive(reader);
     let mut ops = Vec::new();
     let mut files: Vec<(u64, u64)> = Vec::new();
-    for entry in archive.entries().map_err(tar_err)? {
+    for entry in tarbound::entries(&mut archive, &meter).map_err(tar_err)? {
         let mut entry = entry.map_err(tar_err)?;
         budget.entries += 1;
         if budget.entries > limits.max_entries {
@@ -426,7 +427,7 @@ fn read_ops<R: Read>(
             node: Node { meta, kind },
         });
     }
-    let mut reader = archive.into_inner();
+    let mut reader = archive.into_inner().into_inner();
     // The end-of-archive blocks and any padding count toward the diff id.
     io::copy(&mut reader, &mut io::sink()).map_err(tar_err)?;
     // A data range past what the stream held means the archive was cut.

@@ -21,6 +21,7 @@ pub mod oci;
 pub mod registry;
 pub mod runconfig;
 pub mod store;
+pub mod tarbound;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod tree;

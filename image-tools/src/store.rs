@@ -32,6 +32,7 @@ use crate::oci::{
 };
 use crate::registry::{Client, ClientOptions, Reference, RegistryError};
 use crate::runconfig::{self, RunConfig, RunConfigError};
+use crate::tarbound;
 use crate::tree::Tree;
 
 /// Most nested indexes followed.
@@ -432,7 +433,7 @@ fn unpack_archive(
     let file = File::open(path).map_err(io_err("opening", path))?;
     let len = file.metadata().map_err(io_err("reading", path))?.len();
     let bar = progress.bytes(len, "reading archive".into());
-    let mut archive = tar::Archive::new(BufReader::new(bar.wrap_read(file)));
+    let (mut archive, meter) = tarbound::archive(BufReader::new(bar.wrap_read(file)));
     let format = |e: io::Error| {
         StoreError::Format(format!(
             "{} is not a valid tar archive: {e}",
@@ -441,7 +442,7 @@ fn unpack_archive(
     };
     let mut map = HashMap::new();
     let mut links = Vec::new();
-    for entry in archive.entries().map_err(format)? {
+    for entry in tarbound::entries(&mut archive, &meter).map_err(format)? {
         let mut entry = entry.map_err(format)?;
         let name = String::from_utf8_lossy(&entry.path_bytes())
             .trim_start_matches("./")

@@ -10,6 +10,9 @@
 //!   the first one serving.
 //! - The home, the API socket, the database and the snapshot are
 //!   owner-only.
+//! - The instance's VMM, told to make a forbidden system call (the
+//!   test-only `fault-injection` build), is killed by its seccomp filter;
+//!   `little ps` and `/metrics` say so and a new instance serves.
 //! - A probe variant of the httpd image connects, from inside the guest, to
 //!   the daemon's metrics port, the first app's port and a listener on the
 //!   host's loopback (all as 10.0.2.2), a listener on the host's own
@@ -131,6 +134,47 @@ fn deploy(daemon: &Daemon, name: &str, image: &Path, port: u16, extra: &[&str]) 
     );
     eprintln!("deployed {name} in {:.1?}", start.elapsed());
     daemon.app(name)
+}
+
+/// Makes `name`'s running VMM call what its seccomp filter forbids (the
+/// test-only `forbidden-syscall` control command) and checks that the
+/// kernel killed it, that `little ps` and `/metrics` say so, and that the
+/// next request on `port` is served by a new instance.
+fn check_seccomp_kill(daemon: &Daemon, name: &str, port: u16) {
+    let [instance] = daemon.app(name).instances.as_slice() else {
+        panic!("{name} should run one instance: {:?}", daemon.app(name).instances);
+    };
+    let pid = instance.pid;
+    // The VMM's control socket, as its own root directory shows it.
+    let sock = PathBuf::from(format!("/proc/{pid}/root/api.sock"));
+    let mut client = vmm_api::client::Client::connect(&sock, ceiling::HOST)
+        .unwrap_or_else(|e| panic!("cannot reach {}: {e}", sock.display()));
+    match client.send(&vmm_api::command::Command::ForbiddenSyscall) {
+        Err(e) if e.breaks_connection() => {}
+        other => panic!("the VMM (pid {pid}) outlived a forbidden system call: {other:?}"),
+    }
+    wait_until(
+        &format!("little ps to report {name}'s instance killed by seccomp"),
+        ceiling::HOST,
+        || {
+            daemon
+                .app(name)
+                .last_death
+                .is_some_and(|d| d.contains("seccomp"))
+        },
+    );
+    let line = format!("little_seccomp_kills_total{{app=\"{name}\"}} 1");
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "/metrics has no {line:?}:\n{metrics}"
+    );
+    get(port, "/index.html");
+    let after: Vec<u32> = daemon.app(name).instances.iter().map(|i| i.pid).collect();
+    assert!(
+        !after.is_empty() && !after.contains(&pid),
+        "{name} should be served by a new instance after pid {pid}'s death: {after:?}"
+    );
 }
 
 /// The body of a 200 reply to `GET path` on the app at `port`.
@@ -585,12 +629,15 @@ fn apps_are_jailed_and_fenced_off_from_the_host() {
 
     // 3. Owner-only files.
     check_modes(&home, Path::new(&web.snapshot));
+
+    // 4. A VMM that breaks its filter dies alone, and the daemon says so.
+    check_seccomp_kill(&daemon, "web", web_port);
     eprintln!(
-        "jail, second daemon and modes checked after {:.1?}",
+        "jail, second daemon, modes and a seccomp kill checked after {:.1?}",
         started.elapsed()
     );
 
-    // 4. From inside a guest, the host is out of reach, but for what
+    // 5. From inside a guest, the host is out of reach, but for what
     //    --allow-host opens. Each target has a listener behind it, so a
     //    refusal is the isolation's, but for cloud metadata, which is not
     //    on this host.

@@ -40,6 +40,12 @@ pub enum Command {
     Connections,
     /// `quit`: stop the VM; the VMM exits 0.
     Quit,
+    /// `forbidden-syscall`: make a system call that no seccomp filter of
+    /// the VMM allows. Only a `vmm` built with its test-only
+    /// `fault-injection` feature does; any other answers with an error.
+    /// Tests use it to see a VMM killed by its filter and the daemon
+    /// recover.
+    ForbiddenSyscall,
     /// `restore <snapshot> [<working-set>]`: what a standby VMM waits for.
     Restore {
         /// The snapshot to restore.
@@ -104,6 +110,7 @@ impl Command {
             },
             "connections" => Self::Connections,
             "quit" => Self::Quit,
+            "forbidden-syscall" => Self::ForbiddenSyscall,
             "restore" => {
                 let mut words = arg.split_whitespace();
                 let snapshot = words.next().ok_or(ParseCommandError::MissingArgument(
@@ -132,6 +139,7 @@ impl fmt::Display for Command {
             Self::Accept { guest_port } => write!(f, "accept {guest_port}"),
             Self::Connections => f.write_str("connections"),
             Self::Quit => f.write_str("quit"),
+            Self::ForbiddenSyscall => f.write_str("forbidden-syscall"),
             Self::Restore {
                 snapshot,
                 working_set: None,
@@ -165,6 +173,7 @@ mod tests {
             Command::Accept { guest_port: 8080 },
             Command::Connections,
             Command::Quit,
+            Command::ForbiddenSyscall,
             Command::Restore {
                 snapshot: "/a/app.snap".into(),
                 working_set: None,
@@ -204,6 +213,7 @@ mod tests {
                 "accept 8080",
                 "connections",
                 "quit",
+                "forbidden-syscall",
                 "restore /a/app.snap",
                 "restore /a/app.snap /a/app.ws",
             ]

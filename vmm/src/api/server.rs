@@ -148,6 +148,7 @@ impl ApiServer {
                 ops.stop_loop();
                 Reply::Ok
             }
+            Command::ForbiddenSyscall => Reply::Error(crate::seccomp::forbidden_syscall()),
             Command::Restore { .. } => Reply::Error(
                 "restore: this vmm already runs a guest (only a standby vmm restores)".into(),
             ),

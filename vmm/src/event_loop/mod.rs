@@ -175,7 +175,14 @@ impl LoopHandle {
 pub(crate) struct Core {
     ring: IoUring,
     pending: Slab<Pending>,
+    /// Operations whose submission failed (key, negative errno): they
+    /// complete with that error on the loop's next turn, so their entries
+    /// and buffers are freed and their handlers told.
+    failed: Vec<(u64, i32)>,
     stop: bool,
+    /// Test hook: how many of the next submissions fail with `EBUSY`.
+    #[cfg(test)]
+    fail_submits: usize,
 }
 
 /// The event loop. Create it, hand out [`LoopHandle`]s, then [`run`](Self::run).
@@ -226,7 +233,10 @@ impl EventLoop {
         let mut core = Core {
             ring,
             pending: Slab::new(),
+            failed: Vec::new(),
             stop: false,
+            #[cfg(test)]
+            fail_submits: 0,
         };
         core.push_poll(LOOP_ID, 0, wake.as_raw_fd(), libc::POLLIN as u32);
         Ok(Self {
@@ -274,7 +284,9 @@ impl EventLoop {
     pub fn run(&mut self) -> Result<(), Error> {
         self.drain_commands();
         while !self.core.stop {
-            match self.core.ring.submit_and_wait(1) {
+            // Failed submissions are due now: do not block before them.
+            let want = usize::from(self.core.failed.is_empty());
+            match self.core.ring.submit_and_wait(want) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -288,6 +300,9 @@ impl EventLoop {
                 .collect();
             for (key, result, flags) in completions {
                 self.complete(key, result, flags);
+            }
+            for (key, result) in std::mem::take(&mut self.core.failed) {
+                self.complete(key, result, 0);
             }
         }
         for (_, mut handler) in self.handlers.drain() {

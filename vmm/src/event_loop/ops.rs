@@ -70,11 +70,25 @@ impl Core {
                 return;
             }
             // Queue full: hand what is queued to the kernel and retry.
-            if let Err(e) = self.ring.submit() {
+            if let Err(e) = self.submit() {
                 tracing::warn!("io_uring submit failed while the queue was full: {e}");
+                // Nothing points at the entry: it completes with the error
+                // on the loop's next turn (a timer fires early, a poll is
+                // re-armed, I/O reports the errno).
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                self.failed.push((key, -errno));
                 return;
             }
         }
+    }
+
+    fn submit(&mut self) -> std::io::Result<usize> {
+        #[cfg(test)]
+        if self.fail_submits > 0 {
+            self.fail_submits -= 1;
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        self.ring.submit()
     }
 
     pub(crate) fn push_poll(&mut self, handler: HandlerId, token: Token, fd: RawFd, events: u32) {

@@ -335,3 +335,59 @@ fn notify_runs_another_handler_at_once_with_its_own_ops() {
     assert_eq!(ev[0], Event::Notify { token: 3 });
     assert!(ev.contains(&Event::Timer { token: 9 }), "{ev:?}");
 }
+
+/// Queues `count` fsyncs at start; stops once each has completed.
+struct Fsyncs {
+    file: std::fs::File,
+    count: u32,
+    log: Log,
+}
+
+impl EventHandler for Fsyncs {
+    fn start(&mut self, ops: &mut Ops<'_>) {
+        for token in 0..self.count {
+            ops.fsync(self.file.as_raw_fd(), token);
+        }
+    }
+    fn handle(&mut self, event: Event, ops: &mut Ops<'_>) {
+        let mut log = self.log.lock().expect("unpoisoned");
+        log.push(event);
+        if log.len() == self.count as usize {
+            ops.stop_loop();
+        }
+    }
+}
+
+#[test]
+fn a_failed_submission_completes_with_its_error_and_leaks_nothing() {
+    // Four slots: the fifth fsync finds the queue full and its submit fails.
+    let mut lp = EventLoop::new(4).expect("io_uring");
+    lp.core.fail_submits = 1;
+    let log = log();
+    lp.handle()
+        .add(Box::new(Fsyncs {
+            file: tempfile::tempfile().expect("tempfile"),
+            count: 12,
+            log: log.clone(),
+        }))
+        .expect("add");
+    lp.run().expect("run");
+    let mut results: Vec<(Token, i32)> = events(&log)
+        .into_iter()
+        .map(|e| match e {
+            Event::Done { token, result } => (token, result),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    results.sort_unstable();
+    let failed: Vec<Token> = results
+        .iter()
+        .filter(|(_, r)| *r == -libc::EBUSY)
+        .map(|(t, _)| *t)
+        .collect();
+    assert_eq!(failed, [4], "the fifth submission failed: {results:?}");
+    assert_eq!(results.len(), 12, "every operation completed once");
+    assert!(results.iter().all(|(_, r)| *r == 0 || *r == -libc::EBUSY));
+    // Only the loop's own wake-up poll is left.
+    assert_eq!(lp.core.pending.len(), 1, "no pending operation leaked");
+}

@@ -23,6 +23,28 @@ use seccompiler::{BpfProgram, SeccompAction};
 
 pub use filters::ThreadKind;
 
+/// Makes a system call that no filter here allows (`kexec_file_load`),
+/// for tests of a VMM that does: under a filter the kernel kills the VMM
+/// with `SIGSYS` before the call returns. Without a filter the call fails
+/// (bad descriptors, no capability) and harms nothing. Only with the
+/// test-only `fault-injection` feature; otherwise it does nothing. Returns
+/// what to answer when the VMM lives on.
+pub fn forbidden_syscall() -> String {
+    #[cfg(feature = "fault-injection")]
+    {
+        // SAFETY: kexec_file_load with descriptors -1 and no command line
+        // reads no memory of ours and fails with EBADF or EPERM; under a
+        // filter it never runs.
+        let r = unsafe { libc::syscall(libc::SYS_kexec_file_load, -1, -1, 0, 0, 0) };
+        let e = std::io::Error::last_os_error();
+        format!("kexec_file_load was not stopped by a seccomp filter (returned {r}: {e})")
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        "forbidden-syscall: this vmm is built without the fault-injection feature".to_owned()
+    }
+}
+
 /// Errors of building or installing a filter.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

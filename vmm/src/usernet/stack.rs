@@ -24,8 +24,12 @@ use crate::event_loop::Token;
 
 /// Largest Ethernet frame either way (1500-byte MTU, no VLAN tag, no offloads).
 pub const MAX_FRAME_LEN: usize = 1514;
-/// Frames waiting for guest receive buffers; beyond this smoltcp is held back.
-const TO_GUEST_CAP: usize = 512;
+/// Frames waiting for guest receive buffers; at this many smoltcp is held
+/// back: it neither sends nor takes in guest frames.
+pub(crate) const TO_GUEST_CAP: usize = 512;
+/// Guest frames waiting for smoltcp; beyond this they are dropped, as a
+/// NIC drops what arrives while its ring is full.
+pub(crate) const TO_STACK_CAP: usize = 256;
 /// Open proxied connections; more SYNs are reset and more inbound accepts refused.
 const MAX_CONNS: usize = 1024;
 /// Per-direction buffer of each proxied connection.
@@ -66,6 +70,10 @@ impl Device for Frames {
     type TxToken<'a> = TxToken<'a>;
 
     fn receive(&mut self, _: SmolInstant) -> Option<(RxToken, TxToken<'_>)> {
+        // A guest frame may be answered: only take one while there is room.
+        if self.to_guest.len() >= TO_GUEST_CAP {
+            return None;
+        }
         let frame = self.to_stack.pop_front()?;
         Some((RxToken(frame), TxToken(&mut self.to_guest)))
     }
@@ -229,6 +237,12 @@ impl Stack {
         &mut self.frames.to_guest
     }
 
+    /// Guest frames not yet taken in by smoltcp (at most [`TO_STACK_CAP`]
+    /// from the guest, plus one held SYN per connection).
+    pub fn backlog(&self) -> usize {
+        self.frames.to_stack.len()
+    }
+
     /// Takes over an accepted host connection and opens a TCP connection
     /// from the gateway to `guest_port` for it; bytes are copied both ways.
     /// This is also how the platform hands over sockets it accepted itself.
@@ -324,6 +338,10 @@ impl Stack {
                 }
             }
             _ => return,
+        }
+        if self.frames.to_stack.len() >= TO_STACK_CAP {
+            tracing::trace!("net: guest frame dropped, {TO_STACK_CAP} already queued");
+            return;
         }
         self.frames.to_stack.push_back(frame.to_vec());
     }

@@ -530,3 +530,36 @@ fn a_denied_dns_query_is_answered_refused_not_dropped() {
         "nothing went upstream"
     );
 }
+
+#[test]
+fn a_guest_that_posts_no_receive_buffers_cannot_grow_the_queues() {
+    use super::stack::{TO_GUEST_CAP, TO_STACK_CAP};
+    let mut config = NetConfig::default();
+    config.policy.allow_by_default = false;
+    let mut s = stack(config);
+    let syn = Flags {
+        syn: true,
+        ..Flags::default()
+    };
+    // Every frame here is answered (an ARP reply, a RST), and the guest
+    // never takes an answer.
+    for i in 0..20_000u32 {
+        let port = 1024 + (i % 60_000) as u16;
+        s.guest_frame(&tcp(guest(port), gateway(9), i, syn, b""));
+        s.guest_frame(&arp_request(GATEWAY_IP));
+        if i % 7 == 0 {
+            s.poll();
+        }
+        assert!(
+            s.to_guest().len() <= TO_GUEST_CAP && s.backlog() <= TO_STACK_CAP,
+            "after {i} frames: {} toward the guest, {} toward the stack",
+            s.to_guest().len(),
+            s.backlog()
+        );
+    }
+    assert_eq!(s.to_guest().len(), TO_GUEST_CAP, "the stack filled the guest's queue");
+    // Once the guest reads again, what was held back is answered.
+    s.to_guest().clear();
+    s.poll();
+    assert!(!s.to_guest().is_empty(), "held frames are answered after a refill");
+}

@@ -40,6 +40,12 @@ pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_V
 use crate::event_loop::EventHandler;
 use persist::DeviceState;
 
+/// Most chains a handler takes off one queue per wakeup. A guest that keeps
+/// a queue full would otherwise keep the event loop, and with it the other
+/// devices and the control socket, to itself: past the budget the handler
+/// signals its own queue eventfd and comes back after the loop's other work.
+pub const DRAIN_BUDGET: usize = 256;
+
 /// The feature mask of feature bit `bit` (virtio-bindings numbers bits).
 ///
 /// ```

@@ -14,7 +14,7 @@ use super::lock;
 use super::persist::NetState;
 use super::queues::{read_tx_frame, write_rx_frame, QueueError};
 use crate::devices::virtio::persist::{DeviceState, RuntimeState};
-use crate::devices::virtio::{Interrupt, VIRTIO_MMIO_INT_VRING};
+use crate::devices::virtio::{Interrupt, DRAIN_BUDGET, VIRTIO_MMIO_INT_VRING};
 use crate::event_loop::{Event, EventHandler, HandlerId, Ops, Token};
 use crate::usernet::{Stack, WatchRequest, FIRST_TOKEN};
 
@@ -63,18 +63,21 @@ pub(super) struct NetHandler {
     broken: bool,
 }
 
-/// Pops transmit chains, hands their frames to the stack, returns them used.
+/// Pops up to `budget` transmit chains, hands their frames to the stack,
+/// returns them used. Returns whether the budget ran out (more may wait).
 pub(super) fn process_tx(
     mem: &GuestMemoryMmap,
     tx: &mut Queue,
     stack: &mut Stack,
     interrupt: &Interrupt,
-) -> Result<(), QueueError> {
+    budget: usize,
+) -> Result<bool, QueueError> {
     let mut used = false;
-    loop {
+    for _ in 0..budget {
         let chain = tx.iter(mem).map_err(QueueError::AvailRing)?.next();
         let Some(chain) = chain else {
-            break;
+            notify(mem, tx, interrupt, used)?;
+            return Ok(false);
         };
         let head = chain.head_index();
         let frame = read_tx_frame(mem, chain)?;
@@ -84,7 +87,8 @@ pub(super) fn process_tx(
             stack.guest_frame(&frame);
         }
     }
-    notify(mem, tx, interrupt, used)
+    notify(mem, tx, interrupt, used)?;
+    Ok(true)
 }
 
 /// Moves the stack's frames into receive chains while the guest has them.
@@ -171,9 +175,21 @@ impl NetHandler {
         let stack = &mut backend.stack;
         match token {
             Some((RX_TOKEN | TIMER_TOKEN, _)) | None => {}
-            Some((TX_TOKEN, _)) => process_tx(&self.mem, &mut self.tx, stack, &self.interrupt)?,
+            Some((TX_TOKEN, _)) => {
+                let more =
+                    process_tx(&self.mem, &mut self.tx, stack, &self.interrupt, DRAIN_BUDGET)?;
+                if more {
+                    // Come back after the loop's other work.
+                    if let Err(e) = self.tx_evt.write(1) {
+                        tracing::warn!("virtio-net: re-arming the transmit queue failed: {e}");
+                    }
+                }
+            }
             Some((token, revents)) => stack.host_ready(token, revents),
         }
+        // Room in the guest's buffers first: the stack takes in no guest
+        // frame while its queue toward the guest is full.
+        process_rx(&self.mem, &mut self.rx, stack, &self.interrupt)?;
         stack.poll();
         process_rx(&self.mem, &mut self.rx, stack, &self.interrupt)?;
         for request in stack.take_requests() {

@@ -49,7 +49,7 @@ fn avail_index_beyond_the_queue_is_an_error() {
     let mut q: Queue = mock.create_queue().expect("queue");
     let mut stack = Stack::new(&NetConfig::default()).expect("stack");
     let (irq, _) = interrupt();
-    let r = process_tx(&mem, &mut q, &mut stack, &irq);
+    let r = process_tx(&mem, &mut q, &mut stack, &irq, 16);
     assert!(matches!(r, Err(QueueError::AvailRing(_))), "{r:?}");
 }
 
@@ -75,7 +75,7 @@ fn arp_through_the_tx_queue_is_answered_in_the_rx_queue() {
 
     let mut stack = Stack::new(&NetConfig::default()).expect("stack");
     let (irq, observer) = interrupt();
-    process_tx(&mem, &mut tx, &mut stack, &irq).expect("tx");
+    process_tx(&mem, &mut tx, &mut stack, &irq, 16).expect("tx");
     assert_eq!(tx_mock.used().idx().load(), 1, "tx chain returned");
     stack.poll();
     process_rx(&mem, &mut rx, &mut stack, &irq).expect("rx");
@@ -158,4 +158,33 @@ fn a_restored_device_keeps_its_queues_and_saved_mac() {
         (state.queues[0].next_avail, state.queues[0].next_used),
         (3, 3)
     );
+}
+
+#[test]
+fn a_full_transmit_queue_is_taken_a_budget_at_a_time() {
+    let mem = memory();
+    let arp = arp_request(GATEWAY_IP);
+    let mut chains = Vec::new();
+    for i in 0..10u64 {
+        let at = 0x20000 + i * 0x1000;
+        mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(at))
+            .expect("hdr");
+        mem.write_slice(&arp, GuestAddress(at + NET_HDR_LEN as u64))
+            .expect("frame");
+        chains.push(desc(at, (NET_HDR_LEN + arp.len()) as u32, 0, 0));
+    }
+    let tx_mock = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
+    tx_mock.add_desc_chains(&chains, 0).expect("tx chains");
+    let mut tx: Queue = tx_mock.create_queue().expect("tx");
+    let mut stack = Stack::new(&NetConfig::default()).expect("stack");
+    let (irq, _) = interrupt();
+    let mut taken = Vec::new();
+    loop {
+        let more = process_tx(&mem, &mut tx, &mut stack, &irq, 4).expect("tx");
+        taken.push(tx_mock.used().idx().load());
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(taken, [4, 8, 10], "used index after each pass");
 }

@@ -14,7 +14,9 @@ use super::muxer::{Interest, Muxer, LISTENER, SWEEP};
 use super::packet::{self, RxBuffer, EVENT_LEN, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET};
 use super::persist::VsockState;
 use crate::devices::virtio::persist::{DeviceState, RuntimeState};
-use crate::devices::virtio::{ActivateContext, ActivateError, Interrupt, VIRTIO_MMIO_INT_VRING};
+use crate::devices::virtio::{
+    ActivateContext, ActivateError, Interrupt, DRAIN_BUDGET, VIRTIO_MMIO_INT_VRING,
+};
 use crate::event_loop::{Event, EventHandler, Ops};
 
 /// Queue indices.
@@ -81,10 +83,17 @@ impl VsockHandler {
         self.interrupt.set_needs_reset();
     }
 
-    /// Drains the TX queue into the muxer.
+    /// Takes up to [`DRAIN_BUDGET`] chains off the TX queue into the muxer;
+    /// past that, signals the queue's eventfd to come back for the rest.
     fn process_tx(&mut self) {
         let mut used = false;
-        loop {
+        for taken in 0.. {
+            if taken == DRAIN_BUDGET {
+                if let Err(e) = self.queue_events[TX].write(1) {
+                    tracing::warn!("virtio-vsock: re-arming the TX queue failed: {e}");
+                }
+                break;
+            }
             let mem = &self.mem;
             let chain = match pop(&mut self.queues[TX], mem) {
                 Ok(Some(chain)) => chain,
