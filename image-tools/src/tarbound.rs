@@ -74,7 +74,9 @@ impl<R: Read> Read for Metered<R> {
         let n64 = n as u64;
         match meter.allowance.get() {
             Some(left) => meter.allowance.set(Some(left - n64)),
-            None => meter.data_left.set(meter.data_left.get().saturating_sub(n64)),
+            None => meter
+                .data_left
+                .set(meter.data_left.get().saturating_sub(n64)),
         }
         Ok(n)
     }
@@ -119,12 +121,10 @@ impl<'a, R: Read> Iterator for Entries<'a, R> {
             .set(Some(skip.saturating_add(MAX_METADATA)));
         let next = self.inner.next();
         self.meter.allowance.set(None);
-        self.meter
-            .data_left
-            .set(match &next {
-                Some(Ok(entry)) => entry.size(),
-                _ => 0,
-            });
+        self.meter.data_left.set(match &next {
+            Some(Ok(entry)) => entry.size(),
+            _ => 0,
+        });
         next
     }
 }
@@ -156,8 +156,11 @@ mod tests {
         builder.into_inner().expect("in memory")
     }
 
+    /// Each entry's path and data.
+    type Listing = Vec<(Vec<u8>, Vec<u8>)>;
+
     /// Reads every entry's path and data; the bytes the reader gave.
-    fn read_all(bytes: &[u8]) -> (io::Result<Vec<(Vec<u8>, Vec<u8>)>>, usize) {
+    fn read_all(bytes: &[u8]) -> (io::Result<Listing>, usize) {
         let counted = Cell::new(0usize);
         struct Count<'c>(&'c [u8], &'c Cell<usize>);
         impl Read for Count<'_> {

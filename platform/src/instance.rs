@@ -39,6 +39,9 @@ const STANDBY_START: Duration = Duration::from_secs(30);
 /// VMM that misses it is taken for dead and its connections are lost, so
 /// it is far above what a loaded host needs (milliseconds).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many 5 ms looks for the exit of an instance whose control socket
+/// broke (its process closes the socket as it exits).
+const DEATH_GRACE_POLLS: u32 = 40;
 
 /// Errors of an instance.
 #[derive(Debug, thiserror::Error)]
@@ -360,31 +363,49 @@ impl Instance {
         if self.dead.load(Ordering::Acquire) || self.exited.load(Ordering::Acquire) {
             return false;
         }
-        let ended = match lock(&self.process).try_wait() {
-            Ok(None) => return true,
-            Ok(Some(exit)) => exit.to_string(),
-            Err(e) => e.to_string(),
-        };
-        let reason = match &self.cgroup {
-            Some(group) if group.oom_kills() > 0 => format!(
-                "out of memory: it reached its cgroup's limit of {} MiB",
-                group.memory_limit().unwrap_or(0) >> 20
-            ),
-            _ => ended,
+        let Some(reason) = self.exit_reason() else {
+            return true;
         };
         lock(&self.death).get_or_insert(reason);
         self.dead.store(true, Ordering::Release);
         false
     }
 
+    /// Why its process ended (the OOM killer, or its exit: a signal such
+    /// as seccomp's `SIGSYS`, or a status), once it has.
+    fn exit_reason(&self) -> Option<String> {
+        let ended = match lock(&self.process).try_wait() {
+            Ok(None) => return None,
+            Ok(Some(exit)) => exit.to_string(),
+            Err(e) => e.to_string(),
+        };
+        Some(match &self.cgroup {
+            Some(group) if group.oom_kills() > 0 => format!(
+                "out of memory: it reached its cgroup's limit of {} MiB",
+                group.memory_limit().unwrap_or(0) >> 20
+            ),
+            _ => ended,
+        })
+    }
+
     /// Why it died (its exit, the OOM killer, seccomp), once it has; a
     /// live instance whose control socket failed says so.
     pub fn death(&self) -> Option<String> {
-        lock(&self.death).clone().or_else(|| {
-            self.dead
-                .load(Ordering::Acquire)
-                .then(|| "its control socket failed".to_owned())
-        })
+        if let Some(death) = lock(&self.death).clone() {
+            return Some(death);
+        }
+        if !self.dead.load(Ordering::Acquire) {
+            return None;
+        }
+        // A dying process closes its sockets a moment before it can be
+        // reaped: give it that moment, so the reason is its exit.
+        for _ in 0..DEATH_GRACE_POLLS {
+            if let Some(reason) = self.exit_reason() {
+                return Some(lock(&self.death).get_or_insert(reason).clone());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some("its control socket failed".to_owned())
     }
 
     /// Marks it unusable (a failed hand-over).

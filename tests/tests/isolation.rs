@@ -141,8 +141,9 @@ fn deploy(daemon: &Daemon, name: &str, image: &Path, port: u16, extra: &[&str]) 
 /// kernel killed it, that `little ps` and `/metrics` say so, and that the
 /// next request on `port` is served by a new instance.
 fn check_seccomp_kill(daemon: &Daemon, name: &str, port: u16) {
-    let [instance] = daemon.app(name).instances.as_slice() else {
-        panic!("{name} should run one instance: {:?}", daemon.app(name).instances);
+    let app = daemon.app(name);
+    let [instance] = app.instances.as_slice() else {
+        panic!("{name} should run one instance: {:?}", app.instances);
     };
     let pid = instance.pid;
     // The VMM's control socket, as its own root directory shows it.

@@ -1,6 +1,7 @@
 //! VMM mechanics on real KVM with a hand-assembled 64-bit guest: the boot
-//! GDT, page tables and long-mode entry, port I/O and MMIO exits, and a clean
-//! stop through the i8042 reset port. No kernel needed; runs in milliseconds
+//! GDT, page tables and long-mode entry, port I/O and MMIO exits, a clean
+//! stop through the i8042 reset port, and a guest flooding its serial
+//! console past the log's cap. No kernel needed; runs in milliseconds
 //! of host time (the guest's few instructions are emulated on nested hosts).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::boot::memory_ranges;
 use vmm::devices::bus::{Bus, BusDevice};
+use vmm::devices::legacy::console_log::{rotated_path, ConsoleLog};
 use vmm::devices::legacy::i8042::I8042;
+use vmm::devices::legacy::serial::SerialConsole;
 use vmm::host::HostKind;
 use vmm::vstate::vcpu::{StopReason, Vcpu};
 use vmm::vstate::vm::{open_kvm, Vm};
@@ -117,5 +120,72 @@ fn guest_fault_is_a_typed_error_not_a_panic() {
     assert!(
         matches!(r, Ok(StopReason::Reset) | Err(_)),
         "a triple-faulting guest ends the VM: {r:?}"
+    );
+}
+
+/// `out 0x3f8, 'x'` `COUNT` times (patched into the `mov ecx`), then the
+/// i8042 reset.
+#[rustfmt::skip]
+const FLOOD: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03,             // mov dx, 0x3f8
+    0xb9, 0, 0, 0, 0,                   // mov ecx, COUNT
+    0xb0, b'x',                         // loop: mov al, 'x'
+    0xee,                               // out dx, al
+    0xff, 0xc9,                         // dec ecx
+    0x75, 0xf9,                         // jnz loop
+    0xb0, 0xfe, 0xe6, 0x64,             // mov al, 0xfe; out 0x64, al
+    0xf4,                               // hlt
+];
+
+#[test]
+fn a_guest_flooding_its_console_leaves_logs_under_the_cap() {
+    const COUNT: u32 = 256 * 1024;
+    const CAP: u64 = COUNT as u64 / 16;
+    let kvm = open_kvm().expect("this test needs /dev/kvm");
+    let mem = GuestMemoryMmap::from_ranges(&memory_ranges(32 << 20)).expect("guest memory");
+    let mut code = FLOOD.to_vec();
+    code[5..9].copy_from_slice(&COUNT.to_le_bytes());
+    mem.write_slice(&code, GuestAddress(CODE_ADDR))
+        .expect("code fits");
+    let vm = Vm::new(kvm, mem).expect("VM");
+    let mut vcpu = Vcpu::new(&vm, 0, 1, CODE_ADDR, HostKind::detect()).expect("vCPU");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("console.log");
+    let log = ConsoleLog::create(&path, CAP).expect("console log");
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let serial = SerialConsole::new(irq, Box::new(log));
+    let reset = Arc::new(AtomicBool::new(false));
+    let flag = reset.clone();
+    let mut pio = Bus::new();
+    pio.insert(Arc::new(Mutex::new(serial)), 0x3f8, 8)
+        .expect("serial range");
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(Box::new(move || {
+            flag.store(true, Ordering::SeqCst)
+        })))),
+        0x60,
+        5,
+    )
+    .expect("i8042 range");
+
+    let stop = vcpu
+        .run(&pio, &Bus::new(), &reset)
+        .expect("guest runs cleanly");
+    assert_eq!(stop, StopReason::Reset, "the guest wrote all {COUNT} bytes");
+    let size = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .len()
+    };
+    let (current, rotated) = (size(&path), size(&rotated_path(&path)));
+    assert!(
+        current <= CAP && rotated == CAP,
+        "{COUNT} bytes written under a {CAP}-byte cap left {current} + {rotated} bytes"
+    );
+    assert_eq!(
+        u64::from(COUNT) % CAP,
+        current % CAP,
+        "the current file holds the tail of the flood"
     );
 }

@@ -557,9 +557,16 @@ fn a_guest_that_posts_no_receive_buffers_cannot_grow_the_queues() {
             s.backlog()
         );
     }
-    assert_eq!(s.to_guest().len(), TO_GUEST_CAP, "the stack filled the guest's queue");
+    assert_eq!(
+        s.to_guest().len(),
+        TO_GUEST_CAP,
+        "the stack filled the guest's queue"
+    );
     // Once the guest reads again, what was held back is answered.
     s.to_guest().clear();
     s.poll();
-    assert!(!s.to_guest().is_empty(), "held frames are answered after a refill");
+    assert!(
+        !s.to_guest().is_empty(),
+        "held frames are answered after a refill"
+    );
 }

@@ -176,8 +176,13 @@ impl NetHandler {
         match token {
             Some((RX_TOKEN | TIMER_TOKEN, _)) | None => {}
             Some((TX_TOKEN, _)) => {
-                let more =
-                    process_tx(&self.mem, &mut self.tx, stack, &self.interrupt, DRAIN_BUDGET)?;
+                let more = process_tx(
+                    &self.mem,
+                    &mut self.tx,
+                    stack,
+                    &self.interrupt,
+                    DRAIN_BUDGET,
+                )?;
                 if more {
                     // Come back after the loop's other work.
                     if let Err(e) = self.tx_evt.write(1) {

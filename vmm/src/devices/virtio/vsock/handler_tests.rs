@@ -357,3 +357,38 @@ fn a_bad_event_buffer_needs_a_reset() {
     rt.process_evt();
     assert!(rt.broken && rt.interrupt.needs_reset());
 }
+
+#[test]
+fn a_full_tx_queue_is_taken_a_budget_at_a_time() {
+    let mem = mem();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Driver::new(&mem);
+    let mut rt = handler(&d, dir.path());
+    // A few chains: all taken, no need to come back.
+    for _ in 0..10 {
+        d.send(Op::Rw, 5000, 1, b"x");
+    }
+    rt.process_tx();
+    assert_eq!(d.tx_used(), 10);
+    assert!(
+        rt.queue_events[TX].read().is_err(),
+        "the queue was drained: no wake-up of its own"
+    );
+    // A budget's worth (a whole queue): taken, and the handler signals
+    // itself to come back for whatever the guest adds meanwhile.
+    let mut d = Driver::new(&mem);
+    let dir = tempfile::tempdir().unwrap();
+    let mut rt = handler(&d, dir.path());
+    for _ in 0..DRAIN_BUDGET {
+        d.send(Op::Rw, 5000, 1, b"x");
+    }
+    rt.process_tx();
+    assert_eq!(usize::from(d.tx_used()), DRAIN_BUDGET);
+    assert_eq!(
+        rt.queue_events[TX]
+            .read()
+            .expect("re-signalled past the budget"),
+        1
+    );
+    assert!(!rt.broken);
+}
