@@ -9,6 +9,9 @@
 //! | `{"op":"ps", "show_env":false}` | a list of [`AppStatus`]; env values masked unless `show_env` |
 //! | `{"op":"logs", "app":…, "follow":false}` | `null`, then the console output as raw bytes until the daemon closes (with `follow`, until the client does) |
 //! | `{"op":"rm", "app":…}` | `null` |
+//! | `{"op":"volume-create", "name":…, "size":…}` | the new volume's [`VolumeInfo`](crate::volume::VolumeInfo) |
+//! | `{"op":"volume-ls"}` | a list of [`VolumeInfo`](crate::volume::VolumeInfo) |
+//! | `{"op":"volume-rm", "name":…}` | `null` (refused while an app mounts it) |
 //!
 //! Every response is `{"ok":true,"data":…}` or `{"ok":false,"error":"…"}`.
 //! An over-long or malformed request gets an error and the connection is
@@ -20,6 +23,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vmm_api::net::Rule;
+
+use crate::volume::VolumeMount;
 
 /// Errors talking to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +139,11 @@ pub struct AppSpec {
     /// Absent in records from before it existed.
     #[serde(default, with = "rule_strings")]
     pub allow_host: Vec<Rule>,
+    /// Volumes mounted in the app's guests (`NAME:/guest/path`), each
+    /// attached read-write: an app with a volume runs one instance at a
+    /// time. Absent in records from before volumes existed.
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
 }
 
 /// [`AppSpec::allow_host`] as JSON strings, checked when read.
@@ -161,7 +171,7 @@ impl AppSpec {
     ///     name: "web".into(), image: "x.tar".into(), port: 8080,
     ///     listen: "127.0.0.1:0".into(), memory_mib: 128, concurrency: 10,
     ///     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![],
-    ///     allow_host: vec!["127.0.0.1:5432".parse().unwrap()],
+    ///     allow_host: vec!["127.0.0.1:5432".parse().unwrap()], volumes: vec![],
     /// };
     /// assert!(spec.validate().is_ok());
     /// spec.name = "../etc".into();
@@ -204,6 +214,32 @@ impl AppSpec {
                 "invalid environment entry {bad:?}: expected KEY=VALUE"
             ));
         }
+        self.validate_volumes()
+    }
+
+    fn validate_volumes(&self) -> Result<(), String> {
+        if self.volumes.len() > crate::volume::MAX_PER_APP {
+            return Err(format!(
+                "at most {} volumes per app",
+                crate::volume::MAX_PER_APP
+            ));
+        }
+        for (i, m) in self.volumes.iter().enumerate() {
+            m.validate()?;
+            if let Some(other) = self.volumes[..i]
+                .iter()
+                .find(|o| o.name == m.name || o.path == m.path)
+            {
+                return Err(format!("volumes {other} and {m} share a name or a path"));
+            }
+        }
+        if !self.volumes.is_empty() && self.max > 1 {
+            return Err(format!(
+                "--max {}: an app with a volume runs one instance at a time (one writer); \
+                 it still takes --concurrency connections at once",
+                self.max
+            ));
+        }
         Ok(())
     }
 
@@ -214,7 +250,7 @@ impl AppSpec {
     /// # let mut spec = platform::api::AppSpec {
     /// #     name: "web".into(), image: "x.tar".into(), port: 8080,
     /// #     listen: "127.0.0.1:0".into(), memory_mib: 128, concurrency: 10,
-    /// #     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![], allow_host: vec![],
+    /// #     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![], allow_host: vec![], volumes: vec![],
     /// # };
     /// assert_eq!(spec.network(), "isolated");
     /// spec.allow_host = vec!["127.0.0.1:5432".parse().unwrap(), "10.1.0.0/16".parse().unwrap()];
@@ -258,6 +294,23 @@ pub enum Request {
     Rm {
         /// The app.
         app: String,
+    },
+    /// Make a volume: a sparse ext4 image of `size` bytes.
+    #[serde(rename = "volume-create")]
+    VolumeCreate {
+        /// Its name.
+        name: String,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// Every volume (a list of [`crate::volume::VolumeInfo`]).
+    #[serde(rename = "volume-ls")]
+    VolumeLs,
+    /// Remove a volume no app uses.
+    #[serde(rename = "volume-rm")]
+    VolumeRm {
+        /// Its name.
+        name: String,
     },
 }
 
@@ -330,6 +383,10 @@ pub struct AppStatus {
     /// runs as root; `None`: a user namespace as the daemon's user.
     #[serde(default)]
     pub user: Option<u32>,
+    /// How its last instance started: restored from the deploy snapshot,
+    /// or booted cold because its volumes moved on since that snapshot.
+    #[serde(default)]
+    pub last_start: Option<String>,
 }
 
 /// Sends `request` and reads the response line; the reader is left
@@ -433,7 +490,48 @@ mod tests {
                 "127.0.0.1:5432".parse().unwrap(),
                 "10.1.0.0/16".parse().unwrap(),
             ],
+            volumes: vec![],
         }
+    }
+
+    #[test]
+    fn volume_requests_and_an_apps_volumes_round_trip() {
+        let create: Request =
+            serde_json::from_str(r#"{"op":"volume-create","name":"pg","size":1073741824}"#)
+                .unwrap();
+        assert!(matches!(
+            create,
+            Request::VolumeCreate {
+                size: 1_073_741_824,
+                ..
+            }
+        ));
+        assert!(matches!(
+            serde_json::from_str(r#"{"op":"volume-ls"}"#).unwrap(),
+            Request::VolumeLs
+        ));
+        let mut with = spec();
+        with.max = 1;
+        with.volumes = vec!["pg:/var/lib/postgresql/data".parse().unwrap()];
+        with.validate().expect("one volume, one instance");
+        let text = serde_json::to_string(&Request::Deploy(with.clone())).unwrap();
+        let Request::Deploy(back) = serde_json::from_str(&text).unwrap() else {
+            panic!("a deploy");
+        };
+        assert_eq!(back, with);
+    }
+
+    #[test]
+    fn an_app_with_a_volume_has_one_writer_and_distinct_mounts() {
+        let mut with = spec();
+        with.volumes = vec!["pg:/data".parse().unwrap()];
+        let e = with.validate().expect_err("max 4 with a volume");
+        assert!(e.contains("one instance at a time"), "{e}");
+        with.max = 1;
+        with.volumes.push("pg:/other".parse().unwrap());
+        assert!(with.validate().is_err(), "one volume twice");
+        with.volumes[1] = "other:/data".parse().unwrap();
+        assert!(with.validate().is_err(), "one path twice");
     }
 
     #[test]

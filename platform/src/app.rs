@@ -29,6 +29,18 @@ pub const TICK: Duration = Duration::from_millis(20);
 /// host those can take tens of seconds; dropping it sooner would lose a
 /// request that was only slow.
 const QUEUE_LIMIT: Duration = Duration::from_secs(300);
+/// In an app's folder: its volumes may have changed since its snapshot
+/// (an instance ran with them since it was taken).
+pub const VOLUMES_MOVED: &str = "volumes.moved";
+
+/// Makes the [`VOLUMES_MOVED`] marker `path` durable (the file and its
+/// folder entry) before a guest may write to the volumes.
+fn mark_moved(path: &std::path::Path) -> std::io::Result<()> {
+    crate::home::create_file(path)?.sync_all()?;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Console logs kept per app besides the running VMs' and the first
 /// boot's: each is capped by its `vmm`, and this bounds how many an app
 /// that wakes again and again leaves behind.
@@ -183,6 +195,9 @@ impl App {
 
     /// Restores the snapshot in `standby` (or in a fresh standby VMM).
     fn wake(&self, standby: Option<Standby>) -> Result<Instance, InstanceError> {
+        if !self.record.volume_files.is_empty() {
+            return self.wake_with_volumes(standby);
+        }
         let standby = match standby {
             Some(mut s) => {
                 if s.alive() {
@@ -196,6 +211,37 @@ impl App {
         };
         let instance = standby.restore()?;
         self.metrics.restores.fetch_add(1, Ordering::Relaxed);
+        Ok(instance)
+    }
+
+    /// Wakes an app with volumes. Its snapshot holds the guest's view of
+    /// its volumes (the page cache, ext4's state) at the moment it was
+    /// taken, so it is restored only while the volumes are exactly as they
+    /// were then: before the first instance runs, the [`VOLUMES_MOVED`]
+    /// marker is made durable; a wake that finds it boots the app cold
+    /// with the volumes as they are (ext4 replays its journal) and takes
+    /// the snapshot again, then restores that.
+    fn wake_with_volumes(&self, standby: Option<Standby>) -> Result<Instance, InstanceError> {
+        // A standby VMM holds the snapshot file it was started with, which
+        // a cold boot replaces: start one after it.
+        if let Some(mut standby) = standby {
+            standby.kill();
+        }
+        let name = &self.record.spec.name;
+        let marker = self.record.dir.join(VOLUMES_MOVED);
+        let how = if marker.exists() {
+            eprintln!("little: {name}: its volumes moved on since the snapshot: booting cold");
+            crate::deploy::boot_and_snapshot(&self.settings, &self.record)
+                .map_err(|e| InstanceError::ColdBoot(Box::new(e)))?;
+            self.metrics.cold_boots.fetch_add(1, Ordering::Relaxed);
+            "booted cold (its volumes had moved on since the snapshot), then restored"
+        } else {
+            "restored from the snapshot, which matches its volumes"
+        };
+        mark_moved(&marker).map_err(|e| InstanceError::Dir(marker.display().to_string(), e))?;
+        let instance = self.spawn_standby()?.restore()?;
+        self.metrics.restores.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.metrics.last_start) = Some(how.to_owned());
         Ok(instance)
     }
 
@@ -257,7 +303,9 @@ impl App {
             st.standby.retain_mut(Standby::alive);
             (
                 st.instances.len() + st.waking < min,
-                st.standby.len() < self.settings.standby,
+                // An app with volumes starts its standby VMM after a
+                // possible cold boot, never ahead of it.
+                st.standby.len() < self.settings.standby && self.record.volume_files.is_empty(),
             )
         };
         for i in crashed {
@@ -358,6 +406,7 @@ impl App {
                 .collect(),
             standby: st.standby.len(),
             last_death: lock(&self.metrics.last_death).clone(),
+            last_start: lock(&self.metrics.last_start).clone(),
             user: crate::jail::user_of(&self.record).map(|(uid, _)| uid),
         }
     }

@@ -8,6 +8,7 @@ use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::metrics::{render, Sample};
 use crate::peer;
 use crate::settings::Settings;
 use crate::sync::lock;
+use crate::volume::Volumes;
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -255,6 +257,25 @@ impl Daemon {
                 Response::ok(serde_json::to_value(apps).unwrap_or_default())
             }
             Request::Logs { .. } => Response::error("logs are streamed on their own connection"),
+            Request::VolumeCreate { name, size } => {
+                let _guard = lock(&self.deploying);
+                match self.volumes().create(&name, size) {
+                    Ok(info) => Response::ok(serde_json::to_value(info).unwrap_or_default()),
+                    Err(e) => Response::error(error_chain(&e)),
+                }
+            }
+            Request::VolumeLs => match self.volumes().list(|name| self.volume_user(name, "")) {
+                Ok(list) => Response::ok(serde_json::to_value(list).unwrap_or_default()),
+                Err(e) => Response::error(error_chain(&e)),
+            },
+            Request::VolumeRm { name } => {
+                let _guard = lock(&self.deploying);
+                let user = self.volume_user(&name, "");
+                match self.volumes().remove(&name, user) {
+                    Ok(()) => Response::ok(serde_json::Value::Null),
+                    Err(e) => Response::error(error_chain(&e)),
+                }
+            }
             Request::Rm { app } => {
                 let removed = lock(&self.apps).remove(&app);
                 match removed {
@@ -305,18 +326,50 @@ impl Daemon {
         }
     }
 
+    fn volumes(&self) -> Volumes {
+        Volumes::new(&self.settings.home)
+    }
+
+    /// The app other than `except` that mounts volume `name`, if any.
+    fn volume_user(&self, name: &str, except: &str) -> Option<String> {
+        let records = self.db.list().unwrap_or_default();
+        records
+            .into_iter()
+            .find(|r| r.spec.name != except && r.spec.volumes.iter().any(|v| v.name == name))
+            .map(|r| r.spec.name)
+    }
+
+    /// The image files of `spec`'s volumes, once each is checked to exist,
+    /// to hold ext4 and to be no other app's.
+    fn volume_files(&self, spec: &AppSpec) -> Result<Vec<PathBuf>, String> {
+        let volumes = self.volumes();
+        spec.volumes
+            .iter()
+            .map(|m| {
+                if let Some(app) = self.volume_user(&m.name, &spec.name) {
+                    return Err(format!(
+                        "volume {:?} is mounted by app {app:?}: two apps cannot share a volume read-write",
+                        m.name
+                    ));
+                }
+                volumes.open(&m.name).map_err(|e| error_chain(&e))
+            })
+            .collect()
+    }
+
     fn deploy(&self, spec: AppSpec) -> Result<serde_json::Value, String> {
         spec.validate()?;
         // One deploy at a time: boots are heavy and the store is shared.
         let _guard = lock(&self.deploying);
+        let volume_files = self.volume_files(&spec)?;
         let old = lock(&self.apps).remove(&spec.name);
         if let Some(old) = &old {
             old.stop();
         }
         let records = self.db.list().map_err(|e| error_chain(&e))?;
         let uid = crate::jail::app_user(&records, &spec.name, crate::jail::uid_base());
-        let mut record =
-            crate::deploy::deploy(&self.settings, &spec, uid).map_err(|e| error_chain(&e))?;
+        let mut record = crate::deploy::deploy(&self.settings, &spec, uid, volume_files)
+            .map_err(|e| error_chain(&e))?;
         // A redeploy keeps its port unless it names another.
         if let (Some(old), true) = (&old, spec.listen.ends_with(":0")) {
             record.listen = old.listen.to_string();

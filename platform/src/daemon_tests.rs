@@ -52,6 +52,7 @@ fn add_app(daemon: &Daemon, env: &[&str]) -> PathBuf {
             idle_timeout_ms: 1000,
             env: env.iter().map(|e| (*e).to_owned()).collect(),
             allow_host: vec![],
+            volumes: vec![],
         },
         listen: "127.0.0.1:0".into(),
         snapshot: dir.join("app.snap"),
@@ -59,6 +60,7 @@ fn add_app(daemon: &Daemon, env: &[&str]) -> PathBuf {
         dir: dir.clone(),
         deployed_unix: 1,
         uid: 0,
+        volume_files: vec![],
     };
     daemon.db.put(&record).unwrap();
     let app = App::start(record, daemon.settings.clone(), daemon.next_id.clone()).unwrap();

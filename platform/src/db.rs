@@ -48,6 +48,10 @@ pub struct AppRecord {
     /// (0: none given yet).
     #[serde(default)]
     pub uid: u32,
+    /// The image files of `spec.volumes`, in order (absent in records from
+    /// before volumes existed).
+    #[serde(default)]
+    pub volume_files: Vec<PathBuf>,
 }
 
 /// The open database.
@@ -134,6 +138,7 @@ mod tests {
                 idle_timeout_ms: 1000,
                 env: vec!["A=1".into()],
                 allow_host: vec!["127.0.0.1:5432".parse().unwrap()],
+                volumes: vec!["data:/data".parse().unwrap()],
             },
             listen: "127.0.0.1:4000".into(),
             dir: "/x".into(),
@@ -141,6 +146,7 @@ mod tests {
             rootfs: "/x/rootfs.erofs".into(),
             deployed_unix: 1,
             uid: 0,
+            volume_files: vec!["/home/volumes/data.ext4".into()],
         }
     }
 

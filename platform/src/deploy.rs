@@ -24,6 +24,7 @@ use crate::jail::{self, JailPlan};
 use crate::process::{ProcessError, VmmProcess};
 use crate::settings::Settings;
 use crate::vm;
+use crate::volume;
 
 /// How long the first boot may take to `READY`: 10-60 s on a nested,
 /// emulated host, several minutes on a slow one whose cores are busy (a
@@ -106,19 +107,24 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
 /// The agent config for `spec` from the image's run config text.
 ///
 /// ```
+/// let mut spec: platform::api::AppSpec = serde_json::from_str(r#"{"name":"web",
+///     "image":"i","port":8080,"listen":"127.0.0.1:0","memory_mib":128,
+///     "concurrency":1,"min":0,"max":1,"idle_timeout_ms":1000,"env":["A=1"]}"#).unwrap();
+/// spec.volumes = vec!["data:/srv/data".parse().unwrap()];
 /// let base = "# from the image\narg=/bin/httpd\n";
-/// let conf = platform::deploy::app_agent_config(base, &["A=1".into()], 8080);
-/// assert!(conf.ends_with("env=A=1\nready_port=8080\n"));
+/// let conf = platform::deploy::app_agent_config(base, &spec);
+/// assert!(conf.ends_with("env=A=1\nready_port=8080\nvolume=vol0:/srv/data\n"));
 /// ```
-pub fn app_agent_config(image_config: &str, env: &[String], port: u16) -> String {
+pub fn app_agent_config(image_config: &str, spec: &AppSpec) -> String {
     let mut text = image_config.to_owned();
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    for e in env {
+    for e in &spec.env {
         text.push_str(&format!("env={e}\n"));
     }
-    text.push_str(&format!("ready_port={port}\n"));
+    text.push_str(&format!("ready_port={}\n", spec.port));
+    text.push_str(&volume::agent_lines(&spec.volumes));
     text
 }
 
@@ -129,7 +135,12 @@ pub fn app_agent_config(image_config: &str, env: &[String], port: u16) -> String
 /// `<app>/boot`, which holds only the kernel, the initramfs, the base image
 /// and its log folder; it writes the snapshot there, and every file an
 /// instance reads is then given to the app's user, mode 0600.
-pub fn deploy(settings: &Settings, spec: &AppSpec, uid: u32) -> Result<AppRecord, DeployError> {
+pub fn deploy(
+    settings: &Settings,
+    spec: &AppSpec,
+    uid: u32,
+    volume_files: Vec<PathBuf>,
+) -> Result<AppRecord, DeployError> {
     let store = Store::new(settings.home.join("images"));
     let source =
         Source::parse(&spec.image).map_err(|e| DeployError::Import(spec.image.clone(), e))?;
@@ -140,17 +151,14 @@ pub fn deploy(settings: &Settings, spec: &AppSpec, uid: u32) -> Result<AppRecord
     let image = store
         .import(&source, &spec.name, &options)
         .map_err(|e| DeployError::Import(spec.image.clone(), e))?;
-    let config = app_agent_config(&image.run.agent_config(None)?, &spec.env, spec.port);
+    let config = app_agent_config(&image.run.agent_config(None)?, spec);
     guest_agent_check(&config)?;
 
     let dir = settings.home.join("apps").join(&spec.name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
-    let boot = dir.join("boot");
-    let logs = dir.join("logs").join("boot");
-    home::create_dir_all(&boot).map_err(io(&boot))?;
-    home::create_dir_all(&logs).map_err(io(&logs))?;
+    home::create_dir_all(&dir).map_err(io(&dir))?;
     // The agent config in it carries the app's env values.
     let initrd = dir.join("agent.cpio");
     let file = home::create_file(&initrd).map_err(io(&initrd))?;
@@ -169,6 +177,7 @@ pub fn deploy(settings: &Settings, spec: &AppSpec, uid: u32) -> Result<AppRecord
             .map(|d| d.as_secs())
             .unwrap_or_default(),
         uid,
+        volume_files,
     };
     let user = jail::user_of(&record);
     jail::give(&initrd, user, 0o600)?;
@@ -177,10 +186,28 @@ pub fn deploy(settings: &Settings, spec: &AppSpec, uid: u32) -> Result<AppRecord
         // jail only: the home above it is the daemon's alone (0700).
         jail::give(&record.rootfs, None, 0o644)?;
     }
-    first_boot(settings, &record, &boot, &initrd, &logs)?;
-    jail::give(&record.snapshot, user, 0o600)?;
-    let _ = std::fs::remove_dir_all(&boot);
+    boot_and_snapshot(settings, &record)?;
     Ok(record)
+}
+
+/// Boots `record`'s app in `<app>/boot` and (re)writes its snapshot,
+/// given to the app's user. This is the deploy's first boot, and how an
+/// app whose volumes moved on since its snapshot starts again: a cold
+/// boot with the volumes as they are (ext4 replays its journal), after
+/// which the snapshot matches them again.
+pub fn boot_and_snapshot(settings: &Settings, record: &AppRecord) -> Result<(), DeployError> {
+    let boot = record.dir.join("boot");
+    let logs = record.dir.join("logs").join("boot");
+    if boot.exists() {
+        std::fs::remove_dir_all(&boot).map_err(io(&boot))?;
+    }
+    home::create_dir_all(&boot).map_err(io(&boot))?;
+    home::create_dir_all(&logs).map_err(io(&logs))?;
+    let initrd = record.dir.join("agent.cpio");
+    first_boot(settings, record, &boot, &initrd, &logs)?;
+    jail::give(&record.snapshot, jail::user_of(record), 0o600)?;
+    let _ = std::fs::remove_dir_all(&boot);
+    Ok(())
 }
 
 fn boot_cgroup(spec: &AppSpec) -> String {
@@ -213,7 +240,7 @@ fn first_boot(
             mem_mib: Some(app.spec.memory_mib.into()),
             cmdline: ROOT_CMDLINE.into(),
         }),
-        devices: vm::devices(&app.rootfs, boot),
+        devices: vm::devices(&app.rootfs, &app.volume_files, boot),
         net_policy: vm::net_policy(&app.spec),
         api_sock: Some(api.clone()),
         console: vm::console(console.clone()),

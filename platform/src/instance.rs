@@ -52,6 +52,10 @@ pub enum InstanceError {
     /// Its jail could not be prepared.
     #[error("cannot prepare the jail")]
     Jail(#[from] jail::JailError),
+    /// The cold boot of an app whose volumes moved on since its snapshot
+    /// failed.
+    #[error("the cold boot with the app's volumes failed")]
+    ColdBoot(#[source] Box<crate::deploy::DeployError>),
     /// The standby VMM never opened its control socket.
     #[error("the standby vmm did not open its control socket within {0:?}")]
     NoControlSocket(Duration),
@@ -98,7 +102,7 @@ impl Standby {
         let agent = UnixListener::bind(vm::agent_socket(&dir)).map_err(dir_err)?;
         let args = VmmArgs {
             start: Start::Standby,
-            devices: vm::devices(&app.rootfs, &dir),
+            devices: vm::devices(&app.rootfs, &app.volume_files, &dir),
             net_policy: vm::net_policy(&app.spec),
             api_sock: Some(vm::api_socket(&dir)),
             console: vm::console(logs.join(jail::CONSOLE)),

@@ -164,8 +164,16 @@ impl JailPlan<'_> {
                 *initrd = INITRD.into();
             }
         }
+        // Volumes read-write, each its app's alone.
+        let mut volumes = Vec::new();
+        for (i, file) in self.app.volume_files.iter().enumerate() {
+            give(file, user, 0o600)?;
+            let inside = volume(i);
+            binds.push(bind(file, &inside, false));
+            volumes.push(PathBuf::from(inside));
+        }
         let root = Path::new("/");
-        args.devices = vm::devices(Path::new(ROOTFS), root);
+        args.devices = vm::devices(Path::new(ROOTFS), &volumes, root);
         if args.api_sock.is_some() {
             args.api_sock = Some(vm::api_socket(root));
         }
@@ -180,6 +188,11 @@ impl JailPlan<'_> {
         });
         Ok((args, group))
     }
+}
+
+/// Where the `i`-th volume's image is inside the jail.
+pub fn volume(i: usize) -> String {
+    format!("/vol{i}.ext4")
 }
 
 /// The console file inside the jail.
@@ -206,6 +219,7 @@ mod tests {
             rootfs: PathBuf::new(),
             deployed_unix: 0,
             uid,
+            volume_files: vec![],
         }
     }
 

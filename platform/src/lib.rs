@@ -36,3 +36,4 @@ pub mod process;
 pub mod settings;
 mod sync;
 pub mod vm;
+pub mod volume;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use platform::api::{self, AppSpec, AppStatus, Request};
 use platform::daemon::Daemon;
 use platform::settings::Settings;
+use platform::volume::VolumeInfo;
 
 /// little.cloud: run OCI images as KVM microVMs that wake on a request and
 /// scale to zero.
@@ -72,9 +73,10 @@ enum Cmd {
         /// Instances kept running when idle.
         #[arg(long, value_name = "N", default_value_t = 0)]
         min: u32,
-        /// Most instances at once.
-        #[arg(long, value_name = "N", default_value_t = 10)]
-        max: u32,
+        /// Most instances at once (default 10; 1, the only value allowed,
+        /// for an app with a volume).
+        #[arg(long, value_name = "N")]
+        max: Option<u32>,
         /// Stop an instance after this long without a connection (500ms, 1s, 2m).
         #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration_ms)]
         idle_timeout: u64,
@@ -90,6 +92,12 @@ enum Cmd {
         /// `10.1.0.0/16` a private network.
         #[arg(long, value_name = "ADDR[/N][:PORT]")]
         allow_host: Vec<vmm_api::net::Rule>,
+        /// Mount a volume (`little volume create`) at a path in the guest,
+        /// read-write (repeatable). A new, empty volume is first filled
+        /// with what the image has at that path. An app with a volume runs
+        /// one instance at a time.
+        #[arg(long, value_name = "NAME:/PATH")]
+        volume: Vec<platform::volume::VolumeMount>,
     },
     /// List apps and their instances (age, connections, memory); env
     /// values are masked (`KEY=***`) unless --show-env.
@@ -111,11 +119,41 @@ enum Cmd {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Stop an app's instances and forget it.
+    /// Stop an app's instances and forget it (its volumes are kept).
     Rm {
         /// The app.
         app: String,
     },
+    /// Persistent volumes: ext4 disks an app mounts read-write.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// Make a volume: a sparse ext4 image (it takes disk space as it fills).
+    Create {
+        /// Its name (letters, digits, '-', '_').
+        name: String,
+        /// Its size: 512M, 1G, 10G.
+        #[arg(long, default_value = "1G", value_parser = parse_volume_size)]
+        size: u64,
+    },
+    /// List volumes: size, space taken on the host, the app that mounts it.
+    Ls {
+        /// Print the daemon's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume and its data (refused while an app mounts it).
+    Rm {
+        /// Its name.
+        name: String,
+    },
+}
+
+fn parse_volume_size(text: &str) -> Result<u64, String> {
+    platform::volume::parse_size(text).map_err(|e| e.to_string())
 }
 
 /// `500ms`, `1s`, `2m` or bare milliseconds.
@@ -174,6 +212,12 @@ fn print_ps(apps: &[AppStatus]) {
         }
         if !a.spec.env.is_empty() {
             println!("  env {}", a.spec.env.join(" "));
+        }
+        for v in &a.spec.volumes {
+            println!("  volume {v}");
+        }
+        if let Some(start) = &a.last_start {
+            println!("  last start: {start}");
         }
         if let Some(death) = &a.last_death {
             println!("  last death: {death}");
@@ -242,7 +286,9 @@ fn run(cli: Cli) -> Result<(), String> {
             idle_timeout,
             env,
             allow_host,
+            volume: volumes,
         } => {
+            let max = max.unwrap_or(if volumes.is_empty() { 10 } else { 1 });
             let env = env
                 .into_iter()
                 .map(|e| {
@@ -270,6 +316,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 idle_timeout_ms: idle_timeout,
                 env,
                 allow_host,
+                volumes,
             };
             spec.validate()?;
             let data = call(Request::Deploy(spec))?;
@@ -304,6 +351,39 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Rm { app } => {
             call(Request::Rm { app: app.clone() })?;
             println!("removed {app}");
+            Ok(())
+        }
+        Cmd::Volume(VolumeCmd::Create { name, size }) => {
+            let data = call(Request::VolumeCreate { name, size })?;
+            let info: VolumeInfo = serde_json::from_value(data).map_err(|e| e.to_string())?;
+            println!("created volume {} ({} MiB)", info.name, info.size >> 20);
+            Ok(())
+        }
+        Cmd::Volume(VolumeCmd::Ls { json }) => {
+            let data = call(Request::VolumeLs)?;
+            if json {
+                println!("{data}");
+                return Ok(());
+            }
+            let list: Vec<VolumeInfo> = serde_json::from_value(data).map_err(|e| e.to_string())?;
+            if list.is_empty() {
+                println!("no volumes");
+            }
+            for v in list {
+                println!(
+                    "{}  {} MiB  ({} MiB on disk)  {}",
+                    v.name,
+                    v.size >> 20,
+                    v.allocated >> 20,
+                    v.app
+                        .map_or("unused".to_owned(), |a| format!("mounted by {a}"))
+                );
+            }
+            Ok(())
+        }
+        Cmd::Volume(VolumeCmd::Rm { name }) => {
+            call(Request::VolumeRm { name: name.clone() })?;
+            println!("removed volume {name}");
             Ok(())
         }
     }

@@ -49,8 +49,13 @@ pub struct AppMetrics {
     pub oom_kills: AtomicU64,
     /// Of those, killed by their seccomp filter.
     pub seccomp_kills: AtomicU64,
+    /// Snapshots taken again by a cold boot, because the app's volumes
+    /// had moved on since the last one.
+    pub cold_boots: AtomicU64,
     /// Why the last one died.
     pub last_death: std::sync::Mutex<Option<String>>,
+    /// How the last instance started (restored, or booted cold).
+    pub last_start: std::sync::Mutex<Option<String>>,
     /// Connection accepted → handed to a freshly restored instance.
     pub wake_latency: Histogram,
 }
@@ -80,7 +85,7 @@ pub struct Sample<'a> {
 /// ```
 pub fn render(samples: &[Sample<'_>]) -> String {
     let mut out = String::new();
-    let counters: [Counter; 7] = [
+    let counters: [Counter; 8] = [
         ("little_requests_total", "Connections accepted.", |m| {
             m.requests.load(Ordering::Relaxed)
         }),
@@ -106,6 +111,11 @@ pub fn render(samples: &[Sample<'_>]) -> String {
             "little_oom_kills_total",
             "Instances killed at their cgroup's memory limit.",
             |m| m.oom_kills.load(Ordering::Relaxed),
+        ),
+        (
+            "little_cold_boots_total",
+            "Cold boots of an app whose volumes moved on since its snapshot.",
+            |m| m.cold_boots.load(Ordering::Relaxed),
         ),
         (
             "little_seccomp_kills_total",

@@ -13,6 +13,7 @@ use guest_agent::protocol::AGENT_PORT;
 use vmm_api::launch::{Console, Devices, Drive, NetPolicy};
 
 use crate::api::AppSpec;
+use crate::volume;
 
 /// A VM's console log is renamed to `<log>.1` at this size and started
 /// again, so a guest keeps at most twice this on disk per VM.
@@ -28,14 +29,22 @@ pub fn console(path: PathBuf) -> Console {
 }
 
 /// The devices of every VM of an app: its base image read-only as
-/// `/dev/vda`, a NIC, and the vsock device the agent reaches the host with
-/// (host end in `dir`).
-pub fn devices(rootfs: &Path, dir: &Path) -> Devices {
+/// `/dev/vda`, its volumes read-write after it (the `i`-th with serial
+/// [`volume::serial`]`(i)`), a NIC, and the vsock device the agent reaches
+/// the host with (host end in `dir`).
+pub fn devices(rootfs: &Path, volumes: &[PathBuf], dir: &Path) -> Devices {
+    let base = Drive {
+        path: rootfs.to_owned(),
+        read_only: true,
+        serial: None,
+    };
+    let volumes = volumes.iter().enumerate().map(|(i, path)| Drive {
+        path: path.clone(),
+        read_only: false,
+        serial: Some(volume::serial(i)),
+    });
     Devices {
-        drives: vec![Drive {
-            path: rootfs.to_owned(),
-            read_only: true,
-        }],
+        drives: std::iter::once(base).chain(volumes).collect(),
         net: true,
         vsock: Some(dir.join("v.sock")),
     }
@@ -68,7 +77,7 @@ mod tests {
     #[test]
     fn the_agent_socket_is_the_vsock_socket_for_its_port() {
         let dir = Path::new("/apps/a/i/7");
-        let vsock = devices(Path::new("/images/r.erofs"), dir).vsock;
+        let vsock = devices(Path::new("/images/r.erofs"), &[], dir).vsock;
         let uds = vsock.expect("every VM has the agent's vsock device");
         assert_eq!(
             agent_socket(dir).into_os_string().into_string().unwrap(),
@@ -90,6 +99,7 @@ mod tests {
             idle_timeout_ms: 1000,
             env: vec![],
             allow_host: vec![],
+            volumes: vec![],
         };
         assert_eq!(
             net_policy(&spec),
@@ -109,13 +119,30 @@ mod tests {
         ] {
             let args = vmm_api::launch::VmmArgs {
                 start,
-                devices: devices(Path::new("/images/r.erofs"), Path::new("/apps/web/i/1")),
+                devices: devices(
+                    Path::new("/images/r.erofs"),
+                    &[PathBuf::from("/home/volumes/data.ext4")],
+                    Path::new("/apps/web/i/1"),
+                ),
                 net_policy: net_policy(&spec),
                 api_sock: None,
                 console: vmm_api::launch::Console::Null,
                 jail: None,
             }
             .to_args();
+            let drives: Vec<&String> = args
+                .iter()
+                .zip(args.iter().skip(1))
+                .filter(|(flag, _)| *flag == "--drive")
+                .map(|(_, spec)| spec)
+                .collect();
+            assert_eq!(
+                drives,
+                [
+                    "path=/images/r.erofs,ro",
+                    "path=/home/volumes/data.ext4,serial=vol0"
+                ]
+            );
             let net = args.iter().position(|a| a == "--net").expect("a NIC");
             assert_eq!(
                 args[net..net + 4],

@@ -11,7 +11,7 @@
 //! use vmm_api::launch::{Boot, Console, Devices, Drive, NetPolicy, Start, VmmArgs};
 //!
 //! let devices = Devices {
-//!     drives: vec![Drive { path: "rootfs.erofs".into(), read_only: true }],
+//!     drives: vec![Drive { path: "rootfs.erofs".into(), read_only: true, serial: None }],
 //!     net: true,
 //!     vsock: Some("v.sock".into()),
 //! };
@@ -44,13 +44,16 @@ use std::path::PathBuf;
 
 use crate::net::Rule;
 
-/// A virtio-blk disk (`--drive path=PATH[,ro]`).
+/// A virtio-blk disk (`--drive path=PATH[,ro][,serial=ID]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Drive {
     /// The raw image file.
     pub path: PathBuf,
     /// Offer it read-only.
     pub read_only: bool,
+    /// What the device answers to GET_ID (at most 20 bytes): how the guest
+    /// tells disks apart (`/sys/block/vdX/serial`).
+    pub serial: Option<String>,
 }
 
 /// The guest's devices besides the console.
@@ -237,6 +240,10 @@ impl VmmArgs {
             if drive.read_only {
                 spec.push(",ro");
             }
+            if let Some(serial) = &drive.serial {
+                spec.push(",serial=");
+                spec.push(serial);
+            }
             args.flag_value("--drive", spec);
         }
         if self.devices.net {
@@ -325,10 +332,12 @@ mod tests {
                     Drive {
                         path: "/a/rootfs.erofs".into(),
                         read_only: true,
+                        serial: None,
                     },
                     Drive {
                         path: "/a/data.img".into(),
                         read_only: false,
+                        serial: Some("vol0".into()),
                     },
                 ],
                 net: false,
@@ -359,7 +368,7 @@ mod tests {
                 "--drive",
                 "path=/a/rootfs.erofs,ro",
                 "--drive",
-                "path=/a/data.img",
+                "path=/a/data.img,serial=vol0",
                 "--console",
                 "/a/boot.log",
                 "--console-max-bytes",

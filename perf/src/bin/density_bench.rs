@@ -478,6 +478,7 @@ fn main() -> ExitCode {
             idle_timeout_ms: 1000,
             env: Vec::new(),
             allow_host: Vec::new(),
+            volumes: Vec::new(),
         };
         let start = Instant::now();
         // Jailed or not, every run restores the one snapshot this boot

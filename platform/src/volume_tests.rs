@@ -1,0 +1,108 @@
+//! The volume store against real `mkfs.ext4` in a temporary home.
+
+use super::*;
+
+fn store() -> (tempfile::TempDir, Volumes) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let volumes = Volumes::new(dir.path());
+    (dir, volumes)
+}
+
+#[test]
+fn a_created_volume_is_a_sparse_owner_only_ext4_image() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, volumes) = store();
+    let info = volumes.create("data", 64 << 20).expect("create");
+    assert_eq!(info.size, 64 << 20);
+    assert!(
+        info.allocated < info.size,
+        "sparse: {} of {} bytes allocated",
+        info.allocated,
+        info.size
+    );
+    let path = volumes.open("data").expect("an ext4 image");
+    let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", path.display());
+    assert!(matches!(
+        volumes.create("data", 64 << 20),
+        Err(VolumeError::Exists(_))
+    ));
+}
+
+#[test]
+fn listing_names_each_volume_and_who_uses_it() {
+    let (_dir, volumes) = store();
+    assert!(volumes.list(|_| None).expect("empty list").is_empty());
+    volumes.create("b", MIN_SIZE).expect("create b");
+    volumes.create("a", MIN_SIZE).expect("create a");
+    let listed = volumes
+        .list(|name| (name == "b").then(|| "web".to_owned()))
+        .expect("list");
+    let names: Vec<(&str, Option<&str>)> = listed
+        .iter()
+        .map(|v| (v.name.as_str(), v.app.as_deref()))
+        .collect();
+    assert_eq!(names, [("a", None), ("b", Some("web"))]);
+}
+
+#[test]
+fn a_volume_in_use_is_not_removed() {
+    let (_dir, volumes) = store();
+    volumes.create("data", MIN_SIZE).expect("create");
+    let e = volumes
+        .remove("data", Some("pg".into()))
+        .expect_err("in use");
+    assert!(e.to_string().contains("used by app \"pg\""), "{e}");
+    assert!(volumes.open("data").is_ok(), "still there");
+    volumes.remove("data", None).expect("remove");
+    assert!(matches!(
+        volumes.open("data"),
+        Err(VolumeError::NotFound(_))
+    ));
+    assert!(matches!(
+        volumes.remove("data", None),
+        Err(VolumeError::NotFound(_))
+    ));
+}
+
+#[test]
+fn bad_names_sizes_and_files_are_refused() {
+    let (_dir, volumes) = store();
+    for name in ["", "../x", "a/b", &"x".repeat(33)] {
+        assert!(
+            matches!(volumes.create(name, MIN_SIZE), Err(VolumeError::Name(_))),
+            "{name:?}"
+        );
+    }
+    assert!(matches!(
+        volumes.create("tiny", 4096),
+        Err(VolumeError::Size(_))
+    ));
+    assert!(matches!(
+        volumes.open("missing"),
+        Err(VolumeError::NotFound(_))
+    ));
+    // A file of another kind where a volume should be.
+    std::fs::create_dir_all(&volumes.dir).expect("dir");
+    std::fs::write(volumes.path("junk"), vec![0u8; 4096]).expect("write");
+    let e = volumes.open("junk").expect_err("not ext4");
+    assert!(matches!(e, VolumeError::NotExt4(..)), "{e}");
+}
+
+#[test]
+fn guest_paths_must_be_absolute_and_plain() {
+    for bad in [
+        "d:",
+        "d:/",
+        "d:rel",
+        "d:/a/../b",
+        "d:/a//b",
+        "d:/a/./b",
+        "d:/a:b",
+        "bad name:/x",
+    ] {
+        assert!(bad.parse::<VolumeMount>().is_err(), "{bad:?}");
+    }
+    let ok: VolumeMount = "d:/var/lib/data".parse().expect("valid");
+    assert_eq!(ok.to_string(), "d:/var/lib/data");
+}

@@ -1,0 +1,197 @@
+//! Persistent volumes end to end: one `little serve`, one volume, and a
+//! variant of the busybox httpd test image whose CGI scripts append to and
+//! read a file on the volume (`sync` after each write, as a database
+//! commits).
+//!
+//! - `little volume create`, `ls`; bad volumes refused at deploy (missing,
+//!   not ext4).
+//! - The deploy's first boot fills the new, empty volume with what the
+//!   image has at the path (a seed file, the folder's owner).
+//! - A write from zero instances (the deploy snapshot restored: the volume
+//!   is as it was then); after the idle timeout no instance is left; the
+//!   next request boots the app cold, since the volume moved on, and reads
+//!   the write; `little ps` says which start happened.
+//! - A write, then SIGKILL of the VMM: the next request reads it.
+//! - One writer: a second app asking for the volume is refused, the
+//!   volume cannot be removed while mounted, and can be once its app is.
+
+// A test's helpers are not all used by every test file.
+#[allow(dead_code)]
+mod platform_util;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use image_tools::test_utils::{extend_layout, LayerBuilder};
+use little_tests::{ceiling, free_port, http_get};
+use platform_util::{test_image, wait_until, Daemon};
+
+/// The uid and gid of the httpd image's user `web`.
+const WEB_UID: u64 = 1000;
+
+/// `GET /cgi-bin/put?WORD`: appends WORD to /data/log and syncs.
+const PUT_CGI: &str = "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+echo \"$QUERY_STRING\" >>/data/log && /bin/busybox sync && echo stored\n";
+/// `GET /cgi-bin/get`: the seed the image put at /data, then the log.
+const GET_CGI: &str = "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+/bin/busybox cat /data/seed.txt /data/log 2>&1\n";
+
+/// The httpd image with the two scripts and a seed file at /data.
+fn volume_image(httpd: &Path, dir: &Path) -> PathBuf {
+    let layer = LayerBuilder::new()
+        .dir("data", 0o755, WEB_UID, WEB_UID)
+        .file("data/seed.txt", 0o644, WEB_UID, WEB_UID, b"seed\n")
+        .dir("www/cgi-bin", 0o755, 0, 0)
+        .file("www/cgi-bin/put", 0o755, 0, 0, PUT_CGI.as_bytes())
+        .file("www/cgi-bin/get", 0o755, 0, 0, GET_CGI.as_bytes())
+        .finish();
+    let layout = dir.join("volume.oci");
+    extend_layout(httpd, &layout, &layer, |_| {});
+    layout
+}
+
+/// The body of a 200 reply to `GET path`.
+fn get(port: u16, path: &str) -> String {
+    let reply =
+        http_get(port, path).unwrap_or_else(|e| panic!("GET {path} on 127.0.0.1:{port}: {e}"));
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "GET {path}: not a 200:\n{reply}"
+    );
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Runs `little ARGS`; its stdout, or a panic with its stderr.
+fn little_ok(daemon: &Daemon, args: &[&str]) -> String {
+    let out = daemon.little(args);
+    assert!(
+        out.status.success(),
+        "little {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `little ARGS`, which must fail; its stderr.
+fn little_err(daemon: &Daemon, args: &[&str]) -> String {
+    let out = daemon.little(args);
+    assert!(
+        !out.status.success(),
+        "little {} should fail: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn wait_for_zero(daemon: &Daemon, name: &str) {
+    wait_until(
+        &format!("{name} to scale to zero after its idle timeout"),
+        ceiling::HOST,
+        || daemon.app(name).instances.is_empty(),
+    );
+}
+
+#[test]
+fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
+    let Some(httpd) = test_image("httpd") else {
+        return;
+    };
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let daemon = Daemon::start(&home);
+    let image = volume_image(&httpd, dir.path());
+    let image = image.to_str().expect("a UTF-8 path");
+
+    little_ok(&daemon, &["volume", "create", "data", "--size", "64M"]);
+    let listed = little_ok(&daemon, &["volume", "ls"]);
+    assert!(
+        listed.contains("data") && listed.contains("unused"),
+        "{listed}"
+    );
+
+    // Bad volumes are refused before anything boots.
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let deploy = |name: &str, volume: &str| -> Vec<String> {
+        [
+            "deploy",
+            name,
+            "--image",
+            image,
+            "--port",
+            "8080",
+            "--listen",
+            &listen,
+            "--idle-timeout",
+            "1s",
+            "--volume",
+            volume,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let e = little_err(&daemon, &args(&deploy("web", "missing:/data")));
+    assert!(e.contains("no volume named \"missing\""), "{e}");
+    std::fs::write(home.join("volumes/junk.ext4"), vec![0u8; 1 << 20]).expect("junk volume");
+    let e = little_err(&daemon, &args(&deploy("web", "junk:/data")));
+    assert!(e.contains("not an ext4 filesystem"), "{e}");
+    let mut too_many = deploy("web", "data:/data");
+    too_many.extend(["--max".into(), "2".into()]);
+    let e = little_err(&daemon, &args(&too_many));
+    assert!(e.contains("one instance at a time"), "{e}");
+
+    little_ok(&daemon, &args(&deploy("web", "data:/data")));
+    eprintln!("deployed after {:.1?}", started.elapsed());
+
+    // 1. The new volume was filled from the image; a write from zero.
+    let body = get(port, "/cgi-bin/get");
+    assert_eq!(body, "seed\n", "the volume holds the image's /data");
+    assert_eq!(get(port, "/cgi-bin/put?one"), "stored\n");
+    let app = daemon.app("web");
+    let start = app.last_start.unwrap_or_default();
+    assert!(start.starts_with("restored"), "first start: {start}");
+
+    // 2. Idle: no instance; the next request boots cold and reads it.
+    wait_for_zero(&daemon, "web");
+    assert_eq!(get(port, "/cgi-bin/get"), "seed\none\n");
+    let start = daemon.app("web").last_start.unwrap_or_default();
+    assert!(start.starts_with("booted cold"), "second start: {start}");
+    eprintln!(
+        "cold boot after idle checked after {:.1?}",
+        started.elapsed()
+    );
+
+    // 3. A synced write survives SIGKILL of its VMM.
+    assert_eq!(get(port, "/cgi-bin/put?two"), "stored\n");
+    let app = daemon.app("web");
+    let [instance] = app.instances.as_slice() else {
+        panic!("one instance serves web: {:?}", app.instances);
+    };
+    // SAFETY: kill(2) on the VMM's pid, which the daemon reports and the
+    // test owns (it started the daemon); no memory is involved.
+    let killed = unsafe { libc::kill(instance.pid as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0, "kill -9 {}", instance.pid);
+    assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
+    eprintln!("kill -9 checked after {:.1?}", started.elapsed());
+
+    // 4. One writer.
+    let e = little_err(&daemon, &args(&deploy("other", "data:/data")));
+    assert!(e.contains("mounted by app \"web\""), "{e}");
+    let e = little_err(&daemon, &["volume", "rm", "data"]);
+    assert!(e.contains("used by app \"web\""), "{e}");
+    let listed = little_ok(&daemon, &["volume", "ls"]);
+    assert!(listed.contains("mounted by web"), "{listed}");
+    little_ok(&daemon, &["rm", "web"]);
+    little_ok(&daemon, &["volume", "rm", "data"]);
+    eprintln!("volumes checked in {:.1?}", started.elapsed());
+}
