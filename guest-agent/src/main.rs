@@ -12,6 +12,7 @@
 extern crate alloc;
 
 mod console;
+mod copy_tree;
 mod heap;
 mod host;
 mod init;
