@@ -20,6 +20,7 @@ mod spawn;
 mod supervise;
 mod switch_root;
 mod sys;
+mod volumes;
 mod vsock;
 
 use core::panic::PanicInfo;

@@ -10,6 +10,7 @@ use core::ptr;
 mod nr {
     pub const FCHMOD: usize = 91;
     pub const FCHOWN: usize = 93;
+    pub const UMOUNT2: usize = 166;
     pub const GETDENTS64: usize = 217;
     pub const OPENAT: usize = 257;
     pub const MKDIRAT: usize = 258;
@@ -304,4 +305,10 @@ pub fn utimensat(
 pub fn syncfs(fd: &Fd) -> Result<()> {
     // SAFETY: syncfs takes no pointers.
     check(unsafe { syscall1(nr::SYNCFS, fd.0 as usize) }).map(drop)
+}
+
+/// `umount2(path, 0)`.
+pub fn umount(path: &CStr) -> Result<()> {
+    // SAFETY: path is NUL-terminated and outlives the call.
+    check(unsafe { syscall2(nr::UMOUNT2, path.as_ptr() as usize, 0) }).map(drop)
 }
