@@ -19,7 +19,13 @@
 //! verbose=0                 (0 or 1; default 0)
 //! stop_grace_ms=1000        (SIGTERM-to-SIGKILL grace; default 1000, max 600000)
 //! ready_port=8080           (1..=65535: READY once 127.0.0.1:port accepts; default: at exec)
+//! volume=pg:/var/lib/data   (repeatable, SERIAL:/path, at most 16; see crate::volume)
 //! ```
+//!
+//! A `volume=` value is the disk's serial (1 to 20 bytes of
+//! `[A-Za-z0-9_-]`), a `:`, and the rest of the value as the guest path:
+//! absolute, not `/`, without empty, `.` or `..` components. No two volumes
+//! share a serial or a path.
 //!
 //! The key is everything before the first `=`; nothing is trimmed. Values
 //! are escaped so that any byte string except NUL fits: `\\` is a
@@ -33,6 +39,7 @@
 //! counts are capped, and every malformed input gives a [`ConfigError`],
 //! never a panic.
 
+use crate::volume::{Volume, MAX_VOLUMES};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -80,6 +87,8 @@ pub struct Config {
     /// The entrypoint is ready once it accepts TCP on 127.0.0.1:port
     /// (reported to the host as `READY`); `None`: ready once exec'd.
     pub ready_port: Option<u16>,
+    /// Persistent volumes, attached in this order.
+    pub volumes: Vec<Volume>,
 }
 
 /// Why a configuration file was rejected. Line numbers start at 1.
@@ -126,6 +135,11 @@ pub enum ConfigError {
         /// The key that overflowed.
         key: &'static str,
     },
+    /// A `volume=` line repeats an earlier volume's serial or path.
+    DuplicateVolume {
+        /// Line of the error.
+        line: usize,
+    },
     /// No `arg=` line: there is nothing to run.
     NoArgs,
 }
@@ -141,6 +155,9 @@ impl fmt::Display for ConfigError {
             Self::NulByte { line } => write!(f, "line {line}: NUL byte in value"),
             Self::BadValue { line, key } => write!(f, "line {line}: invalid value for {key}"),
             Self::TooMany { line, key } => write!(f, "line {line}: too many {key} entries"),
+            Self::DuplicateVolume { line } => {
+                write!(f, "line {line}: volume serial or path given twice")
+            }
             Self::NoArgs => write!(f, "no arg= line: nothing to run"),
         }
     }
@@ -161,6 +178,7 @@ impl Default for Config {
             verbose: false,
             stop_grace_ms: DEFAULT_STOP_GRACE_MS,
             ready_port: None,
+            volumes: Vec::new(),
         }
     }
 }
@@ -296,6 +314,26 @@ impl Config {
                         })?;
                     config.ready_port = Some(port);
                 }
+                b"volume" => {
+                    if config.volumes.len() == MAX_VOLUMES {
+                        return Err(ConfigError::TooMany {
+                            line,
+                            key: "volume",
+                        });
+                    }
+                    let volume = Volume::parse(&value).ok_or(ConfigError::BadValue {
+                        line,
+                        key: "volume",
+                    })?;
+                    if config
+                        .volumes
+                        .iter()
+                        .any(|v| v.serial == volume.serial || v.path == volume.path)
+                    {
+                        return Err(ConfigError::DuplicateVolume { line });
+                    }
+                    config.volumes.push(volume);
+                }
                 _ => return Err(ConfigError::UnknownKey { line }),
             }
         }
@@ -329,10 +367,17 @@ impl Config {
         write_entry(out, "hostname", &self.hostname)?;
         writeln!(out, "verbose={}", u8::from(self.verbose))?;
         writeln!(out, "stop_grace_ms={}", self.stop_grace_ms)?;
-        match self.ready_port {
-            Some(port) => writeln!(out, "ready_port={port}"),
-            None => Ok(()),
+        if let Some(port) = self.ready_port {
+            writeln!(out, "ready_port={port}")?;
         }
+        for volume in &self.volumes {
+            write_entry(
+                out,
+                "volume",
+                &[&volume.serial[..], b":", &volume.path].concat(),
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -212,6 +212,10 @@ fn write_to_round_trips_awkward_bytes() {
         verbose: true,
         stop_grace_ms: 0,
         ready_port: Some(8080),
+        volumes: vec![
+            Volume::parse(b"vol0:/var/lib/data").unwrap(),
+            Volume::parse(b"v-1:/odd path/\xff\n:x").unwrap(),
+        ],
     };
     let mut text = String::new();
     original.write_to(&mut text).unwrap();
@@ -258,4 +262,99 @@ fn arbitrary_bytes_never_panic() {
         }
         let _ = parse(&t);
     }
+}
+
+#[test]
+fn volumes_parse_in_order() {
+    let c = parse(
+        b"arg=/x\n\
+          volume=pg_data-1:/var/lib/postgresql/data\n\
+          volume=cache:/srv/a:b\n\
+          volume=esc:/with\\x20space\n",
+    )
+    .unwrap();
+    let got: Vec<(&[u8], &[u8])> = c
+        .volumes
+        .iter()
+        .map(|v| (&v.serial[..], &v.path[..]))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (&b"pg_data-1"[..], &b"/var/lib/postgresql/data"[..]),
+            (b"cache", b"/srv/a:b"),
+            (b"esc", b"/with space"),
+        ]
+    );
+    assert!(parse(b"arg=/x\n").unwrap().volumes.is_empty());
+}
+
+#[test]
+fn bad_volumes_name_their_line() {
+    for bad in [
+        &b"volume=vol0\n"[..],
+        b"volume=\n",
+        b"volume=:/data\n",
+        b"volume=vol0:\n",
+        b"volume=vol0:data\n",
+        b"volume=vol0:/\n",
+        b"volume=vol0:/a//b\n",
+        b"volume=vol0:/a/\n",
+        b"volume=vol0:/a/../b\n",
+        b"volume=vol0:/a/./b\n",
+        b"volume=vol.0:/a\n",
+        b"volume=vol0 :/a\n",
+        b"volume=abcdefghij0123456789x:/a\n",
+    ] {
+        let text = [b"arg=/x\n".as_slice(), bad].concat();
+        assert_eq!(
+            parse(&text),
+            Err(ConfigError::BadValue {
+                line: 2,
+                key: "volume"
+            }),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
+fn volumes_may_not_share_a_serial_or_a_path() {
+    assert_eq!(
+        parse(b"arg=/x\nvolume=a:/d1\nvolume=b:/d2\nvolume=a:/d3\n"),
+        Err(ConfigError::DuplicateVolume { line: 4 })
+    );
+    assert_eq!(
+        parse(b"arg=/x\nvolume=a:/d1\n# c\nvolume=b:/d1\n"),
+        Err(ConfigError::DuplicateVolume { line: 4 })
+    );
+    // Nested paths are distinct volumes.
+    assert_eq!(
+        parse(b"arg=/x\nvolume=a:/d\nvolume=b:/d/e\n")
+            .unwrap()
+            .volumes
+            .len(),
+        2
+    );
+    assert_eq!(
+        ConfigError::DuplicateVolume { line: 4 }.to_string(),
+        "line 4: volume serial or path given twice"
+    );
+}
+
+#[test]
+fn at_most_sixteen_volumes() {
+    let mut text = b"arg=/x\n".to_vec();
+    for i in 0..MAX_VOLUMES {
+        text.extend_from_slice(format!("volume=v{i}:/data/{i}\n").as_bytes());
+    }
+    assert_eq!(parse(&text).unwrap().volumes.len(), MAX_VOLUMES);
+    text.extend_from_slice(b"volume=last:/data/last\n");
+    assert_eq!(
+        parse(&text),
+        Err(ConfigError::TooMany {
+            line: MAX_VOLUMES + 2,
+            key: "volume"
+        })
+    );
 }

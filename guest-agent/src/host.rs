@@ -11,6 +11,10 @@
 //!   stopping only the entrypoint's process group, and exiting with the
 //!   entrypoint's shell code (status, or 128 + signal) instead of
 //!   restarting.
+//! - `guest-agent --copy-tree SRC DST`: fill directory DST from directory
+//!   SRC exactly as a new volume is filled from the image at boot (see
+//!   [`crate::copy_tree`]); print `filled`, `not empty` or `no source`
+//!   and exit 0, or print the errno and exit 1.
 //! - `guest-agent --vsock-test LISTEN HOSTPORT TCPPORT` (inside a guest,
 //!   as an entrypoint): connect to host vsock port HOSTPORT, send
 //!   `hello from the guest`, print the host's one-line answer; listen on
@@ -19,6 +23,7 @@
 //!   vsock device in both directions with no process besides the agent.
 
 use crate::console::Console;
+use crate::copy_tree::Outcome;
 use crate::spawn::{spawn, Plan};
 use crate::supervise::{stop, wait_entrypoint, Signals};
 use crate::sys::{self, Errno};
@@ -30,12 +35,15 @@ use guest_agent::config::{write_escaped, Config, MAX_FILE_LEN};
 use guest_agent::report::{Event, LineBuf};
 use guest_agent::signals::Scope;
 
-const USAGE: &str = "usage: guest-agent --check-config FILE [--nested]\n       guest-agent --run FILE [--nested]\n(as PID 1 it takes no arguments)\n";
+const USAGE: &str = "usage: guest-agent --check-config FILE [--nested]\n       guest-agent --run FILE [--nested]\n       guest-agent --copy-tree SRC DST\n(as PID 1 it takes no arguments)\n";
 
 /// Entry point when not PID 1; returns the exit code.
 pub fn main(args: &[&[u8]]) -> u8 {
     if let [_, b"--vsock-test", listen, host_port, tcp_port] = args {
         return crate::vsock::self_test(listen, host_port, tcp_port);
+    }
+    if let [_, b"--copy-tree", src, dst] = args {
+        return copy_tree(src, dst);
     }
     let (mode, file, nested) = match args {
         [_, mode, file] => (*mode, *file, false),
@@ -123,6 +131,26 @@ fn run(config: &Config, nested: bool) -> u8 {
         let _ = console.report(Event::Fatal { what: "run", errno });
         1
     })
+}
+
+fn copy_tree(src: &[u8], dst: &[u8]) -> u8 {
+    let (Ok(src), Ok(dst)) = (CString::new(src), CString::new(dst)) else {
+        return usage();
+    };
+    match crate::copy_tree::fill(&src, &dst) {
+        Ok(outcome) => {
+            let word: &[u8] = match outcome {
+                Outcome::Filled => b"filled\n",
+                Outcome::NotEmpty => b"not empty\n",
+                Outcome::NoSource => b"no source\n",
+            };
+            u8::from(sys::write_all(1, word).is_err())
+        }
+        Err(Errno(errno)) => {
+            eprint(format_args!("copy failed: errno {errno}"));
+            1
+        }
+    }
 }
 
 /// Collects argv from the initial stack.

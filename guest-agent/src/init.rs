@@ -7,26 +7,45 @@ use crate::supervise::{stop, wait_entrypoint, Signals};
 use crate::sys::{self, Errno, EBADF, O_RDWR};
 use crate::vsock::HostLink;
 use alloc::ffi::CString;
+use alloc::vec::Vec;
 use guest_agent::cmdline::BootOptions;
 use guest_agent::config::{Config, ConfigError, MAX_FILE_LEN};
 use guest_agent::mounts::{mount_ok, Mount, DEV, EEXIST, PROC, REST};
 use guest_agent::report::Event;
 use guest_agent::signals::Scope;
+use guest_agent::volume::Problem;
 
 /// Largest `/proc/cmdline` read (the x86 command line is 2048 bytes).
 const CMDLINE_CAP: usize = 4096;
 
 /// Why the boot stopped.
 enum Failure {
-    Sys { what: &'static str, errno: i32 },
+    Sys {
+        what: &'static str,
+        errno: i32,
+    },
     Config(ConfigError),
+    Volume {
+        serial: Vec<u8>,
+        path: Vec<u8>,
+        problem: Problem,
+    },
 }
 
 impl Failure {
-    fn event(&self) -> Event<'static> {
+    fn event(&self) -> Event<'_> {
         match *self {
             Self::Sys { what, errno } => Event::Fatal { what, errno },
             Self::Config(err) => Event::BadConfig(err),
+            Self::Volume {
+                ref serial,
+                ref path,
+                problem,
+            } => Event::VolumeFailed {
+                serial,
+                path,
+                problem,
+            },
         }
     }
 }
@@ -120,6 +139,14 @@ fn boot(console: &mut Console) -> Result<(), Failure> {
     if let Some(steps) = guest_agent::rootfs::RootOptions::parse(&cmdline).plan() {
         crate::switch_root::run(&steps).map_err(|(what, errno)| Failure::Sys { what, errno })?;
     }
+    // Volumes mount in the image's root, over what the image has there.
+    crate::volumes::attach_all(&config.volumes, *console).map_err(|(volume, problem)| {
+        Failure::Volume {
+            serial: volume.serial.clone(),
+            path: volume.path.clone(),
+            problem,
+        }
+    })?;
     // `little.dns=`: the VMM's network names its DNS forwarder.
     if let Some(text) = guest_agent::dns::resolv_conf(&cmdline) {
         if let Err(Errno(errno)) = sys::write_file(c"/etc/resolv.conf", 0o644, &text) {
@@ -158,11 +185,13 @@ fn boot(console: &mut Console) -> Result<(), Failure> {
     let _ = console.report(Event::EntrypointExited(status));
     link.exited(status);
     stop(&signals, Scope::Everyone, config.stop_grace_ms, *console);
+    crate::volumes::detach_all(&config.volumes, *console);
     link.close();
     Ok(())
 }
 
-/// Flushes filesystems and restarts the VM. The VMM boots the kernel with
+/// Flushes filesystems (`sync` waits until every file system, the
+/// volumes included, is on its disk) and restarts the VM. The VMM boots the kernel with
 /// `reboot=k`, so the restart goes out through the keyboard controller's
 /// reset line and the VMM exits. PID 1 must never exit (the kernel would
 /// panic), so if the restart fails the agent parks.

@@ -21,3 +21,4 @@ pub mod report;
 pub mod rootfs;
 pub mod signals;
 pub mod status;
+pub mod volume;

@@ -12,6 +12,7 @@
 extern crate alloc;
 
 mod console;
+mod copy_tree;
 mod heap;
 mod host;
 mod init;
@@ -19,6 +20,7 @@ mod spawn;
 mod supervise;
 mod switch_root;
 mod sys;
+mod volumes;
 mod vsock;
 
 use core::panic::PanicInfo;

@@ -7,6 +7,7 @@
 
 use crate::config::{write_escaped, ConfigError};
 use crate::status::ExitStatus;
+use crate::volume::Problem;
 use core::fmt;
 
 /// Prefix of every console line.
@@ -42,6 +43,24 @@ pub enum Event<'a> {
         /// Its errno.
         errno: i32,
     },
+    /// A volume is mounted at its path (verbose only).
+    VolumeAttached {
+        /// The volume's disk serial.
+        serial: &'a [u8],
+        /// Where it is mounted.
+        path: &'a [u8],
+        /// Whether it was new and took the image's files at the path.
+        filled: bool,
+    },
+    /// A volume could not be attached; the agent restarts the VM.
+    VolumeFailed {
+        /// The volume's disk serial.
+        serial: &'a [u8],
+        /// Where it was to be mounted.
+        path: &'a [u8],
+        /// What went wrong.
+        problem: Problem,
+    },
     /// Progress (verbose only): a step and its subject.
     Progress {
         /// The step.
@@ -54,7 +73,10 @@ pub enum Event<'a> {
 impl Event<'_> {
     /// Whether the line is printed without `verbose=1`.
     pub fn always_shown(&self) -> bool {
-        !matches!(self, Self::Skipped { .. } | Self::Progress { .. })
+        !matches!(
+            self,
+            Self::Skipped { .. } | Self::Progress { .. } | Self::VolumeAttached { .. }
+        )
     }
 }
 
@@ -73,6 +95,32 @@ impl fmt::Display for Event<'_> {
             Self::Fatal { what, errno } => write!(f, "{what} failed: errno {errno}"),
             Self::BadConfig(err) => write!(f, "config failed: {err}"),
             Self::Skipped { what, errno } => write!(f, "{what} failed: errno {errno} (ignored)"),
+            Self::VolumeAttached {
+                serial,
+                path,
+                filled,
+            } => {
+                f.write_str("volume ")?;
+                write_escaped(f, serial)?;
+                f.write_str(" -> ")?;
+                write_escaped(f, path)?;
+                f.write_str(if filled {
+                    " (filled from the image)"
+                } else {
+                    " (kept)"
+                })
+            }
+            Self::VolumeFailed {
+                serial,
+                path,
+                problem,
+            } => {
+                f.write_str("volume ")?;
+                write_escaped(f, serial)?;
+                f.write_str(" (")?;
+                write_escaped(f, path)?;
+                write!(f, "): {problem}")
+            }
             Self::Progress { what, subject } => {
                 write!(f, "{what} ")?;
                 write_escaped(f, subject)
@@ -170,6 +218,41 @@ mod tests {
             line(Event::BadConfig(ConfigError::NoArgs)),
             "little-agent: config failed: no arg= line: nothing to run\n"
         );
+        assert_eq!(
+            line(Event::VolumeFailed {
+                serial: b"vol0",
+                path: b"/var/lib/postgresql/data",
+                problem: Problem::NoDisk,
+            }),
+            "little-agent: volume vol0 (/var/lib/postgresql/data): no disk with this serial\n"
+        );
+        assert_eq!(
+            line(Event::VolumeFailed {
+                serial: b"vol0",
+                path: b"/d\xff",
+                problem: Problem::Step {
+                    what: "mount",
+                    errno: 22
+                },
+            }),
+            "little-agent: volume vol0 (/d\\xff): mount failed: errno 22\n"
+        );
+        assert_eq!(
+            line(Event::VolumeAttached {
+                serial: b"vol0",
+                path: b"/data",
+                filled: true
+            }),
+            "little-agent: volume vol0 -> /data (filled from the image)\n"
+        );
+        assert_eq!(
+            line(Event::VolumeAttached {
+                serial: b"vol0",
+                path: b"/data",
+                filled: false
+            }),
+            "little-agent: volume vol0 -> /data (kept)\n"
+        );
     }
 
     #[test]
@@ -188,6 +271,18 @@ mod tests {
         assert!(!Event::Progress {
             what: "x",
             subject: b"y"
+        }
+        .always_shown());
+        assert!(!Event::VolumeAttached {
+            serial: b"v",
+            path: b"/v",
+            filled: false
+        }
+        .always_shown());
+        assert!(Event::VolumeFailed {
+            serial: b"v",
+            path: b"/v",
+            problem: Problem::NoDisk
         }
         .always_shown());
     }

@@ -217,3 +217,246 @@ fn cooperative_leftovers_stop_without_waiting_out_the_grace() {
     );
     assert!(!text(&out.stderr).contains("SIGKILL"));
 }
+
+/// Source and destination trees for `--copy-tree`, removed on drop.
+struct Trees {
+    dir: PathBuf,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+impl Trees {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("guest-agent-copy-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (src, dst) = (dir.join("src"), dir.join("dst"));
+        std::fs::create_dir_all(&src).expect("temp dir is writable");
+        // A fresh ext4 file system holds lost+found, which still counts
+        // as empty.
+        std::fs::create_dir_all(dst.join("lost+found")).expect("temp dir is writable");
+        Self { dir, src, dst }
+    }
+
+    fn copy(&self) -> Output {
+        agent(&[
+            "--copy-tree",
+            self.src.to_str().expect("utf-8"),
+            self.dst.to_str().expect("utf-8"),
+        ])
+    }
+}
+
+impl Drop for Trees {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+fn sh(script: &str) {
+    let status = Command::new("sh")
+        .args(["-c", script])
+        .status()
+        .expect("sh runs");
+    assert!(status.success(), "{script}");
+}
+
+/// Every entry under `root` (relative paths, sorted), `lost+found`
+/// excluded.
+fn entries(root: &std::path::Path) -> Vec<PathBuf> {
+    fn walk(root: &std::path::Path, rel: &std::path::Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(root.join(rel)).expect("readable") {
+            let entry = entry.expect("readable");
+            let rel = rel.join(entry.file_name());
+            if rel == std::path::Path::new("lost+found") {
+                continue;
+            }
+            out.push(rel.clone());
+            if entry.file_type().expect("stat").is_dir() {
+                walk(root, &rel, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, std::path::Path::new(""), &mut out);
+    out.sort();
+    out
+}
+
+/// Asserts that `dst` holds what `src` holds: types, modes, owners (as
+/// root), mtimes, contents and link targets; the roots too.
+fn assert_same_tree(src: &std::path::Path, dst: &std::path::Path) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let names = entries(src);
+    assert_eq!(names, entries(dst));
+    let root = is_root();
+    for rel in std::iter::once(PathBuf::new()).chain(names) {
+        let (a, b) = (src.join(&rel), dst.join(&rel));
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&a).expect("stat"),
+            std::fs::symlink_metadata(&b).expect("stat"),
+        );
+        let (ta, tb) = (ma.file_type(), mb.file_type());
+        assert_eq!(
+            (ta.is_dir(), ta.is_file(), ta.is_symlink(), ta.is_fifo()),
+            (tb.is_dir(), tb.is_file(), tb.is_symlink(), tb.is_fifo()),
+            "{rel:?}"
+        );
+        assert_eq!(
+            (ta.is_char_device(), ta.is_socket()),
+            (tb.is_char_device(), tb.is_socket()),
+            "{rel:?}"
+        );
+        if !ta.is_symlink() {
+            assert_eq!(ma.mode(), mb.mode(), "{rel:?}: mode");
+        }
+        if root {
+            assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "{rel:?}: owner");
+        }
+        assert_eq!(ma.rdev(), mb.rdev(), "{rel:?}: rdev");
+        assert_eq!(
+            (ma.mtime(), ma.mtime_nsec()),
+            (mb.mtime(), mb.mtime_nsec()),
+            "{rel:?}: mtime"
+        );
+        if ta.is_file() {
+            assert_eq!(
+                std::fs::read(&a).expect("read"),
+                std::fs::read(&b).expect("read")
+            );
+        }
+        if ta.is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&a).expect("link"),
+                std::fs::read_link(&b).expect("link")
+            );
+        }
+    }
+}
+
+#[test]
+fn copy_tree_fills_a_new_volume_like_the_image() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let t = Trees::new("fill");
+    let s = t.src.to_str().expect("utf-8");
+    let root = is_root();
+    sh(&format!(
+        "set -e; cd '{s}'
+         mkdir -p a/nested/deeper secret shared sticky empty
+         printf 'hello\\nworld\\n' > a/nested/deeper/file.txt
+         head -c 200000 /dev/urandom > a/big.bin
+         : > a/empty-file
+         ln a/big.bin a/hardlink.bin
+         printf x > setuid-tool
+         ln -s a/nested relative-link
+         ln -s /nonexistent/target dangling-link
+         mkfifo pipe
+         chmod 0700 secret
+         chmod 2775 shared
+         chmod 1777 sticky
+         chmod 4755 setuid-tool
+         chmod 0555 a/nested
+         chmod 0750 .
+         touch -h -d @1000000000.123456789 relative-link
+         touch -d @1234567890.5 a/nested/deeper/file.txt a/nested/deeper
+         touch -d @1500000000 a/nested ."
+    ));
+    if root {
+        sh(&format!(
+            "set -e; cd '{s}'
+             chown 999:999 secret
+             chown 1000:50 shared setuid-tool
+             chown -h 7:8 relative-link
+             chown 70:70 .
+             chmod 4755 setuid-tool
+             mknod null-device c 1 3 2>/dev/null || true
+             touch -d @1500000000 ."
+        ));
+    }
+    // A socket, made the portable way.
+    drop(std::os::unix::net::UnixListener::bind(t.src.join("socket")).expect("bind"));
+    sh(&format!("touch -d @1500000000 '{s}'"));
+
+    let out = t.copy();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "filled\n");
+    assert_same_tree(&t.src, &t.dst);
+    // Spot checks of what the tree comparison relies on.
+    let meta = |p: &str| std::fs::symlink_metadata(t.dst.join(p)).expect("copied");
+    assert_eq!(meta("").mode() & 0o7777, 0o750);
+    assert_eq!(meta("shared").mode() & 0o7777, 0o2775);
+    assert_eq!(meta("sticky").permissions().mode() & 0o7777, 0o1777);
+    assert_eq!(meta("setuid-tool").mode() & 0o7777, 0o4755);
+    assert_eq!(meta("a/nested/deeper/file.txt").mtime(), 1_234_567_890);
+    assert_eq!(meta("a/nested/deeper/file.txt").mtime_nsec(), 500_000_000);
+    assert_eq!(meta("relative-link").mtime_nsec(), 123_456_789);
+    if root {
+        assert_eq!((meta("").uid(), meta("").gid()), (70, 70));
+        assert_eq!((meta("secret").uid(), meta("secret").gid()), (999, 999));
+        assert_eq!(
+            (meta("relative-link").uid(), meta("relative-link").gid()),
+            (7, 8)
+        );
+    }
+    // Hard links become separate copies with the same bytes.
+    assert_ne!(meta("a/big.bin").ino(), meta("a/hardlink.bin").ino());
+    // lost+found is left alone.
+    assert!(t.dst.join("lost+found").is_dir());
+}
+
+#[test]
+fn copy_tree_keeps_a_volume_that_holds_data() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = Trees::new("keep");
+    std::fs::write(t.src.join("from-image"), "image").expect("writable");
+    std::fs::write(t.dst.join("keep.txt"), "data").expect("writable");
+    std::fs::set_permissions(&t.dst, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let out = t.copy();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "not empty\n");
+    assert_eq!(entries(&t.dst), [PathBuf::from("keep.txt")]);
+    let mode = std::fs::metadata(&t.dst)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o711);
+}
+
+#[test]
+fn copy_tree_leaves_the_volume_when_the_image_has_nothing_there() {
+    let t = Trees::new("nosrc");
+    std::fs::remove_dir(&t.src).expect("empty");
+    let out = t.copy();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "no source\n");
+    assert!(entries(&t.dst).is_empty());
+}
+
+#[test]
+fn copy_tree_refuses_trees_deeper_than_its_bound() {
+    let t = Trees::new("deep");
+    let mut deep = t.src.clone();
+    for _ in 0..65 {
+        deep.push("d");
+    }
+    std::fs::create_dir_all(&deep).expect("writable");
+    let out = t.copy();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stderr), "copy failed: errno 40\n");
+
+    // 64 levels below the root are fine.
+    let t = Trees::new("deep-ok");
+    let mut deep = t.src.clone();
+    for _ in 0..64 {
+        deep.push("d");
+    }
+    std::fs::create_dir_all(&deep).expect("writable");
+    let out = t.copy();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_same_tree(&t.src, &t.dst);
+}

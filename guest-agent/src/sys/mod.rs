@@ -4,6 +4,7 @@
 //! kernel's `-errno` return into [`Errno`]. Wrappers take Rust types
 //! (`&CStr`, slices) so that callers stay free of `unsafe`.
 
+pub mod fs;
 pub mod mem;
 mod raw;
 pub mod sock;
