@@ -34,7 +34,7 @@ const PUT_CGI: &str = "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n
 echo \"$QUERY_STRING\" >>/data/log && /bin/busybox sync && echo stored\n";
 /// `GET /cgi-bin/get`: the seed the image put at /data, then the log.
 const GET_CGI: &str = "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
-/bin/busybox cat /data/seed.txt /data/log 2>&1\n";
+/bin/busybox cat /data/seed.txt; [ -e /data/log ] && /bin/busybox cat /data/log\n";
 
 /// The httpd image with the two scripts and a seed file at /data.
 fn volume_image(httpd: &Path, dir: &Path) -> PathBuf {
