@@ -130,7 +130,7 @@ mod tests {
                 jail: None,
             }
             .to_args();
-            let drives: Vec<&String> = args
+            let drives: Vec<&std::ffi::OsString> = args
                 .iter()
                 .zip(args.iter().skip(1))
                 .filter(|(flag, _)| *flag == "--drive")

@@ -207,10 +207,12 @@ mod tests {
                 Drive {
                     path: "/apps/a/rootfs.erofs".into(),
                     read_only: true,
+                    serial: None,
                 },
                 Drive {
                     path: "/apps/a/data.img".into(),
                     read_only: false,
+                    serial: Some("vol0".into()),
                 },
             ],
             net: true,
