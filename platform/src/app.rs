@@ -10,6 +10,7 @@
 //! `min`), and keeps the pool of standby VMMs filled.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -33,11 +34,24 @@ const QUEUE_LIMIT: Duration = Duration::from_secs(300);
 /// (an instance ran with them since it was taken).
 pub const VOLUMES_MOVED: &str = "volumes.moved";
 
+/// What a suspend's snapshot is called in the instance's and the app's
+/// folders until it becomes the app's snapshot.
+const SUSPEND: &str = "suspend.snap";
+
 /// Makes the [`VOLUMES_MOVED`] marker `path` durable (the file and its
 /// folder entry) before a guest may write to the volumes.
-fn mark_moved(path: &std::path::Path) -> std::io::Result<()> {
+fn mark_moved(path: &Path) -> std::io::Result<()> {
     crate::home::create_file(path)?.sync_all()?;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// `fsync` of a file's data and size.
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// `fsync` of a folder: its entries (a rename, a new or removed file).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -67,6 +81,10 @@ pub struct App {
     changed: Condvar,
     stopped: AtomicBool,
     next_id: Arc<AtomicU64>,
+    /// Held by a wake and by a suspend of an app with volumes for their
+    /// whole length: the two must never interleave (a resumed snapshot,
+    /// the marker and the volumes change together).
+    volume_turn: Mutex<()>,
 }
 
 impl App {
@@ -88,6 +106,7 @@ impl App {
             changed: Condvar::new(),
             stopped: AtomicBool::new(false),
             next_id,
+            volume_turn: Mutex::new(()),
         });
         let acceptor = app.clone();
         std::thread::spawn(move || acceptor.accept_loop(listener));
@@ -227,6 +246,7 @@ impl App {
         if let Some(mut standby) = standby {
             standby.kill();
         }
+        let _turn = lock(&self.volume_turn);
         let name = &self.record.spec.name;
         let marker = self.record.dir.join(VOLUMES_MOVED);
         let how = if marker.exists() {
@@ -236,13 +256,54 @@ impl App {
             self.metrics.cold_boots.fetch_add(1, Ordering::Relaxed);
             "booted cold (its volumes had moved on since the snapshot), then restored"
         } else {
-            "restored from the snapshot, which matches its volumes"
+            "restored from a snapshot that matches its volumes (the deploy's, a cold boot's or its last suspend's)"
         };
         mark_moved(&marker).map_err(|e| InstanceError::Dir(marker.display().to_string(), e))?;
         let instance = self.spawn_standby()?.restore()?;
         self.metrics.restores.fetch_add(1, Ordering::Relaxed);
         *lock(&self.metrics.last_start) = Some(how.to_owned());
         Ok(instance)
+    }
+
+    /// Suspends idle instance `i` of an app with volumes to disk: the VM
+    /// paused and snapshotted, its VMM stopped, then made durable in this
+    /// order: the volumes' data, the snapshot, the snapshot under the
+    /// app's snapshot name, and last the removal of the
+    /// [`VOLUMES_MOVED`] marker. A crash before the end leaves the marker,
+    /// and the next wake boots cold: never a snapshot against volumes
+    /// that moved on.
+    fn suspend(&self, i: &Instance) -> Result<(), String> {
+        let _turn = lock(&self.volume_turn);
+        let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+        let inside = Path::new(SUSPEND);
+        let written = i.dir().join(SUSPEND);
+        let seen = if self.settings.jail {
+            Path::new("/").join(inside)
+        } else {
+            written.clone()
+        };
+        if let Err(e) = i.pause_and_snapshot(&seen) {
+            i.kill();
+            return Err(err("snapshot", &crate::daemon::error_chain(&e)));
+        }
+        // Out of the instance's folder, which its stop removes.
+        let taken = self.record.dir.join(SUSPEND);
+        let moved = std::fs::rename(&written, &taken);
+        i.kill();
+        moved.map_err(|e| err("moving the snapshot", &e))?;
+        for volume in &self.record.volume_files {
+            sync_file(volume).map_err(|e| err(&volume.display().to_string(), &e))?;
+        }
+        sync_file(&taken).map_err(|e| err("syncing the snapshot", &e))?;
+        crate::jail::give(&taken, crate::jail::user_of(&self.record), 0o600)
+            .map_err(|e| err("giving the snapshot", &e))?;
+        std::fs::rename(&taken, &self.record.snapshot).map_err(|e| err("renaming", &e))?;
+        sync_dir(&self.record.dir).map_err(|e| err("syncing the app folder", &e))?;
+        std::fs::remove_file(self.record.dir.join(VOLUMES_MOVED))
+            .map_err(|e| err("removing the marker", &e))?;
+        sync_dir(&self.record.dir).map_err(|e| err("syncing the app folder", &e))?;
+        *lock(&self.metrics.last_start) = None;
+        Ok(())
     }
 
     fn spawn_standby(&self) -> Result<Standby, InstanceError> {
@@ -325,6 +386,18 @@ impl App {
         }
         for i in doomed {
             self.metrics.kills.fetch_add(1, Ordering::Relaxed);
+            if !self.record.volume_files.is_empty() {
+                match self.suspend(&i) {
+                    Ok(()) => {
+                        self.metrics.suspends.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) => eprintln!(
+                        "little: {}: suspend of instance {} failed ({e}); the next wake boots cold",
+                        self.record.spec.name, i.id
+                    ),
+                }
+            }
             i.kill();
         }
         if short_of_standby {

@@ -429,6 +429,27 @@ impl Instance {
             .unwrap_or(0)
     }
 
+    /// Its folder (its jail's root when jailed).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The first half of a suspend: pauses the VM, whose vCPUs stay
+    /// stopped from here on, and has the VMM write a full snapshot to
+    /// `path` (as the VMM names it) once no disk I/O is in flight. Its
+    /// volumes then hold exactly what the snapshot saw, until it runs
+    /// again, which it never does: [`kill`](Self::kill) it next.
+    pub fn pause_and_snapshot(&self, path: &Path) -> Result<(), InstanceError> {
+        self.control(&Command::Pause, None)?;
+        self.control(
+            &Command::Snapshot {
+                path: path.to_owned(),
+            },
+            None,
+        )?;
+        Ok(())
+    }
+
     /// Stops it: `quit` on the control socket, SIGKILL if it has not exited
     /// 200 ms later; reaps the process and removes its folder.
     pub fn kill(&self) {

@@ -49,6 +49,8 @@ pub struct AppMetrics {
     pub oom_kills: AtomicU64,
     /// Of those, killed by their seccomp filter.
     pub seccomp_kills: AtomicU64,
+    /// Idle instances of apps with volumes suspended to disk.
+    pub suspends: AtomicU64,
     /// Snapshots taken again by a cold boot, because the app's volumes
     /// had moved on since the last one.
     pub cold_boots: AtomicU64,
@@ -85,7 +87,7 @@ pub struct Sample<'a> {
 /// ```
 pub fn render(samples: &[Sample<'_>]) -> String {
     let mut out = String::new();
-    let counters: [Counter; 8] = [
+    let counters: [Counter; 9] = [
         ("little_requests_total", "Connections accepted.", |m| {
             m.requests.load(Ordering::Relaxed)
         }),
@@ -111,6 +113,11 @@ pub fn render(samples: &[Sample<'_>]) -> String {
             "little_oom_kills_total",
             "Instances killed at their cgroup's memory limit.",
             |m| m.oom_kills.load(Ordering::Relaxed),
+        ),
+        (
+            "little_suspends_total",
+            "Idle instances of apps with volumes suspended to disk.",
+            |m| m.suspends.load(Ordering::Relaxed),
         ),
         (
             "little_cold_boots_total",

@@ -8,10 +8,12 @@
 //! - The deploy's first boot fills the new, empty volume with what the
 //!   image has at the path (a seed file, the folder's owner).
 //! - A write from zero instances (the deploy snapshot restored: the volume
-//!   is as it was then); after the idle timeout no instance is left; the
-//!   next request boots the app cold, since the volume moved on, and reads
-//!   the write; `little ps` says which start happened.
-//! - A write, then SIGKILL of the VMM: the next request reads it.
+//!   is as it was then); after the idle timeout the instance is suspended
+//!   to disk and no VMM is left; the next request resumes it from that
+//!   snapshot and reads the write; `little ps` and `/metrics` say which
+//!   start happened.
+//! - A write, then SIGKILL of the VMM: the next request boots the app cold
+//!   (the volume moved on since the last snapshot) and reads it.
 //! - One writer: a second app asking for the volume is refused, the
 //!   volume cannot be removed while mounted, and can be once its app is.
 
@@ -161,15 +163,26 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
     let start = app.last_start.unwrap_or_default();
     assert!(start.starts_with("restored"), "first start: {start}");
 
-    // 2. Idle: no instance; the next request boots cold and reads it.
+    // 2. Idle: suspended to disk, no VMM left; the next request resumes
+    //    it, with the write.
     wait_for_zero(&daemon, "web");
+    wait_until("the idle instance to be suspended", ceiling::HOST, || {
+        daemon.metric("little_suspends_total{app=\"web\"}") == 1
+    });
+    assert_eq!(
+        daemon.vmm_processes(),
+        Vec::<u32>::new(),
+        "a suspended app leaves no VMM (the standby pool is not used with volumes)"
+    );
+    assert!(
+        !home.join("apps/web/volumes.moved").exists(),
+        "the suspend left the snapshot matching the volume"
+    );
     assert_eq!(get(port, "/cgi-bin/get"), "seed\none\n");
     let start = daemon.app("web").last_start.unwrap_or_default();
-    assert!(start.starts_with("booted cold"), "second start: {start}");
-    eprintln!(
-        "cold boot after idle checked after {:.1?}",
-        started.elapsed()
-    );
+    assert!(start.starts_with("restored"), "second start: {start}");
+    assert_eq!(daemon.metric("little_cold_boots_total{app=\"web\"}"), 0);
+    eprintln!("suspend and resume checked after {:.1?}", started.elapsed());
 
     // 3. A synced write survives SIGKILL of its VMM.
     assert_eq!(get(port, "/cgi-bin/put?two"), "stored\n");
@@ -182,6 +195,12 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
     let killed = unsafe { libc::kill(instance.pid as i32, libc::SIGKILL) };
     assert_eq!(killed, 0, "kill -9 {}", instance.pid);
     assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
+    let start = daemon.app("web").last_start.unwrap_or_default();
+    assert!(
+        start.starts_with("booted cold"),
+        "start after kill -9: {start}"
+    );
+    assert_eq!(daemon.metric("little_cold_boots_total{app=\"web\"}"), 1);
     eprintln!("kill -9 checked after {:.1?}", started.elapsed());
 
     // 4. One writer.
