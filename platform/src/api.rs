@@ -139,11 +139,19 @@ pub struct AppSpec {
     /// Absent in records from before it existed.
     #[serde(default, with = "rule_strings")]
     pub allow_host: Vec<Rule>,
+    /// How long a boot (the deploy's, or a cold boot of an app whose
+    /// volumes moved on) may take until the app accepts on its port.
+    #[serde(default = "default_ready_timeout_ms")]
+    pub ready_timeout_ms: u64,
     /// Volumes mounted in the app's guests (`NAME:/guest/path`), each
     /// attached read-write: an app with a volume runs one instance at a
     /// time. Absent in records from before volumes existed.
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+}
+
+fn default_ready_timeout_ms() -> u64 {
+    u64::try_from(crate::deploy::READY_TIMEOUT.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// [`AppSpec::allow_host`] as JSON strings, checked when read.
@@ -172,6 +180,7 @@ impl AppSpec {
     ///     listen: "127.0.0.1:0".into(), memory_mib: 128, concurrency: 10,
     ///     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![],
     ///     allow_host: vec!["127.0.0.1:5432".parse().unwrap()], volumes: vec![],
+    ///     ready_timeout_ms: 600_000,
     /// };
     /// assert!(spec.validate().is_ok());
     /// spec.name = "../etc".into();
@@ -201,6 +210,9 @@ impl AppSpec {
         }
         if !(16..=65536).contains(&self.memory_mib) {
             return Err("memory must be 16-65536 MiB".into());
+        }
+        if !(1000..=86_400_000).contains(&self.ready_timeout_ms) {
+            return Err("the ready timeout must be 1 s to 24 h".into());
         }
         if self.concurrency == 0 || self.max == 0 || self.min > self.max {
             return Err("need concurrency >= 1, max >= 1 and min <= max".into());
@@ -251,6 +263,7 @@ impl AppSpec {
     /// #     name: "web".into(), image: "x.tar".into(), port: 8080,
     /// #     listen: "127.0.0.1:0".into(), memory_mib: 128, concurrency: 10,
     /// #     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![], allow_host: vec![], volumes: vec![],
+    /// #     ready_timeout_ms: 600_000,
     /// # };
     /// assert_eq!(spec.network(), "isolated");
     /// spec.allow_host = vec!["127.0.0.1:5432".parse().unwrap(), "10.1.0.0/16".parse().unwrap()];
@@ -491,6 +504,7 @@ mod tests {
                 "10.1.0.0/16".parse().unwrap(),
             ],
             volumes: vec![],
+            ready_timeout_ms: 600_000,
         }
     }
 
@@ -519,6 +533,17 @@ mod tests {
             panic!("a deploy");
         };
         assert_eq!(back, with);
+    }
+
+    #[test]
+    fn the_ready_timeout_defaults_to_ten_minutes_and_is_bounded() {
+        let mut json = serde_json::to_value(spec()).unwrap();
+        json.as_object_mut().unwrap().remove("ready_timeout_ms");
+        let back: AppSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back.ready_timeout_ms, 600_000);
+        let mut short = spec();
+        short.ready_timeout_ms = 10;
+        assert!(short.validate().is_err());
     }
 
     #[test]

@@ -53,6 +53,7 @@ fn add_app(daemon: &Daemon, env: &[&str]) -> PathBuf {
             env: env.iter().map(|e| (*e).to_owned()).collect(),
             allow_host: vec![],
             volumes: vec![],
+            ready_timeout_ms: 600_000,
         },
         listen: "127.0.0.1:0".into(),
         snapshot: dir.join("app.snap"),

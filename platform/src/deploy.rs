@@ -26,11 +26,12 @@ use crate::settings::Settings;
 use crate::vm;
 use crate::volume;
 
-/// How long the first boot may take to `READY`: 10-60 s on a nested,
-/// emulated host, several minutes on a slow one whose cores are busy (a
-/// database's start-up is emulated guest-kernel work there). The agent
-/// probes the app's port until this deadline ends the boot.
-const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a boot may take to `READY` unless the app says otherwise
+/// (`--ready-timeout`): 10-60 s on a nested, emulated host, several
+/// minutes on a slow one whose cores are busy (a database's start-up is
+/// emulated guest-kernel work there). The agent probes the app's port
+/// until the host's deadline ends the boot.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the snapshot may take (it writes the guest memory out).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The kernel arguments that mount the app's base image as the root.
@@ -266,7 +267,8 @@ fn first_boot(
     let mut child = VmmProcess::spawn(&settings.vmm, &args, true)?;
     // The agent's channel stays open until the VMM is gone, as the guest
     // saw it when the snapshot was taken.
-    let _channel = match wait_ready(&agent, &mut child) {
+    let deadline = Duration::from_millis(app.spec.ready_timeout_ms);
+    let _channel = match wait_ready(&agent, &mut child, deadline) {
         Ok(channel) => channel,
         Err(failure) => {
             child.kill();
@@ -311,12 +313,16 @@ fn first_boot(
 /// Waits for the agent of the booting `child` to connect and say `READY`
 /// (other agent lines are ignored, as the protocol asks); returns the
 /// agent's channel.
-fn wait_ready(agent: &UnixListener, child: &mut VmmProcess) -> Result<UnixStream, BootFailure> {
+fn wait_ready(
+    agent: &UnixListener,
+    child: &mut VmmProcess,
+    deadline: Duration,
+) -> Result<UnixStream, BootFailure> {
     let start = Instant::now();
     let mut stream = loop {
         match agent.accept() {
             Ok((s, _)) => break s,
-            Err(_) if start.elapsed() > READY_TIMEOUT => return Err(BootFailure::NoAgent),
+            Err(_) if start.elapsed() > deadline => return Err(BootFailure::NoAgent),
             Err(_) => {
                 if !matches!(child.try_wait(), Ok(None)) {
                     return Err(BootFailure::VmmExited);
@@ -328,9 +334,9 @@ fn wait_ready(agent: &UnixListener, child: &mut VmmProcess) -> Result<UnixStream
     let _ = stream.set_nonblocking(false);
     let mut lines = LineReader::new();
     loop {
-        let left = READY_TIMEOUT.saturating_sub(start.elapsed());
+        let left = deadline.saturating_sub(start.elapsed());
         if left.is_zero() {
-            return Err(BootFailure::NotReady(READY_TIMEOUT));
+            return Err(BootFailure::NotReady(deadline));
         }
         let _ = stream.set_read_timeout(Some(left));
         match stream.read(lines.spare()) {
@@ -342,7 +348,7 @@ fn wait_ready(agent: &UnixListener, child: &mut VmmProcess) -> Result<UnixStream
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(BootFailure::NotReady(READY_TIMEOUT))
+                return Err(BootFailure::NotReady(deadline))
             }
             _ => return Err(BootFailure::HungUp),
         }
@@ -381,6 +387,35 @@ mod tests {
         );
     }
 
+    /// An agent that connects but whose app never accepts ends the boot at
+    /// the app's own deadline, which the error names.
+    #[test]
+    fn a_boot_ends_at_the_apps_ready_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        // Reaped by the VmmProcess that takes it over.
+        #[allow(clippy::zombie_processes)]
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let mut vmm = VmmProcess::from_child(&child);
+        let mut agent = UnixStream::connect(&sock).unwrap();
+        agent.write_all(b"HELLO 1\n").unwrap();
+        let deadline = Duration::from_secs(1);
+        let result = wait_ready(&listener, &mut vmm, deadline);
+        vmm.kill_and_wait();
+        match result {
+            Err(failure @ BootFailure::NotReady(d)) => {
+                assert_eq!(d, deadline);
+                assert!(failure.to_string().contains("within 1s"), "{failure}");
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+    }
+
     /// A booting guest whose agent sends 64 MiB without a newline fails
     /// the boot as soon as a line is over `MAX_LINE`, and the channel is
     /// closed before the flood is read.
@@ -410,7 +445,7 @@ mod tests {
             }
             sent
         });
-        let result = wait_ready(&listener, &mut vmm);
+        let result = wait_ready(&listener, &mut vmm, READY_TIMEOUT);
         vmm.kill_and_wait();
         assert!(
             matches!(result, Err(BootFailure::LineTooLong)),

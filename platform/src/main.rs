@@ -98,6 +98,10 @@ enum Cmd {
         /// one instance at a time.
         #[arg(long, value_name = "NAME:/PATH")]
         volume: Vec<platform::volume::VolumeMount>,
+        /// How long a boot may take until the app accepts on --port (the
+        /// deploy's, and the cold boot of an app whose volumes moved on).
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration_ms)]
+        ready_timeout: u64,
     },
     /// List apps and their instances (age, connections, memory); env
     /// values are masked (`KEY=***`) unless --show-env.
@@ -287,6 +291,7 @@ fn run(cli: Cli) -> Result<(), String> {
             env,
             allow_host,
             volume: volumes,
+            ready_timeout,
         } => {
             let max = max.unwrap_or(if volumes.is_empty() { 10 } else { 1 });
             let env = env
@@ -317,6 +322,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 env,
                 allow_host,
                 volumes,
+                ready_timeout_ms: ready_timeout,
             };
             spec.validate()?;
             let data = call(Request::Deploy(spec))?;

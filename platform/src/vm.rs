@@ -100,6 +100,7 @@ mod tests {
             env: vec![],
             allow_host: vec![],
             volumes: vec![],
+            ready_timeout_ms: 600_000,
         };
         assert_eq!(
             net_policy(&spec),

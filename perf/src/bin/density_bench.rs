@@ -479,6 +479,7 @@ fn main() -> ExitCode {
             env: Vec::new(),
             allow_host: Vec::new(),
             volumes: Vec::new(),
+            ready_timeout_ms: 600_000,
         };
         let start = Instant::now();
         // Jailed or not, every run restores the one snapshot this boot
