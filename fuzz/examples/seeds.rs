@@ -1,0 +1,256 @@
+//! Writes the hand-made seed inputs of every fuzz target into
+//! `fuzz/corpus/<target>/seed-<name>`: inputs that reach deep (a valid
+//! request, a full driver initialization, a stream that carries data, a
+//! snapshot that decodes), from which the fuzzer mutates. The rest of each
+//! corpus is what short fuzzing runs found and `-merge=1` kept.
+//!
+//! ```text
+//! cd fuzz && cargo run --example seeds
+//! ```
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use vmm::usernet::test_utils::{arp_request, gateway, guest, tcp, udp, Flags};
+use vmm::usernet::GATEWAY_IP;
+
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+const INDIRECT: u16 = 4;
+/// Where the targets copy the bytes after the descriptor table.
+const PAYLOAD_AT: u64 = 0x1000;
+
+/// A 16-entry descriptor table with `descs` (addr, len, flags, next) first.
+fn table(descs: &[(u64, u32, u16, u16)]) -> Vec<u8> {
+    let mut t = vec![0u8; 16 * 16];
+    for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+        let d = &mut t[i * 16..i * 16 + 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+    }
+    t
+}
+
+fn le16s(values: &[u16]) -> Vec<u8> {
+    let mut out: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    out.resize(32, 0);
+    out
+}
+
+struct Corpus {
+    root: std::path::PathBuf,
+}
+
+impl Corpus {
+    fn put(&self, target: &str, name: &str, bytes: &[u8]) {
+        let dir = self.root.join(target);
+        fs::create_dir_all(&dir).expect("corpus folder");
+        fs::write(dir.join(format!("seed-{name}")), bytes).expect("seed written");
+    }
+}
+
+/// Block request seeds: capacity, flags, head, table, payload at 0x1000.
+fn blk_request(c: &Corpus) {
+    let request = |name: &str, kind: u32, sector: u64, data_flags: u16, data: &[u8]| {
+        let mut input = 1u64.wrapping_shl(20).to_le_bytes().to_vec();
+        input.push(0); // writable disk
+        input.extend(0u16.to_le_bytes());
+        input.extend(table(&[
+            (PAYLOAD_AT, 16, NEXT, 1),
+            (PAYLOAD_AT + 16, 512, NEXT | data_flags, 2),
+            (PAYLOAD_AT + 16 + 512, 1, WRITE, 0),
+        ]));
+        input.extend(kind.to_le_bytes());
+        input.extend(0u32.to_le_bytes());
+        input.extend(sector.to_le_bytes());
+        let mut buffer = data.to_vec();
+        buffer.resize(512, 0);
+        input.extend(buffer);
+        input.push(0xff);
+        c.put("blk_request", name, &input);
+    };
+    request("read", 0, 8, WRITE, &[]);
+    request("write", 1, 16, 0, b"data");
+    request("flush", 4, 0, 0, &[]);
+    request("get-id", 8, 0, WRITE, &[]);
+    let mut range = 2u64.to_le_bytes().to_vec();
+    range.extend(8u32.to_le_bytes());
+    range.extend(0u32.to_le_bytes());
+    request("discard", 11, 0, 0, &range);
+    let mut unmap = range.clone();
+    unmap[12] = 1;
+    request("write-zeroes", 13, 0, 0, &unmap);
+    // The same read through an indirect table at 0x1400.
+    let mut input = 1u64.wrapping_shl(20).to_le_bytes().to_vec();
+    input.push(1);
+    input.extend(0u16.to_le_bytes());
+    input.extend(table(&[(PAYLOAD_AT + 0x400, 48, INDIRECT, 0)]));
+    let mut payload = vec![0u8; 0x400 + 48];
+    payload[0..4].copy_from_slice(&0u32.to_le_bytes());
+    payload[8..16].copy_from_slice(&1u64.to_le_bytes());
+    payload[0x400..].copy_from_slice(
+        &table(&[
+            (PAYLOAD_AT, 16, NEXT, 1),
+            (PAYLOAD_AT + 16, 512, NEXT | WRITE, 2),
+            (PAYLOAD_AT + 0x300, 1, WRITE, 0),
+        ])[..48],
+    );
+    input.extend(payload);
+    c.put("blk_request", "indirect-read", &input);
+}
+
+fn control_line(c: &Corpus) {
+    for (name, line) in [
+        ("ping", "ping"),
+        ("snapshot", "snapshot /tmp/app.snap"),
+        ("snapshot-diff", "snapshot-diff /tmp/app.diff"),
+        ("working-set", "working-set /tmp/app.ws"),
+        ("accept", "accept 8080"),
+        ("restore", "restore /a/app.snap /a/app.ws"),
+        ("reply-snapshot", "ok state=123 mem=4096/8192 ms=1.500"),
+        ("reply-connections", "ok open=2 taken=7"),
+        ("reply-running", "ok running 12.250"),
+        ("reply-error", "error no such file"),
+    ] {
+        c.put("control_line", name, line.as_bytes());
+    }
+}
+
+fn frames() -> Vec<(&'static str, Vec<u8>)> {
+    let flags = Flags {
+        syn: true,
+        ..Flags::default()
+    };
+    let mut dns = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    dns.extend(b"\x07example\x03com\x00\x00\x01\x00\x01");
+    vec![
+        ("arp", arp_request(GATEWAY_IP)),
+        ("tcp-syn", tcp(guest(40000), gateway(80), 1000, flags, &[])),
+        (
+            "tcp-syn-outside",
+            tcp(
+                guest(40001),
+                std::net::SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 443),
+                7,
+                flags,
+                &[],
+            ),
+        ),
+        (
+            "dns",
+            udp(
+                guest(5353),
+                std::net::SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53),
+                &dns,
+            ),
+        ),
+    ]
+}
+
+fn net_frame(c: &Corpus) {
+    for (name, frame) in frames() {
+        let mut input = u16::try_from(frame.len())
+            .expect("small")
+            .to_le_bytes()
+            .to_vec();
+        input.extend(&frame);
+        c.put("net_frame", name, &input);
+    }
+}
+
+fn oci_image(c: &Corpus) {
+    let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2,"platform":{"architecture":"amd64","os":"linux"},"annotations":{"org.opencontainers.image.ref.name":"latest"}}]}"#;
+    let mut input = vec![0u8];
+    input.extend(index);
+    c.put("oci_image", "index", &input);
+    let mut input = vec![1u8];
+    input.extend(br#"{"architecture":"amd64","os":"linux","config":{"User":"app:staff","Env":["PATH=/usr/bin","A=b"],"Entrypoint":["/bin/app"],"Cmd":["--port","80"],"WorkingDir":"/srv","ExposedPorts":{"80/tcp":{}}}}"#);
+    input.push(0);
+    input.extend(b"root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n");
+    input.push(0);
+    input.extend(b"root:x:0:\nstaff:x:50:app\n");
+    c.put("oci_image", "config-user", &input);
+    let base = image_tools::test_utils::LayerBuilder::new()
+        .dir("etc", 0o755, 0, 0)
+        .file("etc/hostname", 0o644, 0, 0, b"app\n")
+        .symlink("etc/localtime", "/usr/share/zoneinfo/UTC")
+        .hardlink("etc/name", b"etc/hostname")
+        .dir("srv", 0o755, 1000, 1000)
+        .file("srv/old", 0o600, 1000, 1000, b"old")
+        .finish();
+    let top = image_tools::test_utils::LayerBuilder::new()
+        .whiteout("srv/old")
+        .opaque("etc")
+        .file("etc/new", 0o644, 0, 0, b"new")
+        .finish();
+    let mut input = vec![2u8];
+    input.extend(&base);
+    input.extend([0xff, 0xff]);
+    input.extend(&top);
+    c.put("oci_image", "two-layers", &input);
+}
+
+/// virtqueue: avail idx, avail ring, table, payload at 0x1000.
+fn virtqueue(c: &Corpus) {
+    let mut input = 3u16.to_le_bytes().to_vec();
+    input.extend(le16s(&[0, 2, 4]));
+    input.extend(table(&[
+        (PAYLOAD_AT, 64, NEXT, 1),
+        (PAYLOAD_AT + 64, 64, WRITE, 0),
+        (PAYLOAD_AT + 128, 32, 0, 0),
+        (0, 0, 0, 0),
+        (PAYLOAD_AT + 0x100, 32, INDIRECT, 0),
+    ]));
+    let mut payload = vec![0x11u8; 0x100];
+    payload.extend(
+        table(&[(PAYLOAD_AT, 16, NEXT, 1), (PAYLOAD_AT + 16, 16, WRITE, 0)])[..32].to_vec(),
+    );
+    input.extend(payload);
+    c.put("virtqueue", "three-chains", &input);
+}
+
+/// A vsock header from the guest (cid 3) to the host.
+fn vsock_header(op: u16, src_port: u32, dst_port: u32, len: u32) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend(3u64.to_le_bytes());
+    h.extend(2u64.to_le_bytes());
+    h.extend(src_port.to_le_bytes());
+    h.extend(dst_port.to_le_bytes());
+    h.extend(len.to_le_bytes());
+    h.extend(1u16.to_le_bytes());
+    h.extend(op.to_le_bytes());
+    h.extend(0u32.to_le_bytes());
+    h.extend(65536u32.to_le_bytes());
+    h.extend(0u32.to_le_bytes());
+    h
+}
+
+fn vsock_packet(c: &Corpus) {
+    let mut input = 0u16.to_le_bytes().to_vec();
+    input.extend(table(&[
+        (PAYLOAD_AT, 44, NEXT, 1),
+        (PAYLOAD_AT + 44, 5, NEXT, 2),
+        (PAYLOAD_AT + 0x100, 256, WRITE, 0),
+    ]));
+    input.extend(vsock_header(5, 5000, 1024, 5));
+    input.extend(b"hello");
+    c.put("vsock_packet", "rw", &input);
+    let mut input = 0u16.to_le_bytes().to_vec();
+    input.extend(table(&[(PAYLOAD_AT, 44, 0, 0)]));
+    input.extend(vsock_header(1, 5000, 1024, 0));
+    c.put("vsock_packet", "request", &input);
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let c = Corpus { root };
+    blk_request(&c);
+    control_line(&c);
+    net_frame(&c);
+    oci_image(&c);
+    virtqueue(&c);
+    vsock_packet(&c);
+}
