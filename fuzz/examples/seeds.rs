@@ -52,6 +52,27 @@ impl Corpus {
     }
 }
 
+fn agent_line(c: &Corpus) {
+    c.put(
+        "agent_line",
+        "session",
+        b"\x00HELLO 1\nREADY\nPONG n0nce\nRESUMED\nEXIT status=0\n",
+    );
+    c.put(
+        "agent_line",
+        "exit-signal",
+        b"\x02HELLO 1\r\nEXIT signal=9\nBYE\n",
+    );
+    let mut long = b"\x01READY\n".to_vec();
+    long.extend(vec![b'x'; 300]);
+    long.extend(b"\nPONG 1\n");
+    c.put("agent_line", "overlong-drained", &long);
+    let mut long = b"\x00HELLO 1\n".to_vec();
+    long.extend(vec![b'y'; 255]);
+    long.extend(b"\nREADY\n");
+    c.put("agent_line", "longest-line", &long);
+}
+
 /// Block request seeds: capacity, flags, head, table, payload at 0x1000.
 fn blk_request(c: &Corpus) {
     let request = |name: &str, kind: u32, sector: u64, data_flags: u16, data: &[u8]| {
@@ -247,6 +268,7 @@ fn vsock_packet(c: &Corpus) {
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let c = Corpus { root };
+    agent_line(&c);
     blk_request(&c);
     control_line(&c);
     net_frame(&c);
