@@ -140,6 +140,23 @@ fn control_line(c: &Corpus) {
     }
 }
 
+fn daemon_api(c: &Corpus) {
+    let deploy = r#"{"op":"deploy","name":"web","image":"docker.io/library/redis:7","port":6379,"listen":"127.0.0.1:0","memory_mib":128,"concurrency":10,"min":0,"max":4,"idle_timeout_ms":30000,"env":["TOKEN=s3cret","A=b=c"],"allow_host":["127.0.0.1:5432","10.1.0.0/16"]}"#;
+    for (name, line) in [
+        ("deploy", format!("{deploy}\n")),
+        ("ps", "{\"op\":\"ps\",\"show_env\":true}\n".to_owned()),
+        ("logs", "{\"op\":\"logs\",\"app\":\"web\",\"follow\":true}\n{\"op\":\"ps\"}\n".to_owned()),
+        ("rm", "{\"op\":\"rm\",\"app\":\"web\"}".to_owned()),
+        (
+            "response-ps",
+            r#"{"ok":true,"data":[{"spec":{"name":"web","image":"x.tar","port":80,"listen":"127.0.0.1:8080","memory_mib":128,"concurrency":1,"min":0,"max":1,"idle_timeout_ms":1000,"env":["A=***"]},"listen":"127.0.0.1:8080","snapshot":"/s","instances":[{"id":1,"pid":42,"age_ms":5,"connections":1,"rss_kib":2048}],"standby":1,"last_death":null,"user":1000}]}"#.to_owned(),
+        ),
+        ("response-error", "{\"ok\":false,\"error\":\"no app web\"}".to_owned()),
+    ] {
+        c.put("daemon_api", name, line.as_bytes());
+    }
+}
+
 fn frames() -> Vec<(&'static str, Vec<u8>)> {
     let flags = Flags {
         syn: true,
@@ -271,6 +288,7 @@ fn main() {
     agent_line(&c);
     blk_request(&c);
     control_line(&c);
+    daemon_api(&c);
     net_frame(&c);
     oci_image(&c);
     virtqueue(&c);
