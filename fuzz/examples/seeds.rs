@@ -157,6 +157,68 @@ fn daemon_api(c: &Corpus) {
     }
 }
 
+/// mmio_registers operations: kind, register index or offset, value.
+fn mmio_registers(c: &Corpus) {
+    fn write(ops: &mut Vec<u8>, register: u16, value: u32) {
+        ops.push(1);
+        ops.extend((register / 4).to_le_bytes());
+        ops.extend(value.to_le_bytes());
+    }
+    fn read(ops: &mut Vec<u8>, register: u16) {
+        ops.push(0);
+        ops.extend((register / 4).to_le_bytes());
+        ops.extend(0u32.to_le_bytes());
+    }
+    let init = |features_high: u32| {
+        let mut ops = Vec::new();
+        write(&mut ops, 0x70, 1);
+        write(&mut ops, 0x70, 3);
+        write(&mut ops, 0x14, 0);
+        read(&mut ops, 0x10);
+        write(&mut ops, 0x24, 0);
+        write(&mut ops, 0x20, 1 << 5); // VIRTIO_NET_F_MAC
+        write(&mut ops, 0x24, 1);
+        write(&mut ops, 0x20, features_high); // VIRTIO_F_VERSION_1 is bit 0
+        write(&mut ops, 0x70, 11);
+        read(&mut ops, 0x70);
+        for (queue, base) in [(0u32, 0x1_0000u32), (1, 0x2_0000)] {
+            write(&mut ops, 0x30, queue);
+            read(&mut ops, 0x34);
+            write(&mut ops, 0x38, 256);
+            write(&mut ops, 0x80, base);
+            write(&mut ops, 0x84, 0);
+            write(&mut ops, 0x90, base + 0x1000);
+            write(&mut ops, 0x94, 0);
+            write(&mut ops, 0xa0, base + 0x2000);
+            write(&mut ops, 0xa4, 0);
+            write(&mut ops, 0x44, 1);
+        }
+        ops
+    };
+    let mut ops = init(1);
+    write(&mut ops, 0x70, 15);
+    read(&mut ops, 0x70);
+    write(&mut ops, 0x50, 1);
+    read(&mut ops, 0x60);
+    write(&mut ops, 0x64, 1);
+    // The MAC through narrow config reads.
+    ops.extend([2 | (5 << 2), 0x00, 0x01, 0, 0, 0, 0]);
+    ops.extend([2 | (1 << 2), 0x04, 0x01, 0, 0, 0, 0]);
+    write(&mut ops, 0x70, 0);
+    c.put("mmio_registers", "init-activate-reset", &ops);
+    let mut refused = init(0);
+    write(&mut refused, 0x70, 15);
+    c.put("mmio_registers", "legacy-driver-refused", &refused);
+    let mut bad_queue = init(1);
+    write(&mut bad_queue, 0x30, 1);
+    write(&mut bad_queue, 0x44, 0);
+    write(&mut bad_queue, 0x80, 0xffff_f000);
+    write(&mut bad_queue, 0x44, 1);
+    write(&mut bad_queue, 0x70, 15);
+    read(&mut bad_queue, 0x70);
+    c.put("mmio_registers", "queue-outside-memory", &bad_queue);
+}
+
 fn frames() -> Vec<(&'static str, Vec<u8>)> {
     let flags = Flags {
         syn: true,
@@ -289,6 +351,7 @@ fn main() {
     blk_request(&c);
     control_line(&c);
     daemon_api(&c);
+    mmio_registers(&c);
     net_frame(&c);
     oci_image(&c);
     virtqueue(&c);
