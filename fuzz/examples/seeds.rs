@@ -20,6 +20,8 @@ const WRITE: u16 = 2;
 const INDIRECT: u16 = 4;
 /// Where the targets copy the bytes after the descriptor table.
 const PAYLOAD_AT: u64 = 0x1000;
+/// Bytes of a virtio-net header.
+const NET_HDR_LEN: usize = 12;
 
 /// A 16-entry descriptor table with `descs` (addr, len, flags, next) first.
 fn table(descs: &[(u64, u32, u16, u16)]) -> Vec<u8> {
@@ -261,6 +263,35 @@ fn net_frame(c: &Corpus) {
     }
 }
 
+/// net_queues: ctl, avail rings, TX and RX tables, payload at 0x1000.
+fn net_queues(c: &Corpus) {
+    for (name, frame) in frames() {
+        let tx_len = u32::try_from(NET_HDR_LEN + frame.len()).expect("small");
+        let mut input = vec![];
+        input.extend(2u16.to_le_bytes()); // TX avail idx
+        input.extend(2u16.to_le_bytes()); // RX avail idx
+        input.push(15); // budget 16
+        input.push(3); // four passes
+        input.extend(le16s(&[0, 2]));
+        input.extend(le16s(&[0, 1]));
+        // TX: the frame in one buffer, then header and frame in two.
+        input.extend(table(&[
+            (PAYLOAD_AT, tx_len, 0, 0),
+            (0, 0, 0, 0),
+            (PAYLOAD_AT, 12, NEXT, 3),
+            (PAYLOAD_AT + 12, tx_len - 12, 0, 0),
+        ]));
+        // RX: two receive buffers of 1526 bytes.
+        input.extend(table(&[
+            (PAYLOAD_AT + 0x1000, 1526, WRITE, 0),
+            (PAYLOAD_AT + 0x2000, 1526, WRITE, 0),
+        ]));
+        input.extend(vec![0u8; NET_HDR_LEN]);
+        input.extend(&frame);
+        c.put("net_queues", name, &input);
+    }
+}
+
 fn oci_image(c: &Corpus) {
     let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2,"platform":{"architecture":"amd64","os":"linux"},"annotations":{"org.opencontainers.image.ref.name":"latest"}}]}"#;
     let mut input = vec![0u8];
@@ -353,6 +384,7 @@ fn main() {
     daemon_api(&c);
     mmio_registers(&c);
     net_frame(&c);
+    net_queues(&c);
     oci_image(&c);
     virtqueue(&c);
     vsock_packet(&c);
