@@ -615,6 +615,23 @@ fn tls_config(cas: &[PathBuf]) -> Result<Arc<rustls::ClientConfig>, RegistryErro
     Ok(Arc::new(config))
 }
 
+/// The parsers behind a registry's authentication challenge, for fuzz
+/// targets and tests.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod challenge {
+    /// The `key=value` or `key="quoted, value"` pairs of a
+    /// `WWW-Authenticate` challenge's parameters, in order.
+    pub fn params(params: &str) -> Vec<(String, String)> {
+        super::challenge_params(params)
+    }
+
+    /// Whether the registry at `registry_base` sends its credentials to
+    /// the token `realm`.
+    pub fn realm_may_get_credentials(realm: &str, registry_base: &str) -> bool {
+        super::realm_may_get_credentials(realm, registry_base)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
