@@ -324,6 +324,32 @@ fn oci_image(c: &Corpus) {
     c.put("oci_image", "two-layers", &input);
 }
 
+fn registry_auth(c: &Corpus) {
+    for (name, text) in [
+        (
+            "hub",
+            "\x01https://auth.docker.io/token\0registry.docker.io\0repository:library/redis:pull",
+        ),
+        (
+            "local",
+            "\x03http://127.0.0.1:5001/token\0local\0repository:app:pull,push",
+        ),
+        ("quoted", "\x00http://[::1]:9/t?a=\"b\"\0svc\\\0x"),
+        (
+            "challenge",
+            "\x02realm=\"https://ghcr.io/token\",service=\"ghcr.io\",scope=\"repository:a/b:pull\"",
+        ),
+        ("reference", "\x00ghcr.io:443/a/b:v1.2"),
+        // ureq connects to evil.example: no credentials over plain HTTP.
+        (
+            "backslash-realm",
+            "\x01http://evil.example\\@127.0.0.1:5001/token",
+        ),
+    ] {
+        c.put("registry_auth", name, text.as_bytes());
+    }
+}
+
 /// virtqueue: avail idx, avail ring, table, payload at 0x1000.
 fn virtqueue(c: &Corpus) {
     let mut input = 3u16.to_le_bytes().to_vec();
@@ -386,6 +412,7 @@ fn main() {
     net_frame(&c);
     net_queues(&c);
     oci_image(&c);
+    registry_auth(&c);
     virtqueue(&c);
     vsock_packet(&c);
 }
