@@ -12,8 +12,17 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use vmm::devices::legacy::i8042::I8042;
+use vmm::devices::legacy::serial::SerialConsoleState;
+use vmm::devices::legacy::LegacyState;
+use vmm::devices::virtio::net::persist::NetState;
+use vmm::devices::virtio::persist::{DeviceState, RuntimeState, SavedQueue, TransportState};
+use vmm::snapshot::format::{self, HEADER_LEN};
+use vmm::snapshot::memory::RegionState;
+use vmm::snapshot::MicrovmState;
 use vmm::usernet::test_utils::{arp_request, gateway, guest, tcp, udp, Flags};
 use vmm::usernet::GATEWAY_IP;
+use vmm::vstate::persist::{VcpuState, VmState};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
@@ -350,6 +359,87 @@ fn registry_auth(c: &Corpus) {
     }
 }
 
+/// A snapshot file's header and state, as a restore of a one-vCPU VM with
+/// an active virtio-net device reads it.
+fn snapshot_state(c: &Corpus) {
+    let queue = |base: u64| SavedQueue {
+        max_size: 256,
+        size: 256,
+        ready: true,
+        desc_table: base,
+        avail_ring: base + 0x1000,
+        used_ring: base + 0x2000,
+        next_avail: 3,
+        next_used: 3,
+        event_idx: false,
+    };
+    let net = TransportState {
+        device_type: 1,
+        status: 15,
+        acked_features: (1 << 32) | (1 << 5),
+        queues: vec![queue(0x1_0000), queue(0x2_0000)],
+        runtime: Some(RuntimeState {
+            queues: vec![queue(0x1_0000), queue(0x2_0000)],
+            device: DeviceState::Net(NetState::new([0x52, 0x54, 0, 0x12, 0x34, 0x56])),
+        }),
+        ..TransportState::default()
+    };
+    let idle = TransportState {
+        device_type: 1,
+        queues: vec![queue(0), queue(0)],
+        ..TransportState::default()
+    };
+    let state = MicrovmState {
+        host: "seed".into(),
+        regions: vec![RegionState {
+            guest_addr: 0,
+            len: 2 << 20,
+        }],
+        vm: VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        vcpus: vec![VcpuState {
+            cpuid: vec![Default::default(); 2],
+            msrs: vec![Default::default(); 2],
+            regs: Default::default(),
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Some(Default::default()),
+            debug_regs: Default::default(),
+            lapic: Default::default(),
+            mp_state: Default::default(),
+            events: Default::default(),
+            tsc_khz: Some(2_000_000),
+        }],
+        legacy: LegacyState {
+            serial: SerialConsoleState {
+                registers: [12, 0, 0, 1, 3, 0x60, 8, 0xb0, 0],
+                in_buffer: b"typed".to_vec(),
+            },
+            i8042: I8042::new(Box::new(|| {})).save(),
+        },
+        virtio: vec![net, idle],
+        base: None,
+        dirty: Vec::new(),
+    };
+    let mut file = tempfile::tempfile().expect("a temporary file");
+    let header = format::write_state(&mut file, &state, 2 << 20).expect("state written");
+    let len = usize::try_from(HEADER_LEN + header.state_len).expect("small");
+    let mut bytes = vec![0u8; len];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, 0).expect("read back");
+    // Flag 2: extend the file to the memory image's end; flag 1 would
+    // recompute the CRCs (already right here).
+    let mut input = vec![2u8];
+    input.extend(&bytes);
+    c.put("snapshot_state", "net-active", &input);
+    input[0] = 3;
+    c.put("snapshot_state", "net-active-fixed-up", &input);
+}
+
 /// virtqueue: avail idx, avail ring, table, payload at 0x1000.
 fn virtqueue(c: &Corpus) {
     let mut input = 3u16.to_le_bytes().to_vec();
@@ -413,6 +503,7 @@ fn main() {
     net_queues(&c);
     oci_image(&c);
     registry_auth(&c);
+    snapshot_state(&c);
     virtqueue(&c);
     vsock_packet(&c);
 }
