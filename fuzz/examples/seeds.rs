@@ -491,6 +491,78 @@ fn vsock_packet(c: &Corpus) {
     c.put("vsock_packet", "request", &input);
 }
 
+/// vsock_muxer operations (see the target's `Op` kinds).
+fn vsock_muxer(c: &Corpus) {
+    fn guest(ops: &mut Vec<u8>, op: u8, ports: u8, payload: &[u8]) {
+        ops.extend([0, op, ports, 0, 0]);
+        ops.extend(65536u32.to_le_bytes());
+        ops.extend(0u32.to_le_bytes());
+        ops.extend(u16::try_from(payload.len()).expect("short").to_le_bytes());
+        ops.extend(payload);
+    }
+    fn drain(ops: &mut Vec<u8>, room: u16) {
+        ops.push(7);
+        ops.extend(room.to_le_bytes());
+        ops.push(15);
+    }
+    fn ready(ops: &mut Vec<u8>, pick: u8) {
+        ops.extend([5, pick, 0]);
+    }
+    // The guest connects to the listening host port, data both ways.
+    let mut ops = Vec::new();
+    guest(&mut ops, 1, 0x00, &[]);
+    drain(&mut ops, 4096);
+    guest(&mut ops, 5, 0x00, b"from the guest");
+    ops.extend([4, 0, 0, 1]); // the peer reads
+    ops.extend([2, 0, 9, 0]); // the peer writes 9 bytes
+    ops.extend(b"from host");
+    ready(&mut ops, 1);
+    drain(&mut ops, 4);
+    drain(&mut ops, 4096);
+    guest(&mut ops, 7, 0x00, &[]);
+    drain(&mut ops, 4096);
+    guest(&mut ops, 4, 0x00, &[]);
+    ops.extend([3, 0, 0, 0]); // the peer shuts down
+    ready(&mut ops, 1);
+    drain(&mut ops, 4096);
+    guest(&mut ops, 3, 0x00, &[]);
+    c.put("vsock_muxer", "guest-stream", &ops);
+    // A host client connects, the guest accepts, data both ways.
+    let mut ops = vec![1, 0];
+    ready(&mut ops, 1);
+    drain(&mut ops, 4096);
+    guest(&mut ops, 2, 0x02, &[]);
+    ops.extend([4, 0, 64, 0]);
+    guest(&mut ops, 5, 0x02, b"answer");
+    ops.extend([2, 0, 4, 0]);
+    ops.extend(b"more");
+    ready(&mut ops, 1);
+    drain(&mut ops, 4096);
+    ops.push(6);
+    guest(&mut ops, 5, 0x01, b"refused");
+    drain(&mut ops, 4096);
+    c.put("vsock_muxer", "host-stream", &ops);
+    // Host data waits while the guest offers header-only RX buffers.
+    let mut ops = Vec::new();
+    guest(&mut ops, 1, 0x00, &[]);
+    drain(&mut ops, 4096);
+    ops.extend([2, 0, 4, 0]);
+    ops.extend(b"wait");
+    ready(&mut ops, 1);
+    drain(&mut ops, 0);
+    drain(&mut ops, 4096);
+    c.put("vsock_muxer", "header-only-buffer", &ops);
+    // Bad CONNECT lines and a client that says nothing.
+    let mut ops = vec![1, 2, 9];
+    ops.extend(b"CONNECT x");
+    ops.extend([1, 3]);
+    ready(&mut ops, 1);
+    ready(&mut ops, 2);
+    ops.push(6);
+    drain(&mut ops, 0);
+    c.put("vsock_muxer", "bad-clients", &ops);
+}
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let c = Corpus { root };
@@ -506,4 +578,5 @@ fn main() {
     snapshot_state(&c);
     virtqueue(&c);
     vsock_packet(&c);
+    vsock_muxer(&c);
 }
