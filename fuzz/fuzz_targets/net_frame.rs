@@ -9,19 +9,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use little_fuzz::deny_all_net;
 use vmm::usernet::test_utils::arp_request;
-use vmm::usernet::{NetConfig, Policy, Stack, GATEWAY_IP};
+use vmm::usernet::{Stack, GATEWAY_IP};
 
 fuzz_target!(|data: &[u8]| {
-    let config = NetConfig {
-        policy: Policy {
-            allow_by_default: false,
-            ..Policy::default()
-        },
-        dns_upstream: Some("127.0.0.1:9".parse().expect("literal address")),
-        ..NetConfig::default()
-    };
-    let Ok(mut stack) = Stack::new(&config) else {
+    let Ok(mut stack) = Stack::new(&deny_all_net()) else {
         return;
     };
     // Let the stack know the guest's MAC so that replies are built.

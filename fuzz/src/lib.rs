@@ -1,9 +1,10 @@
-//! Shared setup of the virtqueue fuzz targets: guest memory with a hole, a
-//! mock split queue in it, and the fuzzer's bytes laid out as a descriptor
-//! table plus payload.
+//! Shared setup of the fuzz targets: guest memory with a hole, a mock split
+//! queue in it, the fuzzer's bytes laid out as a descriptor table plus
+//! payload, and a guest network that reaches nothing on the host.
 
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::usernet::{NetConfig, Policy};
 
 /// Queue size of every mock queue.
 pub const QUEUE_SIZE: u16 = 16;
@@ -38,4 +39,18 @@ pub fn load_table_and_payload(
     mem.write_slice(payload, GuestAddress(PAYLOAD_AT))
         .expect("payload fits");
     payload.len()
+}
+
+/// A guest network whose policy denies every outbound connection and DNS
+/// (a denied query is answered REFUSED without a host socket), so that no
+/// input makes a fuzz target reach the host.
+pub fn deny_all_net() -> NetConfig {
+    NetConfig {
+        policy: Policy {
+            allow_by_default: false,
+            ..Policy::default()
+        },
+        dns_upstream: Some("127.0.0.1:9".parse().expect("literal address")),
+        ..NetConfig::default()
+    }
 }

@@ -490,19 +490,16 @@ fn http_error(url: &str, e: ureq::Error) -> RegistryError {
     }
 }
 
-/// The `key=value` or `key="quoted, value"` pairs of a challenge, in order.
-/// The scheme and host (without its port) of `url`, lowercased, or `None`
-/// if it has no scheme.
+/// The scheme and host (without its port, an IPv6 address in brackets) of
+/// `url` as ureq connects to it, or `None` if ureq would not. Read with the
+/// parser ureq uses (the `url` crate's WHATWG rules), not by hand: there a
+/// `\` ends the host of an `http` URL too, so a hand split of
+/// `http://evil.example\@registry/` found the registry's host where ureq
+/// connects to `evil.example`.
 fn origin(url: &str) -> Option<(String, String)> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    // Credentials in the URL itself (`user:pass@host`) are not the host.
-    let host_port = authority.rsplit('@').next().unwrap_or_default();
-    let host = match host_port.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host_port.split(':').next().unwrap_or_default(),
-    };
-    Some((scheme.to_ascii_lowercase(), host.to_ascii_lowercase()))
+    let parsed = url::Url::parse(url).ok()?;
+    let host = parsed.host_str()?;
+    Some((parsed.scheme().to_owned(), host.to_owned()))
 }
 
 /// Whether a token realm may be sent the registry's credentials: over
@@ -517,6 +514,7 @@ fn realm_may_get_credentials(realm: &str, registry_base: &str) -> bool {
     }
 }
 
+/// The `key=value` or `key="quoted, value"` pairs of a challenge, in order.
 fn challenge_params(params: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = params.trim_start();
@@ -617,6 +615,23 @@ fn tls_config(cas: &[PathBuf]) -> Result<Arc<rustls::ClientConfig>, RegistryErro
     Ok(Arc::new(config))
 }
 
+/// The parsers behind a registry's authentication challenge, for fuzz
+/// targets and tests.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod challenge {
+    /// The `key=value` or `key="quoted, value"` pairs of a
+    /// `WWW-Authenticate` challenge's parameters, in order.
+    pub fn params(params: &str) -> Vec<(String, String)> {
+        super::challenge_params(params)
+    }
+
+    /// Whether the registry at `registry_base` sends its credentials to
+    /// the token `realm`.
+    pub fn realm_may_get_credentials(realm: &str, registry_base: &str) -> bool {
+        super::realm_may_get_credentials(realm, registry_base)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -630,6 +645,10 @@ mod tests {
         assert!(may("http://127.0.0.1:5001/token", local));
         assert!(!may("http://evil.example/token", local));
         assert!(!may("http://127.0.0.1@evil.example:5000/t", local));
+        // Found by the registry_auth fuzz target: ureq reads `\` as the
+        // end of the host, so this realm is evil.example.
+        assert!(!may("http://evil.example\\@127.0.0.1:5000/t", local));
+        assert!(may("HTTP://127.0.0.1:5001/token", local));
         assert!(may("http://[::1]:9/t", "http://[::1]:5000/v2/app"));
         assert!(!may("http://[::2]:9/t", "http://[::1]:5000/v2/app"));
         assert!(!may("ftp://127.0.0.1:5000/token", local));

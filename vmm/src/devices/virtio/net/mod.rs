@@ -18,6 +18,8 @@ pub mod device;
 mod handler;
 pub mod persist;
 pub mod queues;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard};

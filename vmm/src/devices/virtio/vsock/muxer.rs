@@ -452,7 +452,14 @@ impl Muxer {
         if let Some(hdr) = self.control.pop_front() {
             return Some((hdr, Vec::new()));
         }
-        while let Some(id) = self.rx_queue.pop_front() {
+        // One pass over the waiting streams at most: a stream with data
+        // but nothing that fits `room` (an RX buffer with room for the
+        // header only) still wants RX and goes back to the end of the
+        // queue, for a larger buffer.
+        for _ in 0..self.rx_queue.len() {
+            let Some(id) = self.rx_queue.pop_front() else {
+                break;
+            };
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
             };
