@@ -387,10 +387,9 @@ mod tests {
         );
     }
 
-    /// An agent that connects but whose app never accepts ends the boot at
-    /// the app's own deadline, which the error names.
-    #[test]
-    fn a_boot_ends_at_the_apps_ready_deadline() {
+    /// A boot as `wait_ready` sees it: the agent socket's listener, a
+    /// stand-in `vmm` process (a `sleep`) and the agent's end, connected.
+    fn booting() -> (tempfile::TempDir, UnixListener, VmmProcess, UnixStream) {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&sock).unwrap();
@@ -401,8 +400,16 @@ mod tests {
             .arg("60")
             .spawn()
             .unwrap();
-        let mut vmm = VmmProcess::from_child(&child);
-        let mut agent = UnixStream::connect(&sock).unwrap();
+        let vmm = VmmProcess::from_child(&child);
+        let agent = UnixStream::connect(&sock).unwrap();
+        (dir, listener, vmm, agent)
+    }
+
+    /// An agent that connects but whose app never accepts ends the boot at
+    /// the app's own deadline, which the error names.
+    #[test]
+    fn a_boot_ends_at_the_apps_ready_deadline() {
+        let (_dir, listener, mut vmm, mut agent) = booting();
         agent.write_all(b"HELLO 1\n").unwrap();
         let deadline = Duration::from_secs(1);
         let result = wait_ready(&listener, &mut vmm, deadline);
@@ -421,18 +428,7 @@ mod tests {
     /// closed before the flood is read.
     #[test]
     fn a_booting_agent_that_floods_one_line_fails_the_boot() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&sock).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        // Reaped by the VmmProcess that takes it over.
-        #[allow(clippy::zombie_processes)]
-        let child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let mut vmm = VmmProcess::from_child(&child);
-        let mut agent = UnixStream::connect(&sock).unwrap();
+        let (_dir, listener, mut vmm, mut agent) = booting();
         let total = 64 << 20;
         let flood = std::thread::spawn(move || {
             let chunk = vec![b'x'; 64 * 1024];

@@ -36,9 +36,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use image_tools::test_utils::{extend_layout, LayerBuilder};
-use little_tests::{ceiling, free_port, http_get, kernel, release_bin};
+use little_tests::{ceiling, free_port, kernel, release_bin};
 use platform::api::AppStatus;
-use platform_util::{test_image, wait_until, Daemon};
+use platform_util::{get, test_image, wait_until, Daemon};
 
 /// Guest memory of every app here, MiB.
 const MEMORY_MIB: u32 = 128;
@@ -176,20 +176,6 @@ fn check_seccomp_kill(daemon: &Daemon, name: &str, port: u16) {
         !after.is_empty() && !after.contains(&pid),
         "{name} should be served by a new instance after pid {pid}'s death: {after:?}"
     );
-}
-
-/// The body of a 200 reply to `GET path` on the app at `port`.
-fn get(port: u16, path: &str) -> String {
-    let reply =
-        http_get(port, path).unwrap_or_else(|e| panic!("GET {path} on 127.0.0.1:{port}: {e}"));
-    assert!(
-        reply.starts_with("HTTP/1.1 200"),
-        "GET {path} on 127.0.0.1:{port}: not a 200:\n{reply}"
-    );
-    reply
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_else(|| panic!("GET {path} on 127.0.0.1:{port}: no end of headers:\n{reply:?}"))
 }
 
 fn read(path: impl AsRef<Path>) -> String {

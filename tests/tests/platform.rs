@@ -7,6 +7,8 @@
 //! not take the daemon down and the next request is served; a restarted
 //! daemon serves the app from its database.
 
+// A test's helpers are not all used by every test file.
+#[allow(dead_code)]
 mod platform_util;
 
 use std::io::{Read, Write};

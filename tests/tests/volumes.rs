@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image_tools::test_utils::{extend_layout, LayerBuilder};
-use little_tests::{ceiling, free_port, http_get};
-use platform_util::{test_image, wait_until, Daemon};
+use little_tests::{ceiling, free_port};
+use platform_util::{get, test_image, wait_until, Daemon};
 
 /// The uid and gid of the httpd image's user `web`.
 const WEB_UID: u64 = 1000;
@@ -50,20 +50,6 @@ fn volume_image(httpd: &Path, dir: &Path) -> PathBuf {
     let layout = dir.join("volume.oci");
     extend_layout(httpd, &layout, &layer, |_| {});
     layout
-}
-
-/// The body of a 200 reply to `GET path`.
-fn get(port: u16, path: &str) -> String {
-    let reply =
-        http_get(port, path).unwrap_or_else(|e| panic!("GET {path} on 127.0.0.1:{port}: {e}"));
-    assert!(
-        reply.starts_with("HTTP/1.1 200"),
-        "GET {path}: not a 200:\n{reply}"
-    );
-    reply
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
 }
 
 fn args(v: &[String]) -> Vec<&str> {

@@ -8,6 +8,21 @@ use std::time::{Duration, Instant};
 use little_tests::{ceiling, free_port, kernel, release_bin, target_dir};
 use platform::api::AppStatus;
 
+/// The body of a 200 reply to `GET path` on the app at `port`, or a
+/// panic that says what came back instead.
+pub fn get(port: u16, path: &str) -> String {
+    let reply = little_tests::http_get(port, path)
+        .unwrap_or_else(|e| panic!("GET {path} on 127.0.0.1:{port}: {e}"));
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "GET {path} on 127.0.0.1:{port}: not a 200:\n{reply}"
+    );
+    reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_else(|| panic!("GET {path} on 127.0.0.1:{port}: no end of headers:\n{reply:?}"))
+}
+
 /// A running daemon, killed on drop.
 pub struct Daemon {
     pub home: PathBuf,
