@@ -65,6 +65,10 @@ struct State {
     instances: Vec<Arc<Instance>>,
     standby: Vec<Standby>,
     waking: usize,
+    /// Instances of an app with volumes being suspended: they count as
+    /// live, so no wake (which may boot cold and take the snapshot again)
+    /// runs until the suspend has finished with the snapshot and marker.
+    suspending: usize,
     waiting: usize,
 }
 
@@ -81,10 +85,6 @@ pub struct App {
     changed: Condvar,
     stopped: AtomicBool,
     next_id: Arc<AtomicU64>,
-    /// Held by a wake and by a suspend of an app with volumes for their
-    /// whole length: the two must never interleave (a resumed snapshot,
-    /// the marker and the volumes change together).
-    volume_turn: Mutex<()>,
 }
 
 impl App {
@@ -106,7 +106,6 @@ impl App {
             changed: Condvar::new(),
             stopped: AtomicBool::new(false),
             next_id,
-            volume_turn: Mutex::new(()),
         });
         let acceptor = app.clone();
         std::thread::spawn(move || acceptor.accept_loop(listener));
@@ -180,7 +179,9 @@ impl App {
                 }
             }
             let live = st.instances.iter().filter(|i| i.alive()).count();
-            if live + st.waking < max && st.waking * self.concurrency() <= st.waiting {
+            if live + st.waking + st.suspending < max
+                && st.waking * self.concurrency() <= st.waiting
+            {
                 st.waking += 1;
                 let standby = st.standby.pop();
                 drop(st);
@@ -246,7 +247,6 @@ impl App {
         if let Some(mut standby) = standby {
             standby.kill();
         }
-        let _turn = lock(&self.volume_turn);
         let name = &self.record.spec.name;
         let marker = self.record.dir.join(VOLUMES_MOVED);
         let how = if marker.exists() {
@@ -265,6 +265,25 @@ impl App {
         Ok(instance)
     }
 
+    /// [`suspend`](Self::suspend)s `i`, or stops it when that fails; then
+    /// lets wakes run again.
+    fn suspend_or_kill(&self, i: &Instance) {
+        match self.suspend(i) {
+            Ok(()) => {
+                self.metrics.suspends.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                eprintln!(
+                    "little: {}: suspend of instance {} failed ({e}); the next wake boots cold",
+                    self.record.spec.name, i.id
+                );
+                i.kill();
+            }
+        }
+        lock(&self.state).suspending -= 1;
+        self.changed.notify_all();
+    }
+
     /// Suspends idle instance `i` of an app with volumes to disk: the VM
     /// paused and snapshotted, its VMM stopped, then made durable in this
     /// order: the volumes' data, the snapshot, the snapshot under the
@@ -273,7 +292,6 @@ impl App {
     /// and the next wake boots cold: never a snapshot against volumes
     /// that moved on.
     fn suspend(&self, i: &Instance) -> Result<(), String> {
-        let _turn = lock(&self.volume_turn);
         let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
         let inside = Path::new(SUSPEND);
         let written = i.dir().join(SUSPEND);
@@ -282,10 +300,8 @@ impl App {
         } else {
             written.clone()
         };
-        if let Err(e) = i.pause_and_snapshot(&seen) {
-            i.kill();
-            return Err(err("snapshot", &crate::daemon::error_chain(&e)));
-        }
+        i.pause_and_snapshot(&seen)
+            .map_err(|e| err("snapshot", &crate::daemon::error_chain(&e)))?;
         // Out of the instance's folder, which its stop removes.
         let taken = self.record.dir.join(SUSPEND);
         let moved = std::fs::rename(&written, &taken);
@@ -361,9 +377,12 @@ impl App {
                 }
             }
             st.instances = keep;
+            if !self.record.volume_files.is_empty() {
+                st.suspending += doomed.len();
+            }
             st.standby.retain_mut(Standby::alive);
             (
-                st.instances.len() + st.waking < min,
+                st.instances.len() + st.waking + st.suspending < min,
                 // An app with volumes starts its standby VMM after a
                 // possible cold boot, never ahead of it.
                 st.standby.len() < self.settings.standby && self.record.volume_files.is_empty(),
@@ -387,16 +406,10 @@ impl App {
         for i in doomed {
             self.metrics.kills.fetch_add(1, Ordering::Relaxed);
             if !self.record.volume_files.is_empty() {
-                match self.suspend(&i) {
-                    Ok(()) => {
-                        self.metrics.suspends.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    Err(e) => eprintln!(
-                        "little: {}: suspend of instance {} failed ({e}); the next wake boots cold",
-                        self.record.spec.name, i.id
-                    ),
-                }
+                // Off the monitor thread, which serves every app.
+                let app = Arc::clone(self);
+                std::thread::spawn(move || app.suspend_or_kill(&i));
+                continue;
             }
             i.kill();
         }
