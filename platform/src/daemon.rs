@@ -264,16 +264,27 @@ impl Daemon {
                     Err(e) => Response::error(error_chain(&e)),
                 }
             }
-            Request::VolumeLs => match self.volumes().list(|name| self.volume_user(name, "")) {
-                Ok(list) => Response::ok(serde_json::to_value(list).unwrap_or_default()),
-                Err(e) => Response::error(error_chain(&e)),
-            },
+            Request::VolumeLs => {
+                let listed = self.volume_users().and_then(|users| {
+                    self.volumes()
+                        .list(|name| users.get(name).cloned())
+                        .map_err(|e| error_chain(&e))
+                });
+                match listed {
+                    Ok(list) => Response::ok(serde_json::to_value(list).unwrap_or_default()),
+                    Err(e) => Response::error(e),
+                }
+            }
             Request::VolumeRm { name } => {
                 let _guard = lock(&self.deploying);
-                let user = self.volume_user(&name, "");
-                match self.volumes().remove(&name, user) {
+                let removed = self.volume_users().and_then(|users| {
+                    self.volumes()
+                        .remove(&name, users.get(&name).cloned())
+                        .map_err(|e| error_chain(&e))
+                });
+                match removed {
                     Ok(()) => Response::ok(serde_json::Value::Null),
-                    Err(e) => Response::error(error_chain(&e)),
+                    Err(e) => Response::error(e),
                 }
             }
             Request::Rm { app } => {
@@ -330,23 +341,31 @@ impl Daemon {
         Volumes::new(&self.settings.home)
     }
 
-    /// The app other than `except` that mounts volume `name`, if any.
-    fn volume_user(&self, name: &str, except: &str) -> Option<String> {
-        let records = self.db.list().unwrap_or_default();
-        records
+    /// Which app mounts each volume in use, from the stored apps (an
+    /// unreadable database is an error, never "unused").
+    fn volume_users(&self) -> Result<BTreeMap<String, String>, String> {
+        let records = self.db.list().map_err(|e| error_chain(&e))?;
+        Ok(records
             .into_iter()
-            .find(|r| r.spec.name != except && r.spec.volumes.iter().any(|v| v.name == name))
-            .map(|r| r.spec.name)
+            .flat_map(|r| {
+                let app = r.spec.name;
+                r.spec
+                    .volumes
+                    .into_iter()
+                    .map(move |v| (v.name, app.clone()))
+            })
+            .collect())
     }
 
     /// The image files of `spec`'s volumes, once each is checked to exist,
     /// to hold ext4 and to be no other app's.
     fn volume_files(&self, spec: &AppSpec) -> Result<Vec<PathBuf>, String> {
         let volumes = self.volumes();
+        let users = self.volume_users()?;
         spec.volumes
             .iter()
             .map(|m| {
-                if let Some(app) = self.volume_user(&m.name, &spec.name) {
+                if let Some(app) = users.get(&m.name).filter(|app| **app != spec.name) {
                     return Err(format!(
                         "volume {:?} is mounted by app {app:?}: two apps cannot share a volume read-write",
                         m.name
