@@ -20,6 +20,7 @@ use crate::db::AppRecord;
 use crate::instance::{Instance, InstanceError, Standby};
 use crate::metrics::AppMetrics;
 use crate::settings::Settings;
+use crate::suspend::{Pairing, Start, PENDING};
 use crate::sync::lock;
 
 /// How often the monitor polls instances.
@@ -30,31 +31,6 @@ pub const TICK: Duration = Duration::from_millis(20);
 /// host those can take tens of seconds; dropping it sooner would lose a
 /// request that was only slow.
 const QUEUE_LIMIT: Duration = Duration::from_secs(300);
-/// In an app's folder: its volumes may have changed since its snapshot
-/// (an instance ran with them since it was taken).
-pub const VOLUMES_MOVED: &str = "volumes.moved";
-
-/// What a suspend's snapshot is called in the instance's and the app's
-/// folders until it becomes the app's snapshot.
-const SUSPEND: &str = "suspend.snap";
-
-/// Makes the [`VOLUMES_MOVED`] marker `path` durable (the file and its
-/// folder entry) before a guest may write to the volumes.
-fn mark_moved(path: &Path) -> std::io::Result<()> {
-    crate::home::create_file(path)?.sync_all()?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// `fsync` of a file's data and size.
-fn sync_file(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_all()
-}
-
-/// `fsync` of a folder: its entries (a rename, a new or removed file).
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Console logs kept per app besides the running VMs' and the first
 /// boot's: each is capped by its `vmm`, and this bounds how many an app
 /// that wakes again and again leaves behind.
@@ -70,6 +46,9 @@ struct State {
     /// runs until the suspend has finished with the snapshot and marker.
     suspending: usize,
     waiting: usize,
+    /// Holds on the app ([`App::hold`]): while any is held, no instance
+    /// starts and connections wait.
+    held: usize,
 }
 
 /// A served app.
@@ -180,6 +159,7 @@ impl App {
             }
             let live = st.instances.iter().filter(|i| i.alive()).count();
             if live + st.waking + st.suspending < max
+                && st.held == 0
                 && st.waking * self.concurrency() <= st.waiting
             {
                 st.waking += 1;
@@ -224,45 +204,107 @@ impl App {
                     s
                 } else {
                     s.kill();
-                    self.spawn_standby()?
+                    self.spawn_standby(None)?
                 }
             }
-            None => self.spawn_standby()?,
+            None => self.spawn_standby(None)?,
         };
         let instance = standby.restore()?;
         self.metrics.restores.fetch_add(1, Ordering::Relaxed);
         Ok(instance)
     }
 
-    /// Wakes an app with volumes. Its snapshot holds the guest's view of
-    /// its volumes (the page cache, ext4's state) at the moment it was
-    /// taken, so it is restored only while the volumes are exactly as they
-    /// were then: before the first instance runs, the [`VOLUMES_MOVED`]
-    /// marker is made durable; a wake that finds it boots the app cold
-    /// with the volumes as they are (ext4 replays its journal) and takes
-    /// the snapshot again, then restores that.
+    /// Wakes an app with volumes from what [`Pairing::start`] allows: its
+    /// snapshot, its last suspend's file, or (when neither matches the
+    /// volumes, or the suspend file cannot be restored) a cold boot with
+    /// the volumes as they are (ext4 replays its journal), which takes the
+    /// snapshot again. `little ps` and the log say which.
     fn wake_with_volumes(&self, standby: Option<Standby>) -> Result<Instance, InstanceError> {
-        // A standby VMM holds the snapshot file it was started with, which
-        // a cold boot replaces: start one after it.
+        let name = &self.record.spec.name;
+        let pairing = self.pairing();
+        let (instance, how) = match pairing.start() {
+            Start::Snapshot => (
+                self.restore_with_volumes(standby, None)?,
+                "restored from its snapshot (the volumes are as its boot left them)".to_owned(),
+            ),
+            Start::Suspended(file) => match self.restore_with_volumes(standby, Some(&file)) {
+                Ok(instance) => (
+                    instance,
+                    "resumed from its suspend file (the volumes are as it left them)".to_owned(),
+                ),
+                Err(e) => {
+                    let why = format!(
+                        "its suspend file could not be resumed: {}",
+                        crate::daemon::error_chain(&e)
+                    );
+                    self.cold_boot(None, &why)?
+                }
+            },
+            Start::Cold(why) => self.cold_boot(standby, &why)?,
+        };
+        eprintln!("little: {name}: instance {} {how}", instance.id);
+        *lock(&self.metrics.last_start) = Some(how);
+        Ok(instance)
+    }
+
+    /// Boots the app cold with its volumes, settles the new snapshot with
+    /// them, and restores it.
+    fn cold_boot(
+        &self,
+        standby: Option<Standby>,
+        why: &str,
+    ) -> Result<(Instance, String), InstanceError> {
+        // A standby holds the snapshot the boot replaces.
         if let Some(mut standby) = standby {
             standby.kill();
         }
-        let name = &self.record.spec.name;
-        let marker = self.record.dir.join(VOLUMES_MOVED);
-        let how = if marker.exists() {
-            eprintln!("little: {name}: its volumes moved on since the snapshot: booting cold");
-            crate::deploy::boot_and_snapshot(&self.settings, &self.record)
-                .map_err(|e| InstanceError::ColdBoot(Box::new(e)))?;
-            self.metrics.cold_boots.fetch_add(1, Ordering::Relaxed);
-            "booted cold (its volumes had moved on since the snapshot), then restored"
-        } else {
-            "restored from a snapshot that matches its volumes (the deploy's, a cold boot's or its last suspend's)"
+        eprintln!(
+            "little: {}: {why}: booting cold with the volumes as they are",
+            self.record.spec.name
+        );
+        crate::deploy::boot_and_snapshot(&self.settings, &self.record)
+            .map_err(|e| InstanceError::ColdBoot(Box::new(e)))?;
+        self.metrics.cold_boots.fetch_add(1, Ordering::Relaxed);
+        let instance = self.restore_with_volumes(None, None)?;
+        Ok((instance, format!("booted cold ({why}), then restored")))
+    }
+
+    /// Restores the app's snapshot, or `suspended` over it, in `standby`
+    /// when it was started for that file as it is now (else in a new
+    /// one), once the [`Pairing::mark_moved`] marker is durable.
+    fn restore_with_volumes(
+        &self,
+        standby: Option<Standby>,
+        suspended: Option<&Path>,
+    ) -> Result<Instance, InstanceError> {
+        let file = suspended.unwrap_or(&self.record.snapshot);
+        let standby = match standby {
+            Some(mut s) => {
+                if s.alive() && s.restores(file) {
+                    s
+                } else {
+                    s.kill();
+                    self.spawn_standby(suspended)?
+                }
+            }
+            None => self.spawn_standby(suspended)?,
         };
-        mark_moved(&marker).map_err(|e| InstanceError::Dir(marker.display().to_string(), e))?;
-        let instance = self.spawn_standby()?.restore()?;
+        let marker = self.pairing().marker();
+        if let Err(e) = self.pairing().mark_moved() {
+            let mut standby = standby;
+            standby.kill();
+            return Err(InstanceError::Dir(
+                marker.display().to_string(),
+                std::io::Error::other(e.to_string()),
+            ));
+        }
+        let instance = standby.restore()?;
         self.metrics.restores.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.metrics.last_start) = Some(how.to_owned());
         Ok(instance)
+    }
+
+    fn pairing(&self) -> Pairing<'_> {
+        Pairing::new(&self.record.dir, &self.record.volume_files)
     }
 
     /// [`suspend`](Self::suspend)s `i`, or stops it when that fails; then
@@ -285,44 +327,50 @@ impl App {
     }
 
     /// Suspends idle instance `i` of an app with volumes to disk: the VM
-    /// paused and snapshotted, its VMM stopped, then made durable in this
-    /// order: the volumes' data, the snapshot, the snapshot under the
-    /// app's snapshot name, and last the removal of the
-    /// [`VOLUMES_MOVED`] marker. A crash before the end leaves the marker,
-    /// and the next wake boots cold: never a snapshot against volumes
-    /// that moved on.
+    /// paused and its diff snapshot written once its disk I/O is done, its
+    /// VMM stopped, then the volumes and the snapshot made durable and
+    /// settled as the app's suspend file ([`Pairing::settle_suspend`]). A
+    /// crash before the end leaves the marker, and the next wake boots
+    /// cold: never a snapshot against volumes that moved on.
     fn suspend(&self, i: &Instance) -> Result<(), String> {
         let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
-        let inside = Path::new(SUSPEND);
-        let written = i.dir().join(SUSPEND);
+        let written = i.dir().join(PENDING);
         let seen = if self.settings.jail {
-            Path::new("/").join(inside)
+            Path::new("/").join(PENDING)
         } else {
             written.clone()
         };
-        i.pause_and_snapshot(&seen)
+        let reply = i
+            .pause_and_snapshot(&seen)
             .map_err(|e| err("snapshot", &crate::daemon::error_chain(&e)))?;
         // Out of the instance's folder, which its stop removes.
-        let taken = self.record.dir.join(SUSPEND);
-        let moved = std::fs::rename(&written, &taken);
+        let pending = self.record.dir.join(PENDING);
+        let moved = std::fs::rename(&written, &pending);
         i.kill();
         moved.map_err(|e| err("moving the snapshot", &e))?;
-        for volume in &self.record.volume_files {
-            sync_file(volume).map_err(|e| err(&volume.display().to_string(), &e))?;
-        }
-        sync_file(&taken).map_err(|e| err("syncing the snapshot", &e))?;
-        crate::jail::give(&taken, crate::jail::user_of(&self.record), 0o600)
+        crate::jail::give(&pending, crate::jail::user_of(&self.record), 0o600)
             .map_err(|e| err("giving the snapshot", &e))?;
-        std::fs::rename(&taken, &self.record.snapshot).map_err(|e| err("renaming", &e))?;
-        sync_dir(&self.record.dir).map_err(|e| err("syncing the app folder", &e))?;
-        std::fs::remove_file(self.record.dir.join(VOLUMES_MOVED))
-            .map_err(|e| err("removing the marker", &e))?;
-        sync_dir(&self.record.dir).map_err(|e| err("syncing the app folder", &e))?;
+        self.pairing()
+            .settle_suspend(&pending)
+            .map_err(|e| crate::daemon::error_chain(&e))?;
+        if let vmm_api::Reply::Snapshot {
+            mem_written,
+            elapsed,
+            ..
+        } = reply
+        {
+            eprintln!(
+                "little: {}: suspended instance {} ({} KiB of memory written, {elapsed:.1?} paused to written)",
+                self.record.spec.name,
+                i.id,
+                mem_written / 1024
+            );
+        }
         *lock(&self.metrics.last_start) = None;
         Ok(())
     }
 
-    fn spawn_standby(&self) -> Result<Standby, InstanceError> {
+    fn spawn_standby(&self, suspended: Option<&Path>) -> Result<Standby, InstanceError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let live: Vec<u64> = {
             let st = lock(&self.state);
@@ -336,7 +384,21 @@ impl App {
             KEEP_INSTANCE_LOGS,
             &live,
         );
-        Standby::spawn(&self.settings, &self.record, id)
+        Standby::spawn(&self.settings, &self.record, id, suspended)
+    }
+
+    /// What a new standby VMM restores: `Some(None)` the app's snapshot,
+    /// `Some(Some(file))` its suspend file, `None` nothing yet (an app
+    /// with volumes that will boot cold, or whose volumes are in use).
+    fn standby_target(&self) -> Option<Option<std::path::PathBuf>> {
+        if self.record.volume_files.is_empty() {
+            return Some(None);
+        }
+        match self.pairing().start() {
+            Start::Snapshot => Some(None),
+            Start::Suspended(file) => Some(Some(file)),
+            Start::Cold(_) => None,
+        }
     }
 
     /// The monitor's periodic pass: reap, poll, stop idle instances, keep
@@ -381,11 +443,13 @@ impl App {
                 st.suspending += doomed.len();
             }
             st.standby.retain_mut(Standby::alive);
+            // An app with volumes starts its standby VMM once nothing
+            // runs with them, for the file its next instance restores.
+            let settled = self.record.volume_files.is_empty()
+                || st.instances.len() + st.waking + st.suspending == 0;
             (
-                st.instances.len() + st.waking + st.suspending < min,
-                // An app with volumes starts its standby VMM after a
-                // possible cold boot, never ahead of it.
-                st.standby.len() < self.settings.standby && self.record.volume_files.is_empty(),
+                st.instances.len() + st.waking + st.suspending < min && st.held == 0,
+                st.standby.len() < self.settings.standby && settled,
             )
         };
         for i in crashed {
@@ -413,8 +477,13 @@ impl App {
             }
             i.kill();
         }
-        if short_of_standby {
-            match self.spawn_standby() {
+        let target = if short_of_standby {
+            self.standby_target()
+        } else {
+            None
+        };
+        if let Some(target) = target {
+            match self.spawn_standby(target.as_deref()) {
                 Ok(mut s) => {
                     let mut st = lock(&self.state);
                     // `stop` may have emptied the pool while this one
@@ -446,13 +515,57 @@ impl App {
         }
     }
 
+    /// Runs `f` with no instance of the app running, and none starting
+    /// until it returns (connections wait, as for a free slot): running
+    /// instances are suspended first (an app with volumes; others are
+    /// stopped), so its volumes are settled and nothing writes to them.
+    /// Returns `f`'s result and how many instances were stopped for it.
+    pub fn hold<T>(&self, f: impl FnOnce() -> T) -> (T, usize) {
+        let mut stopped = 0;
+        let mut st = lock(&self.state);
+        st.held += 1;
+        loop {
+            while st.waking > 0 || st.suspending > 0 {
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            let live = std::mem::take(&mut st.instances);
+            if live.is_empty() {
+                break;
+            }
+            stopped += live.len();
+            if self.record.volume_files.is_empty() {
+                drop(st);
+                for i in live {
+                    i.kill();
+                }
+            } else {
+                st.suspending += live.len();
+                drop(st);
+                for i in live {
+                    self.suspend_or_kill(&i);
+                }
+            }
+            st = lock(&self.state);
+        }
+        drop(st);
+        let out = f();
+        lock(&self.state).held -= 1;
+        self.changed.notify_all();
+        (out, stopped)
+    }
+
     /// Stops accepting and stops every instance and standby VMM.
+    /// A suspend under way finishes first: its files are settled before
+    /// anything else (a redeploy, a removal) touches the app's folder.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         // Unblock the accept loop.
         let _ = TcpStream::connect_timeout(&self.listen, Duration::from_millis(200));
         let (instances, standby) = {
             let mut st = lock(&self.state);
+            while st.suspending > 0 {
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
             (
                 std::mem::take(&mut st.instances),
                 std::mem::take(&mut st.standby),

@@ -19,10 +19,12 @@ use vmm_api::{Client, ClientError, Command};
 
 use crate::api::AppSpec;
 use crate::db::AppRecord;
+use crate::fill;
 use crate::home;
 use crate::jail::{self, JailPlan};
 use crate::process::{ProcessError, VmmProcess};
 use crate::settings::Settings;
+use crate::suspend::{Pairing, SuspendError};
 use crate::vm;
 use crate::volume;
 
@@ -75,6 +77,12 @@ pub enum DeployError {
     /// The `vmm` did not write the snapshot.
     #[error("the snapshot failed")]
     Snapshot(#[source] ClientError),
+    /// A new volume could not be filled from the image.
+    #[error("cannot fill volume {0:?} from the image")]
+    Fill(String, #[source] fill::FillError),
+    /// The snapshot and the volumes could not be made durable together.
+    #[error("cannot settle the snapshot with the volumes")]
+    Settle(#[from] SuspendError),
 }
 
 /// Why the first boot did not get to `READY`.
@@ -187,8 +195,27 @@ pub fn deploy(
         // jail only: the home above it is the daemon's alone (0700).
         jail::give(&record.rootfs, None, 0o644)?;
     }
+    fill_volumes(settings, &record)?;
     boot_and_snapshot(settings, &record)?;
     Ok(record)
+}
+
+/// Fills each new, empty volume of `record` with what its image has at
+/// the mount path, on the host ([`fill`]); what the host cannot fill,
+/// the guest agent does at the first boot.
+fn fill_volumes(settings: &Settings, record: &AppRecord) -> Result<(), DeployError> {
+    let scratch = settings.home.join("tmp");
+    for (mount, file) in record.spec.volumes.iter().zip(&record.volume_files) {
+        let filled = fill::fill(&record.rootfs, &mount.path, file, &mount.name, &scratch)
+            .map_err(|e| DeployError::Fill(mount.name.clone(), e))?;
+        if filled == fill::Filled::Filled {
+            eprintln!(
+                "little: {}: volume {} filled with the image's {}",
+                record.spec.name, mount.name, mount.path
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Boots `record`'s app in `<app>/boot` and (re)writes its snapshot,
@@ -208,6 +235,9 @@ pub fn boot_and_snapshot(settings: &Settings, record: &AppRecord) -> Result<(), 
     first_boot(settings, record, &boot, &initrd, &logs)?;
     jail::give(&record.snapshot, jail::user_of(record), 0o600)?;
     let _ = std::fs::remove_dir_all(&boot);
+    if !record.volume_files.is_empty() {
+        Pairing::new(&record.dir, &record.volume_files).settle_boot(&record.snapshot)?;
+    }
     Ok(())
 }
 
@@ -257,6 +287,7 @@ fn first_boot(
             root: boot,
             logs,
             snapshot: None,
+            suspended: None,
             cgroup: boot_cgroup(&app.spec),
         };
         let (jailed, group) = plan.confine(args, settings.cgroups.as_ref())?;

@@ -79,7 +79,16 @@ pub struct Standby {
     agent: UnixListener,
     /// The snapshot's path as the VMM sees it.
     snapshot: PathBuf,
+    /// The host file it restores (device and inode, taken at the start):
+    /// a standby whose file has since been replaced is stale.
+    source: Option<(u64, u64)>,
     cgroup: Option<InstanceCgroup>,
+}
+
+/// A file's device and inode.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Standby {
@@ -89,8 +98,14 @@ impl Standby {
     }
 
     /// Starts a standby `vmm` for `app` in `<app dir>/i/<id>` (its jail's
-    /// root when jailed) and waits for its control socket.
-    pub fn spawn(settings: &Settings, app: &AppRecord, id: u64) -> Result<Self, InstanceError> {
+    /// root when jailed) and waits for its control socket. It restores the
+    /// app's snapshot, or `suspended`, a suspend's diff over it.
+    pub fn spawn(
+        settings: &Settings,
+        app: &AppRecord,
+        id: u64,
+        suspended: Option<&Path>,
+    ) -> Result<Self, InstanceError> {
         let dir = app.dir.join("i").join(id.to_string());
         let logs = app.dir.join("logs").join(id.to_string());
         let dir_err = |e| InstanceError::Dir(path_str(&dir), e);
@@ -108,18 +123,26 @@ impl Standby {
             console: vm::console(logs.join(jail::CONSOLE)),
             jail: None,
         };
+        let restored = suspended.unwrap_or(&app.snapshot);
+        let source = file_id(restored);
         let (args, snapshot, cgroup) = if settings.jail {
             let plan = JailPlan {
                 app,
                 root: &dir,
                 logs: &logs,
                 snapshot: Some(&app.snapshot),
+                suspended,
                 cgroup: format!("{}-{id}", app.spec.name),
             };
             let (args, cgroup) = plan.confine(args, settings.cgroups.as_ref())?;
-            (args, PathBuf::from(jail::SNAPSHOT), cgroup)
+            let inside = if suspended.is_some() {
+                jail::SUSPENDED
+            } else {
+                jail::SNAPSHOT
+            };
+            (args, PathBuf::from(inside), cgroup)
         } else {
-            (args, app.snapshot.clone(), None)
+            (args, restored.to_owned(), None)
         };
         let process = VmmProcess::spawn(&settings.vmm, &args, false);
         let process = match process {
@@ -136,6 +159,7 @@ impl Standby {
             dir,
             agent,
             snapshot,
+            source,
             cgroup,
         };
         let api = vm::api_socket(&standby.dir);
@@ -148,6 +172,12 @@ impl Standby {
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(standby)
+    }
+
+    /// Whether it restores `path` as that file is now (not one it has
+    /// since been replaced by).
+    pub fn restores(&self, path: &Path) -> bool {
+        self.source.is_some() && self.source == file_id(path)
     }
 
     /// Whether the process still waits.
@@ -435,19 +465,20 @@ impl Instance {
     }
 
     /// The first half of a suspend: pauses the VM, whose vCPUs stay
-    /// stopped from here on, and has the VMM write a full snapshot to
-    /// `path` (as the VMM names it) once no disk I/O is in flight. Its
-    /// volumes then hold exactly what the snapshot saw, until it runs
-    /// again, which it never does: [`kill`](Self::kill) it next.
-    pub fn pause_and_snapshot(&self, path: &Path) -> Result<(), InstanceError> {
+    /// stopped from here on, and has the VMM write a diff snapshot (the
+    /// pages changed since the app's snapshot was mapped) to `path` (as
+    /// the VMM names it) once no disk I/O is in flight. Its volumes then
+    /// hold exactly what the snapshot saw, until it runs again, which it
+    /// never does: [`kill`](Self::kill) it next. The VMM's reply says what
+    /// it wrote and how long that took.
+    pub fn pause_and_snapshot(&self, path: &Path) -> Result<Reply, InstanceError> {
         self.control(&Command::Pause, None)?;
         self.control(
-            &Command::Snapshot {
+            &Command::SnapshotDiff {
                 path: path.to_owned(),
             },
             None,
-        )?;
-        Ok(())
+        )
     }
 
     /// Stops it: `quit` on the control socket, SIGKILL if it has not exited

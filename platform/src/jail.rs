@@ -21,6 +21,9 @@ use crate::vm;
 pub const ROOTFS: &str = "/rootfs.erofs";
 /// The app's snapshot inside the jail.
 pub const SNAPSHOT: &str = "/app.snap";
+/// The app's suspend file (a diff over [`SNAPSHOT`]) inside the jail of a
+/// VMM that resumes it.
+pub const SUSPENDED: &str = "/suspend.snap";
 /// The guest kernel inside the first boot's jail.
 pub const KERNEL: &str = "/vmlinux";
 /// The app's initramfs inside the first boot's jail.
@@ -119,8 +122,10 @@ pub struct JailPlan<'a> {
     pub root: &'a Path,
     /// Its log folder on the host.
     pub logs: &'a Path,
-    /// The app's snapshot, for a VMM that restores it.
+    /// The app's snapshot, for a VMM that restores it (or a diff over it).
     pub snapshot: Option<&'a Path>,
+    /// The app's suspend file, for a VMM that resumes it.
+    pub suspended: Option<&'a Path>,
     /// The cgroup name (unique per VMM).
     pub cgroup: String,
 }
@@ -155,6 +160,9 @@ impl JailPlan<'_> {
         ];
         if let Some(snapshot) = self.snapshot {
             binds.push(bind(snapshot, SNAPSHOT, true));
+        }
+        if let Some(suspended) = self.suspended {
+            binds.push(bind(suspended, SUSPENDED, true));
         }
         if let Start::Boot(boot) = &mut args.start {
             binds.push(bind(&boot.kernel, KERNEL, true));

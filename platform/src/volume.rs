@@ -56,9 +56,13 @@ pub enum VolumeError {
         /// The app that mounts it.
         app: String,
     },
-    /// `mkfs.ext4` failed or is missing.
-    #[error("mkfs.ext4 failed for volume {0:?}: {1}")]
-    Mkfs(String, String),
+    /// A tool (`mkfs.ext4`, `debugfs`, `tar`, `e2fsck`) failed or is
+    /// missing.
+    #[error("volume {0:?}: {1}")]
+    Tool(String, String),
+    /// An archive to import is not one `volume export` makes.
+    #[error("cannot import {0}: {1}")]
+    Archive(String, String),
     /// A file operation failed.
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
@@ -248,7 +252,7 @@ impl Volumes {
             crate::home::private_file(&path).map_err(io_err(&path))?;
             file.set_len(size).map_err(io_err(&path))?;
             drop(file);
-            mkfs(name, &path)
+            mkfs(name, &path, None)
         })();
         if let Err(e) = made {
             let _ = std::fs::remove_file(&path);
@@ -261,19 +265,8 @@ impl Volumes {
     pub fn open(&self, name: &str) -> Result<PathBuf, VolumeError> {
         check_name(name)?;
         let path = self.path(name);
-        let mut head = [0u8; MAGIC_AT + 2];
-        let read = std::fs::File::open(&path).and_then(|mut f| f.read_exact(&mut head));
-        match read {
-            Ok(()) if head[MAGIC_AT..] == EXT_MAGIC => Ok(path),
-            Ok(()) => Err(VolumeError::NotExt4(
-                name.to_owned(),
-                "no ext2/3/4 superblock".into(),
-            )),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(VolumeError::NotFound(name.to_owned()))
-            }
-            Err(e) => Err(VolumeError::NotExt4(name.to_owned(), e.to_string())),
-        }
+        check_magic(name, &path)?;
+        Ok(path)
     }
 
     /// One volume's size and use, `app` being who mounts it.
@@ -338,32 +331,187 @@ impl Volumes {
     }
 }
 
+/// `volume export`/`import`: the archive is a tar (GNU format, sparse:
+/// holes take no space) with one member, the volume's ext4 image
+/// `NAME.ext4`, made and read by GNU tar.
+impl Volumes {
+    /// Writes volume `name` to the new file `archive`. Its app must not
+    /// run meanwhile (the daemon holds it).
+    pub fn export(&self, name: &str, archive: &Path) -> Result<(), VolumeError> {
+        check_name(name)?;
+        let file = format!("{name}.ext4");
+        if !self.dir.join(&file).exists() {
+            return Err(VolumeError::NotFound(name.to_owned()));
+        }
+        let mut tar = Command::new("tar");
+        tar.args([
+            "--create",
+            "--sparse",
+            "--format=gnu",
+            "--numeric-owner",
+            "--file",
+        ])
+        .arg(archive)
+        .arg("--directory")
+        .arg(&self.dir)
+        .arg(&file);
+        run_tool(name, "tar", &mut tar).map(drop)
+    }
+
+    /// Makes volume `name` from `archive` (an [`export`](Self::export)),
+    /// replacing it if it exists (its app must not run meanwhile: the
+    /// daemon holds it), once the archive is checked to hold exactly one
+    /// file, a clean ext4 image of an allowed size (`e2fsck -n`). The
+    /// image is unpacked under `scratch` and renamed into place, so a bad
+    /// archive leaves the volume as it was.
+    pub fn import(
+        &self,
+        name: &str,
+        archive: &Path,
+        scratch: &Path,
+    ) -> Result<VolumeInfo, VolumeError> {
+        check_name(name)?;
+        let bad = |why: String| VolumeError::Archive(archive.display().to_string(), why);
+        let mut list = Command::new("tar");
+        list.args(["--list", "--file"]).arg(archive);
+        let members = run_tool(name, "tar", &mut list).map_err(|e| bad(e.to_string()))?;
+        let members: Vec<&str> = members.lines().collect();
+        let [member] = members.as_slice() else {
+            return Err(bad(format!(
+                "it holds {} members, not one ext4 image",
+                members.len()
+            )));
+        };
+        if member.contains('/') || member.is_empty() || *member == "." || *member == ".." {
+            return Err(bad(format!(
+                "its member {member:?} is not a plain file name"
+            )));
+        }
+        crate::home::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        crate::home::create_dir_all(scratch).map_err(io_err(scratch))?;
+        let work = scratch.join(format!("import-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        crate::home::create_dir_all(&work).map_err(io_err(&work))?;
+        let result = (|| {
+            let mut tar = Command::new("tar");
+            tar.args(["--extract", "--sparse", "--no-same-owner", "--file"])
+                .arg(archive)
+                .arg("--directory")
+                .arg(&work)
+                .arg(member);
+            run_tool(name, "tar", &mut tar).map_err(|e| bad(e.to_string()))?;
+            let image = work.join(member);
+            let meta = std::fs::symlink_metadata(&image).map_err(io_err(&image))?;
+            if !meta.is_file() {
+                return Err(bad(format!("its member {member:?} is not a regular file")));
+            }
+            if !(MIN_SIZE..=MAX_SIZE).contains(&meta.len()) {
+                return Err(bad(format!(
+                    "its image is {} bytes, outside 8 MiB to 16 TiB",
+                    meta.len()
+                )));
+            }
+            check_magic(name, &image)?;
+            let mut fsck = Command::new("e2fsck");
+            fsck.args(["-f", "-n"]).arg(&image);
+            run_tool(name, "e2fsck", &mut fsck)
+                .map_err(|e| bad(format!("its image is not a clean ext4 filesystem: {e}")))?;
+            crate::home::private_file(&image).map_err(io_err(&image))?;
+            std::fs::File::open(&image)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&image))?;
+            let path = self.path(name);
+            std::fs::rename(&image, &path).map_err(io_err(&path))?;
+            std::fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&self.dir))
+        })();
+        let _ = std::fs::remove_dir_all(&work);
+        result?;
+        self.info(name, None)
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
     move |e| VolumeError::Io(format!("cannot write {}", path.display()), e)
+}
+
+/// Whether `path`, volume `name`'s image, starts with an ext4 superblock.
+fn check_magic(name: &str, path: &Path) -> Result<(), VolumeError> {
+    let mut head = [0u8; MAGIC_AT + 2];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    match read {
+        Ok(()) if head[MAGIC_AT..] == EXT_MAGIC => Ok(()),
+        Ok(()) => Err(VolumeError::NotExt4(
+            name.to_owned(),
+            "no ext2/3/4 superblock".into(),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(VolumeError::NotFound(name.to_owned()))
+        }
+        Err(e) => Err(VolumeError::NotExt4(name.to_owned(), e.to_string())),
+    }
 }
 
 /// `mkfs.ext4 -E`: a root directory owned by root, and inode tables and
 /// journal written now (sparse-friendly) rather than by the guest's
 /// kernel in the background after its first mount.
 const MKFS_EXTENDED: &str = "root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0";
+/// The same but the root folder's owner.
+const MKFS_EXTENDED_LAZY: &str = "lazy_itable_init=0,lazy_journal_init=0";
 
 /// Formats `path` as ext4, labelled `name`, with the journal (what makes
 /// a VM killed mid-write recover) and nothing initialised lazily that a
-/// guest would have to finish.
-fn mkfs(name: &str, path: &Path) -> Result<(), VolumeError> {
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", name, "-E", MKFS_EXTENDED])
-        .arg(path)
+/// guest would have to finish; with `tree`, filled with its files (their
+/// owners, modes and times; the root folder takes the tree's).
+pub(crate) fn mkfs(name: &str, path: &Path, tree: Option<&Path>) -> Result<(), VolumeError> {
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-L", name]);
+    let mut root_mode = None;
+    match tree {
+        Some(tree) => {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(tree).map_err(io_err(tree))?;
+            root_mode = Some(meta.mode());
+            let extended = format!(
+                "root_owner={}:{},{MKFS_EXTENDED_LAZY}",
+                meta.uid(),
+                meta.gid()
+            );
+            mkfs.arg("-E").arg(extended).arg("-d").arg(tree)
+        }
+        None => mkfs.args(["-E", MKFS_EXTENDED]),
+    };
+    run_tool(name, "mkfs.ext4", mkfs.arg(path))?;
+    // mkfs gives the root folder its owner but not its mode.
+    if let Some(mode) = root_mode {
+        let set = format!("set_inode_field <2> mode 0{mode:o}");
+        let mut debugfs = Command::new("debugfs");
+        debugfs.args(["-w", "-R", &set]).arg(path);
+        run_tool(name, "debugfs", &mut debugfs)?;
+    }
+    Ok(())
+}
+
+/// Runs `program` (as `command`) for volume `name`; its stdout.
+fn run_tool(name: &str, program: &str, command: &mut Command) -> Result<String, VolumeError> {
+    let out = command
         .env("PATH", mkfs_path())
         .output()
-        .map_err(|e| VolumeError::Mkfs(name.to_owned(), format!("cannot run mkfs.ext4: {e}")))?;
+        .map_err(|e| VolumeError::Tool(name.to_owned(), format!("cannot run {program}: {e}")))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(VolumeError::Mkfs(
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let said = if stderr.trim().is_empty() {
+            stdout
+        } else {
+            stderr
+        };
+        Err(VolumeError::Tool(
             name.to_owned(),
-            format!("{}: {}", out.status, stderr.trim()),
+            format!("{program}: {}: {}", out.status, said.trim()),
         ))
     }
 }

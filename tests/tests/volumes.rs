@@ -9,8 +9,9 @@
 //!   image has at the path (a seed file, the folder's owner).
 //! - A write from zero instances (the deploy snapshot restored: the volume
 //!   is as it was then); after the idle timeout the instance is suspended
-//!   to disk and no VMM is left; the next request resumes it from that
-//!   snapshot and reads the write; `little ps` and `/metrics` say which
+//!   to disk (a diff over the deploy's snapshot) and no guest is left;
+//!   the next request resumes it from that file (in the standby VMM
+//!   started for it) and reads the write; `little ps` and `/metrics` say which
 //!   start happened.
 //! - A write, then SIGKILL of the VMM: the next request boots the app cold
 //!   (the volume moved on since the last snapshot) and reads it.
@@ -78,6 +79,13 @@ fn little_err(daemon: &Daemon, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Bytes a file takes on disk (holes are free).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    meta.blocks() * 512
 }
 
 fn wait_for_zero(daemon: &Daemon, name: &str) {
@@ -149,24 +157,36 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
     let start = app.last_start.unwrap_or_default();
     assert!(start.starts_with("restored"), "first start: {start}");
 
-    // 2. Idle: suspended to disk, no VMM left; the next request resumes
+    // 2. Idle: suspended to disk, no guest left (only the standby VMM,
+    //    which has none, for the suspend file); the next request resumes
     //    it, with the write.
     wait_for_zero(&daemon, "web");
     wait_until("the idle instance to be suspended", ceiling::HOST, || {
         daemon.metric("little_suspends_total{app=\"web\"}") == 1
     });
-    assert_eq!(
-        daemon.vmm_processes(),
-        Vec::<u32>::new(),
-        "a suspended app leaves no VMM (the standby pool is not used with volumes)"
+    wait_until(
+        "the only VMM left to be the standby for the suspend file",
+        ceiling::HOST,
+        || {
+            let app = daemon.app("web");
+            app.instances.is_empty() && app.standby == 1 && daemon.vmm_processes().len() == 1
+        },
     );
+    let app_dir = home.join("apps/web");
     assert!(
-        !home.join("apps/web/volumes.moved").exists(),
-        "the suspend left the snapshot matching the volume"
+        !app_dir.join("volumes.moved").exists(),
+        "the suspend left a snapshot matching the volume"
+    );
+    // A diff over the deploy's snapshot: the pages the instance wrote.
+    let full = allocated(&app_dir.join("app.snap"));
+    let diff = allocated(&app_dir.join("suspend.snap"));
+    assert!(
+        diff < full,
+        "the suspend file ({diff} bytes on disk) is a diff, smaller than the snapshot ({full})"
     );
     assert_eq!(get(port, "/cgi-bin/get"), "seed\none\n");
     let start = daemon.app("web").last_start.unwrap_or_default();
-    assert!(start.starts_with("restored"), "second start: {start}");
+    assert!(start.starts_with("resumed"), "second start: {start}");
     assert_eq!(daemon.metric("little_cold_boots_total{app=\"web\"}"), 0);
     eprintln!("suspend and resume checked after {:.1?}", started.elapsed());
 

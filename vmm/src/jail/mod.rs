@@ -126,11 +126,19 @@ pub struct Config {
 pub const MAX_FILES: u64 = 2048;
 
 static KVM: OnceLock<OwnedFd> = OnceLock::new();
+static PAGEMAP: OnceLock<std::fs::File> = OnceLock::new();
 
 /// `/dev/kvm`, opened before the VMM left the host's tree; `None` when it
 /// is not jailed.
 pub fn kvm_fd() -> Option<BorrowedFd<'static>> {
     KVM.get().map(|fd| fd.as_fd())
+}
+
+/// `/proc/self/pagemap` (which a diff snapshot reads), opened before the
+/// VMM changed its user: the kernel then makes the process non-dumpable,
+/// and its `/proc/self` files root's. `None` when it is not jailed.
+pub fn pagemap() -> Option<&'static std::fs::File> {
+    PAGEMAP.get()
 }
 
 /// Builds the jail and returns inside it, as the jailed VMM. The process
@@ -172,6 +180,9 @@ pub fn enter(config: &Config) -> Result<(), Error> {
     let kvm = sys::open_rw(Path::new("/dev/kvm")).map_err(step("open /dev/kvm"))?;
     let _ = KVM.set(kvm);
     pivot(&config.root)?;
+    let pagemap =
+        std::fs::File::open("/proc/self/pagemap").map_err(step("open /proc/self/pagemap"))?;
+    let _ = PAGEMAP.set(pagemap);
     sys::sethostname("little").map_err(step("set the host name"))?;
     sys::setrlimit(libc::RLIMIT_NOFILE, MAX_FILES).map_err(step("limit open files"))?;
     sys::setrlimit(libc::RLIMIT_CORE, 0).map_err(step("disable core dumps"))?;

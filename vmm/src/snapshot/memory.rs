@@ -36,6 +36,10 @@ pub enum Error {
     /// Writing the image failed.
     #[error("failed to write the memory image")]
     Write(#[source] std::io::Error),
+    /// `/proc/self/pagemap`, which says which pages were written, could
+    /// not be opened or read.
+    #[error("failed to read /proc/self/pagemap")]
+    Pagemap(#[source] std::io::Error),
     /// The snapshot's region list is unusable.
     #[error("snapshot memory layout is invalid: {0}")]
     Layout(&'static str),
@@ -225,7 +229,11 @@ mod tests {
 pub fn dirty_pages(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, Error> {
     const PRESENT: u64 = 1 << 63;
     const FILE_OR_SHARED: u64 = 1 << 61;
-    let pagemap = File::open("/proc/self/pagemap").map_err(Error::Write)?;
+    let pagemap = match crate::jail::pagemap() {
+        Some(kept) => kept.try_clone(),
+        None => File::open("/proc/self/pagemap"),
+    }
+    .map_err(Error::Pagemap)?;
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut image_page = 0u64;
     let mut entries = vec![0u8; 8 * 512];
@@ -240,7 +248,7 @@ pub fn dirty_pages(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, Error> {
             let bytes = usize::try_from(n * 8).map_err(|_| Error::Layout("region"))?;
             pagemap
                 .read_exact_at(&mut entries[..bytes], (host / PAGE_SIZE + done) * 8)
-                .map_err(Error::Write)?;
+                .map_err(Error::Pagemap)?;
             for (i, e) in entries[..bytes].chunks_exact(8).enumerate() {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(e);
