@@ -12,6 +12,8 @@
 //! | `{"op":"volume-create", "name":…, "size":…}` | the new volume's [`VolumeInfo`](crate::volume::VolumeInfo) |
 //! | `{"op":"volume-ls"}` | a list of [`VolumeInfo`](crate::volume::VolumeInfo) |
 //! | `{"op":"volume-rm", "name":…}` | `null` (refused while an app mounts it) |
+//! | `{"op":"volume-export", "name":…}` | an [`Exported`], then its `bytes` bytes of tar archive |
+//! | `{"op":"volume-import", "name":…, "archive":"/abs/backup.tar"}` | an [`Exported`] |
 //!
 //! Every response is `{"ok":true,"data":…}` or `{"ok":false,"error":"…"}`.
 //! An over-long or malformed request gets an error and the connection is
@@ -19,7 +21,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vmm_api::net::Rule;
@@ -325,6 +327,38 @@ pub enum Request {
         /// Its name.
         name: String,
     },
+    /// A volume as a tar archive, streamed after the response line (an
+    /// [`Exported`]), taken while the app that mounts it is held with no
+    /// instance running.
+    #[serde(rename = "volume-export")]
+    VolumeExport {
+        /// Its name.
+        name: String,
+    },
+    /// Make or replace a volume from an archive `volume-export` made,
+    /// while the app that mounts it is held with no instance running.
+    #[serde(rename = "volume-import")]
+    VolumeImport {
+        /// Its name.
+        name: String,
+        /// The archive, an absolute path the daemon reads.
+        archive: PathBuf,
+    },
+}
+
+/// The response to `volume-export` (then `bytes` bytes of archive), and
+/// to `volume-import`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exported {
+    /// The volume.
+    pub volume: crate::volume::VolumeInfo,
+    /// Size of the archive that follows (`volume-export`).
+    #[serde(default)]
+    pub bytes: u64,
+    /// The app that mounts it, and how many of its instances were
+    /// suspended (or stopped) for a consistent copy.
+    #[serde(default)]
+    pub held: Option<(String, usize)>,
 }
 
 /// The daemon's answer.
@@ -442,6 +476,25 @@ pub fn call(sock: &Path, request: &Request) -> Result<serde_json::Value, ApiErro
 pub fn ps(sock: &Path) -> Result<Vec<AppStatus>, ApiError> {
     let request = Request::Ps { show_env: false };
     Ok(serde_json::from_value(call(sock, &request)?)?)
+}
+
+/// Copies the archive of volume `name` to `out` as the daemon streams
+/// it (`little volume export`); fails if it ends short.
+pub fn export(sock: &Path, name: &str, out: &mut impl Write) -> Result<Exported, ApiError> {
+    let request = Request::VolumeExport {
+        name: name.to_owned(),
+    };
+    let (data, reader) = send(sock, &request)?;
+    let exported: Exported = serde_json::from_value(data)?;
+    let copied = std::io::copy(&mut reader.take(exported.bytes), out).map_err(ApiError::Output)?;
+    out.flush().map_err(ApiError::Output)?;
+    if copied != exported.bytes {
+        return Err(ApiError::Daemon(format!(
+            "the archive was cut short after {copied} of {} bytes",
+            exported.bytes
+        )));
+    }
+    Ok(exported)
 }
 
 /// Copies `app`'s console output to `out` as the daemon streams it, a

@@ -230,6 +230,7 @@ impl Daemon {
         let _ = stream.set_read_timeout(None);
         match request {
             Request::Logs { app, follow } => self.logs(&stream, &app, follow),
+            Request::VolumeExport { name } => self.export(&stream, &name),
             request => {
                 reply(&stream, &self.handle(request));
             }
@@ -256,7 +257,29 @@ impl Daemon {
                     .collect();
                 Response::ok(serde_json::to_value(apps).unwrap_or_default())
             }
-            Request::Logs { .. } => Response::error("logs are streamed on their own connection"),
+            Request::Logs { .. } | Request::VolumeExport { .. } => {
+                Response::error("logs and exports are streamed on their own connection")
+            }
+            Request::VolumeImport { name, archive } => {
+                let _guard = lock(&self.deploying);
+                let scratch = self.settings.home.join("tmp");
+                let imported = self.volume_held(&name, || {
+                    self.volumes()
+                        .import(&name, &archive, &scratch)
+                        .map_err(|e| error_chain(&e))
+                });
+                match imported {
+                    Ok((volume, held)) => Response::ok(
+                        serde_json::to_value(api::Exported {
+                            volume,
+                            bytes: 0,
+                            held,
+                        })
+                        .unwrap_or_default(),
+                    ),
+                    Err(e) => Response::error(e),
+                }
+            }
             Request::VolumeCreate { name, size } => {
                 let _guard = lock(&self.deploying);
                 match self.volumes().create(&name, size) {
@@ -333,6 +356,70 @@ impl Daemon {
             std::thread::sleep(FOLLOW_POLL);
             if peer::hung_up(stream) {
                 return;
+            }
+        }
+    }
+
+    /// Runs `f` while the app that mounts volume `name` (if any) is held
+    /// with no instance running ([`App::hold`]); with the app and how
+    /// many of its instances were suspended for it.
+    fn volume_held<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce() -> Result<T, String>,
+    ) -> Result<(T, Option<(String, usize)>), String> {
+        let user = self.volume_users()?.get(name).cloned();
+        let app = user.as_ref().and_then(|a| lock(&self.apps).get(a).cloned());
+        match (user, app) {
+            (Some(user), Some(app)) => {
+                let (out, stopped) = app.hold(f);
+                Ok((out?, Some((user, stopped))))
+            }
+            _ => Ok((f()?, None)),
+        }
+    }
+
+    /// Streams volume `name` as an archive (`volume-export`), made in the
+    /// home's scratch folder while its app is held, then removed.
+    fn export(&self, stream: &UnixStream, name: &str) {
+        let _guard = lock(&self.deploying);
+        let scratch = self.settings.home.join("tmp");
+        let archive = scratch.join(format!("export-{name}-{}.tar", std::process::id()));
+        let made = crate::home::create_dir_all(&scratch)
+            .map_err(|e| format!("cannot make {}: {e}", scratch.display()))
+            .and_then(|()| {
+                self.volume_held(name, || {
+                    let _ = std::fs::remove_file(&archive);
+                    self.volumes()
+                        .export(name, &archive)
+                        .and_then(|()| self.volumes().info(name, None))
+                        .map_err(|e| error_chain(&e))
+                })
+            });
+        let opened = made.and_then(|(volume, held)| {
+            let file = std::fs::File::open(&archive)
+                .map_err(|e| format!("cannot read {}: {e}", archive.display()))?;
+            let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+            Ok((
+                file,
+                api::Exported {
+                    volume,
+                    bytes,
+                    held,
+                },
+            ))
+        });
+        let _ = std::fs::remove_file(&archive);
+        match opened {
+            Ok((mut file, exported)) => {
+                let data = serde_json::to_value(exported).unwrap_or_default();
+                if reply(stream, &Response::ok(data)) {
+                    let mut out = stream;
+                    let _ = std::io::copy(&mut file, &mut out);
+                }
+            }
+            Err(e) => {
+                reply(stream, &Response::error(e));
             }
         }
     }

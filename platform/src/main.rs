@@ -154,6 +154,22 @@ enum VolumeCmd {
         /// Its name.
         name: String,
     },
+    /// Write a volume to stdout as a tar archive (its sparse ext4 image):
+    /// `little volume export data > data.tar`. The app that mounts it is
+    /// suspended first and held until the copy is made.
+    Export {
+        /// Its name.
+        name: String,
+    },
+    /// Make a volume from an archive `volume export` wrote, or replace its
+    /// contents (the app that mounts it is suspended and held meanwhile,
+    /// and boots cold with the imported data next).
+    Import {
+        /// Its name.
+        name: String,
+        /// The archive.
+        archive: std::path::PathBuf,
+    },
 }
 
 fn parse_volume_size(text: &str) -> Result<u64, String> {
@@ -392,6 +408,45 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("removed volume {name}");
             Ok(())
         }
+        Cmd::Volume(VolumeCmd::Export { name }) => {
+            use std::io::IsTerminal;
+            let stdout = std::io::stdout();
+            if stdout.is_terminal() {
+                return Err(
+                    "refusing to write an archive to a terminal: redirect it (> backup.tar)".into(),
+                );
+            }
+            let exported = platform::api::export(&sock, &name, &mut stdout.lock())
+                .map_err(|e| platform::daemon::error_chain(&e))?;
+            say_held(&exported, "exported");
+            Ok(())
+        }
+        Cmd::Volume(VolumeCmd::Import { name, archive }) => {
+            let archive = std::fs::canonicalize(&archive)
+                .map_err(|e| format!("{}: {e}", archive.display()))?;
+            let data = call(Request::VolumeImport {
+                name: name.clone(),
+                archive,
+            })?;
+            let imported: platform::api::Exported =
+                serde_json::from_value(data).map_err(|e| e.to_string())?;
+            say_held(&imported, "imported");
+            println!(
+                "imported volume {name} ({} MiB)",
+                imported.volume.size >> 20
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Says on stderr which app was held for an export or import.
+fn say_held(done: &platform::api::Exported, what: &str) {
+    if let Some((app, stopped)) = &done.held {
+        eprintln!(
+            "little: {what} volume {} while app {app} was held ({stopped} instance(s) suspended first)",
+            done.volume.name
+        );
     }
 }
 

@@ -135,10 +135,12 @@ impl<'a> Pairing<'a> {
         for (was, path) in recorded.iter().zip(self.volumes) {
             match FileId::of(path) {
                 Ok(now) if now == *was => {}
-                Ok(_) => return Err(format!(
+                Ok(_) => {
+                    return Err(format!(
                     "volume {} was changed since its snapshot (written to, replaced or imported)",
                     path.display()
-                )),
+                ))
+                }
                 Err(e) => return Err(format!("volume {}: {e}", path.display())),
             }
         }

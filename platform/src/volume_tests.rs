@@ -106,3 +106,72 @@ fn guest_paths_must_be_absolute_and_plain() {
     let ok: VolumeMount = "d:/var/lib/data".parse().expect("valid");
     assert_eq!(ok.to_string(), "d:/var/lib/data");
 }
+
+#[test]
+fn an_export_imports_as_the_same_sparse_image_and_bad_archives_change_nothing() {
+    let (dir, volumes) = store();
+    let scratch = dir.path().join("tmp");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let made = volumes.create("data", 256 << 20).expect("create");
+    let archive = dir.path().join("data.tar");
+    volumes.export("data", &archive).expect("export");
+    let archived = std::fs::metadata(&archive).unwrap().len();
+    assert!(
+        archived < made.size / 4,
+        "the archive keeps the holes: {archived} bytes for a {} byte image",
+        made.size
+    );
+
+    let copy = volumes.import("copy", &archive, &scratch).expect("import");
+    assert_eq!(copy.size, made.size);
+    assert!(copy.allocated < copy.size / 4, "still sparse: {copy:?}");
+    let original = std::fs::read(volumes.path("data")).unwrap();
+    assert!(original == std::fs::read(volumes.path("copy")).unwrap());
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "scratch cleaned"
+    );
+
+    // Not an archive; two members; a member that is not ext4: each refused,
+    // and the volume they would replace is left as it was.
+    let junk = dir.path().join("junk.tar");
+    std::fs::write(&junk, b"not a tar archive at all").unwrap();
+    let e = volumes.import("copy", &junk, &scratch).unwrap_err();
+    assert!(matches!(e, VolumeError::Archive(..)), "{e}");
+    let two = dir.path().join("two.tar");
+    let status = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(&two)
+        .arg("-C")
+        .arg(dir.path())
+        .args(["data.tar", "junk.tar"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let e = volumes.import("copy", &two, &scratch).unwrap_err();
+    assert!(e.to_string().contains("2 members"), "{e}");
+    let not_ext4 = dir.path().join("zeros.tar");
+    std::fs::write(dir.path().join("zeros.ext4"), vec![0u8; 16 << 20]).unwrap();
+    let status = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(&not_ext4)
+        .arg("-C")
+        .arg(dir.path())
+        .arg("zeros.ext4")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let e = volumes.import("copy", &not_ext4, &scratch).unwrap_err();
+    assert!(e.to_string().contains("superblock"), "{e}");
+    assert!(original == std::fs::read(volumes.path("copy")).unwrap());
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "scratch cleaned"
+    );
+    assert!(matches!(
+        volumes.export("missing", &archive),
+        Err(VolumeError::NotFound(_))
+    ));
+}
