@@ -8,7 +8,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 # Debian packages little.cloud needs at build and test time.
-PACKAGES=(busybox-static curl build-essential bc flex bison libelf-dev libssl-dev cpio linux-source-6.1 erofs-utils e2fsprogs mmdebstrap umoci skopeo docker-registry redis-tools openssl apache2-utils)
+PACKAGES=(busybox-static curl build-essential bc flex bison libelf-dev libssl-dev cpio linux-source-6.1 erofs-utils e2fsprogs mmdebstrap umoci skopeo docker-registry redis-tools postgresql-client postgresql-contrib openssl apache2-utils)
 
 install_packages() {
 	local missing=()

@@ -26,7 +26,9 @@ use crate::sync::lock;
 /// How often the monitor polls instances.
 pub const TICK: Duration = Duration::from_millis(20);
 /// How long an accepted connection may queue for a free slot before it is
-/// dropped: the request timeout that Cloud Run and Knative default to. A
+/// dropped (unless an instance is starting for it, which a boot's ready
+/// timeout bounds): the request timeout that Cloud Run and Knative
+/// default to. A
 /// queued connection waits for earlier requests to finish, and on a slow
 /// host those can take tens of seconds; dropping it sooner would lose a
 /// request that was only slow.
@@ -131,7 +133,7 @@ impl App {
         let port = self.record.spec.port;
         let max = usize::try_from(self.record.spec.max).unwrap_or(usize::MAX);
         let mut woke = false;
-        while accepted.elapsed() < QUEUE_LIMIT && !self.stopped.load(Ordering::Acquire) {
+        while !self.stopped.load(Ordering::Acquire) {
             let mut st = lock(&self.state);
             let mut chosen = self.pick(&st);
             if chosen.is_none() {
@@ -176,12 +178,21 @@ impl App {
                     Err(e) => {
                         eprintln!("little: {}: wake failed: {e}", self.record.spec.name);
                         drop(st);
+                        if accepted.elapsed() >= QUEUE_LIMIT {
+                            break;
+                        }
                         std::thread::sleep(Duration::from_millis(50));
                         continue;
                     }
                 }
                 self.changed.notify_all();
                 continue;
+            }
+            // A wake under way (a cold boot may take minutes) will have
+            // room for it: only a connection queued for a busy slot with
+            // nothing starting gives up.
+            if accepted.elapsed() >= QUEUE_LIMIT && st.waking == 0 {
+                break;
             }
             st.waiting += 1;
             let (mut st, _) = self

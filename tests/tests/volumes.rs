@@ -15,6 +15,12 @@
 //!   start happened.
 //! - A write, then SIGKILL of the VMM: the next request boots the app cold
 //!   (the volume moved on since the last snapshot) and reads it.
+//! - A backup (`volume export`) of the volume of a running app, which is
+//!   suspended for it; a later write; the backup imported over the
+//!   volume: the app boots cold with the backup's data. A junk archive is
+//!   refused.
+//! - The daemon killed while the app is suspended: a new daemon resumes
+//!   it from its suspend file. A redeploy keeps the volume.
 //! - One writer: a second app asking for the volume is refused, the
 //!   volume cannot be removed while mounted, and can be once its app is.
 
@@ -27,7 +33,10 @@ use std::time::Instant;
 
 use image_tools::test_utils::{extend_layout, LayerBuilder};
 use little_tests::{ceiling, free_port};
-use platform_util::{get, test_image, wait_until, Daemon};
+use platform_util::{
+    allocated, args, get, kill9, little_err, little_ok, only_instance, test_image, wait_for_zero,
+    wait_until, Daemon,
+};
 
 /// The uid and gid of the httpd image's user `web`.
 const WEB_UID: u64 = 1000;
@@ -51,49 +60,6 @@ fn volume_image(httpd: &Path, dir: &Path) -> PathBuf {
     let layout = dir.join("volume.oci");
     extend_layout(httpd, &layout, &layer, |_| {});
     layout
-}
-
-fn args(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// Runs `little ARGS`; its stdout, or a panic with its stderr.
-fn little_ok(daemon: &Daemon, args: &[&str]) -> String {
-    let out = daemon.little(args);
-    assert!(
-        out.status.success(),
-        "little {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `little ARGS`, which must fail; its stderr.
-fn little_err(daemon: &Daemon, args: &[&str]) -> String {
-    let out = daemon.little(args);
-    assert!(
-        !out.status.success(),
-        "little {} should fail: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Bytes a file takes on disk (holes are free).
-fn allocated(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    meta.blocks() * 512
-}
-
-fn wait_for_zero(daemon: &Daemon, name: &str) {
-    wait_until(
-        &format!("{name} to scale to zero after its idle timeout"),
-        ceiling::HOST,
-        || daemon.app(name).instances.is_empty(),
-    );
 }
 
 #[test]
@@ -192,14 +158,7 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
 
     // 3. A synced write survives SIGKILL of its VMM.
     assert_eq!(get(port, "/cgi-bin/put?two"), "stored\n");
-    let app = daemon.app("web");
-    let [instance] = app.instances.as_slice() else {
-        panic!("one instance serves web: {:?}", app.instances);
-    };
-    // SAFETY: kill(2) on the VMM's pid, which the daemon reports and the
-    // test owns (it started the daemon); no memory is involved.
-    let killed = unsafe { libc::kill(instance.pid as i32, libc::SIGKILL) };
-    assert_eq!(killed, 0, "kill -9 {}", instance.pid);
+    kill9(only_instance(&daemon, "web"));
     assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
     let start = daemon.app("web").last_start.unwrap_or_default();
     assert!(
@@ -208,6 +167,58 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
     );
     assert_eq!(daemon.metric("little_cold_boots_total{app=\"web\"}"), 1);
     eprintln!("kill -9 checked after {:.1?}", started.elapsed());
+
+    // 4. A backup of the running app's volume (it is suspended for it),
+    //    a write, then the backup imported over the volume: the app boots
+    //    cold with the backup's data (its suspend file no longer matches).
+    let backup = dir.path().join("backup.tar");
+    let out = std::process::Command::new(little_tests::release_bin("little"))
+        .arg("--home")
+        .arg(&home)
+        .args(["volume", "export", "data"])
+        .stdout(std::fs::File::create(&backup).expect("backup file"))
+        .output()
+        .expect("little volume export runs");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "export: {said}");
+    assert!(said.contains("while app web was held (1 instance(s) suspended first)"), "{said}");
+    assert!(daemon.app("web").instances.is_empty());
+    assert_eq!(get(port, "/cgi-bin/put?three"), "stored\n");
+    let start = daemon.app("web").last_start.unwrap_or_default();
+    assert!(start.starts_with("resumed"), "start after the export: {start}");
+    let backup_arg = backup.to_str().expect("a UTF-8 path");
+    let said = little_ok(&daemon, &["volume", "import", "data", backup_arg]);
+    assert!(said.contains("imported volume data"), "{said}");
+    assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
+    let start = daemon.app("web").last_start.unwrap_or_default();
+    assert!(
+        start.starts_with("booted cold") && start.contains("was changed since its snapshot"),
+        "start after the import: {start}"
+    );
+    let junk = dir.path().join("junk.tar");
+    std::fs::write(&junk, b"junk").expect("junk archive");
+    let e = little_err(&daemon, &["volume", "import", "data", junk.to_str().unwrap()]);
+    assert!(e.contains("cannot import"), "{e}");
+    eprintln!("export and import checked after {:.1?}", started.elapsed());
+
+    // 5. The daemon killed while the app is suspended: a new one resumes
+    //    it from its suspend file, with its data.
+    wait_for_zero(&daemon, "web");
+    wait_until("the instance to be suspended again", ceiling::HOST, || {
+        daemon.metric("little_suspends_total{app=\"web\"}") >= 1
+            && home.join("apps/web/suspend.snap").exists()
+            && !home.join("apps/web/volumes.moved").exists()
+    });
+    drop(daemon);
+    let daemon = Daemon::start(&home);
+    assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
+    let start = daemon.app("web").last_start.unwrap_or_default();
+    assert!(start.starts_with("resumed"), "start after a daemon restart: {start}");
+
+    // 6. A redeploy keeps the volume (its boot sees the data).
+    little_ok(&daemon, &args(&deploy("web", "data:/data")));
+    assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
+    eprintln!("restart and redeploy checked after {:.1?}", started.elapsed());
 
     // 4. One writer.
     let e = little_err(&daemon, &args(&deploy("other", "data:/data")));

@@ -172,3 +172,65 @@ pub fn wait_until(what: &str, ceiling: Duration, mut check: impl FnMut() -> bool
     }
     start.elapsed()
 }
+
+/// `&str`s of `v`.
+pub fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Runs `little ARGS`; its stdout, or a panic with its stderr.
+pub fn little_ok(daemon: &Daemon, args: &[&str]) -> String {
+    let out = daemon.little(args);
+    assert!(
+        out.status.success(),
+        "little {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `little ARGS`, which must fail; its stderr.
+pub fn little_err(daemon: &Daemon, args: &[&str]) -> String {
+    let out = daemon.little(args);
+    assert!(
+        !out.status.success(),
+        "little {} should fail: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Bytes a file takes on disk (holes are free).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    meta.blocks() * 512
+}
+
+/// Waits for app `name` to have no instance (its idle timeout passed).
+pub fn wait_for_zero(daemon: &Daemon, name: &str) {
+    wait_until(
+        &format!("{name} to scale to zero after its idle timeout"),
+        ceiling::HOST,
+        || daemon.app(name).instances.is_empty(),
+    );
+}
+
+/// Sends SIGKILL to process `pid` (a VMM the daemon reported).
+pub fn kill9(pid: u32) {
+    // SAFETY: kill(2) on a pid the test got from its own daemon; no
+    // memory is involved.
+    let killed = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
+}
+
+/// The pid of app `name`'s one running instance.
+pub fn only_instance(daemon: &Daemon, name: &str) -> u32 {
+    let app = daemon.app(name);
+    let [instance] = app.instances.as_slice() else {
+        panic!("one instance serves {name}: {:?}", app.instances);
+    };
+    instance.pid
+}
