@@ -337,6 +337,9 @@ pub struct ContainerConfig {
     /// Signal that stops the container (`SIGTERM`).
     #[serde(rename = "StopSignal", default)]
     pub stop_signal: Option<String>,
+    /// Paths that hold data (Docker's `VOLUME`), as keys.
+    #[serde(rename = "Volumes", default)]
+    pub volumes: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 /// The layers' uncompressed digests.

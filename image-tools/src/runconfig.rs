@@ -61,6 +61,8 @@ pub struct RunConfig {
     pub exposed_ports: Vec<String>,
     /// Stop signal, if set.
     pub stop_signal: Option<String>,
+    /// Paths the image declares as volumes (Docker's `VOLUME`), sorted.
+    pub volumes: Vec<String>,
 }
 
 struct Passwd {
@@ -215,6 +217,11 @@ impl RunConfig {
                 .map(|p| p.keys().cloned().collect())
                 .unwrap_or_default(),
             stop_signal: config.stop_signal.clone(),
+            volumes: config
+                .volumes
+                .as_ref()
+                .map(|v| v.keys().cloned().collect())
+                .unwrap_or_default(),
         };
         if run.entrypoint.is_empty() && run.cmd.is_empty() {
             return Err(RunConfigError::NothingToRun);

@@ -128,7 +128,9 @@ pub struct AppSpec {
     pub concurrency: u32,
     /// Instances kept running even when idle.
     pub min: u32,
-    /// Most instances at once.
+    /// Most instances at once; 0: the default, 1 for an app with a volume
+    /// (its own or one its image declares), else 10.
+    #[serde(default)]
     pub max: u32,
     /// An instance with no connection for this long is stopped.
     pub idle_timeout_ms: u64,
@@ -216,8 +218,8 @@ impl AppSpec {
         if !(1000..=86_400_000).contains(&self.ready_timeout_ms) {
             return Err("the ready timeout must be 1 s to 24 h".into());
         }
-        if self.concurrency == 0 || self.max == 0 || self.min > self.max {
-            return Err("need concurrency >= 1, max >= 1 and min <= max".into());
+        if self.concurrency == 0 || (self.max != 0 && self.min > self.max) {
+            return Err("need concurrency >= 1 and min <= max".into());
         }
         if let Some(bad) = self
             .env
@@ -229,6 +231,13 @@ impl AppSpec {
             ));
         }
         self.validate_volumes()
+    }
+
+    /// Gives an unset `max` its default (see [`Self::max`]).
+    pub fn resolve_max(&mut self) {
+        if self.max == 0 {
+            self.max = if self.volumes.is_empty() { 10 } else { 1 };
+        }
     }
 
     fn validate_volumes(&self) -> Result<(), String> {

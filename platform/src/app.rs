@@ -344,6 +344,7 @@ impl App {
     /// crash before the end leaves the marker, and the next wake boots
     /// cold: never a snapshot against volumes that moved on.
     fn suspend(&self, i: &Instance) -> Result<(), String> {
+        let began = Instant::now();
         let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
         let written = i.dir().join(PENDING);
         let seen = if self.settings.jail {
@@ -371,10 +372,12 @@ impl App {
         } = reply
         {
             eprintln!(
-                "little: {}: suspended instance {} ({} KiB of memory written, {elapsed:.1?} paused to written)",
+                "little: {}: suspended instance {} ({} KiB of memory written, {:.3} ms paused to written, {:.3} ms in all with the syncs)",
                 self.record.spec.name,
                 i.id,
-                mem_written / 1024
+                mem_written / 1024,
+                elapsed.as_secs_f64() * 1e3,
+                began.elapsed().as_secs_f64() * 1e3,
             );
         }
         *lock(&self.metrics.last_start) = None;

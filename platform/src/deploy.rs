@@ -77,6 +77,12 @@ pub enum DeployError {
     /// The `vmm` did not write the snapshot.
     #[error("the snapshot failed")]
     Snapshot(#[source] ClientError),
+    /// The app's settings do not hold with what its image declares.
+    #[error("{0}")]
+    Spec(String),
+    /// An app-private volume could not be made.
+    #[error("cannot make the app's volume")]
+    Volume(#[source] volume::VolumeError),
     /// A new volume could not be filled from the image.
     #[error("cannot fill volume {0:?} from the image")]
     Fill(String, #[source] fill::FillError),
@@ -148,8 +154,9 @@ pub fn deploy(
     settings: &Settings,
     spec: &AppSpec,
     uid: u32,
-    volume_files: Vec<PathBuf>,
+    mut volume_files: Vec<PathBuf>,
 ) -> Result<AppRecord, DeployError> {
+    let mut spec = spec.clone();
     let store = Store::new(settings.home.join("images"));
     let source =
         Source::parse(&spec.image).map_err(|e| DeployError::Import(spec.image.clone(), e))?;
@@ -160,6 +167,14 @@ pub fn deploy(
     let image = store
         .import(&source, &spec.name, &options)
         .map_err(|e| DeployError::Import(spec.image.clone(), e))?;
+    let private = volume::private_mounts(&spec, &image.run.volumes).map_err(DeployError::Spec)?;
+    for mount in private {
+        volume_files.push(private_volume(settings, &mount)?);
+        spec.volumes.push(mount);
+    }
+    spec.resolve_max();
+    spec.validate().map_err(DeployError::Spec)?;
+    let spec = &spec;
     let config = app_agent_config(&image.run.agent_config(None)?, spec);
     guest_agent_check(&config)?;
 
@@ -198,6 +213,19 @@ pub fn deploy(
     fill_volumes(settings, &record)?;
     boot_and_snapshot(settings, &record)?;
     Ok(record)
+}
+
+/// The file of `mount`, an app-private volume for a path the image
+/// declares: made (sparse, [`volume::DEFAULT_SIZE`]) on the app's first
+/// deploy, kept across redeploys and `little rm` (as Docker keeps an
+/// anonymous volume), removed with `little volume rm`.
+fn private_volume(settings: &Settings, mount: &volume::VolumeMount) -> Result<PathBuf, DeployError> {
+    let volumes = volume::Volumes::new(&settings.home);
+    match volumes.create(&mount.name, volume::DEFAULT_SIZE) {
+        Ok(_) | Err(volume::VolumeError::Exists(_)) => {}
+        Err(e) => return Err(DeployError::Volume(e)),
+    }
+    volumes.open(&mount.name).map_err(DeployError::Volume)
 }
 
 /// Fills each new, empty volume of `record` with what its image has at

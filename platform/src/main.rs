@@ -309,7 +309,9 @@ fn run(cli: Cli) -> Result<(), String> {
             volume: volumes,
             ready_timeout,
         } => {
-            let max = max.unwrap_or(if volumes.is_empty() { 10 } else { 1 });
+            // The daemon resolves an unset max once it knows the volumes
+            // the image declares.
+            let max = max.unwrap_or(0);
             let env = env
                 .into_iter()
                 .map(|e| {

@@ -147,6 +147,56 @@ impl VolumeMount {
     }
 }
 
+/// The volume name for the image-declared `path` of app `app`: the app's
+/// name (at most 23 bytes of it) and a hash of the path, so a redeploy
+/// finds the same volume.
+///
+/// ```
+/// let name = platform::volume::private_name("pg", "/var/lib/postgresql/data");
+/// assert!(name.starts_with("pg-") && name.len() == 11);
+/// assert_eq!(name, platform::volume::private_name("pg", "/var/lib/postgresql/data"));
+/// assert_ne!(name, platform::volume::private_name("pg", "/data"));
+/// ```
+pub fn private_name(app: &str, path: &str) -> String {
+    // FNV-1a: stable across builds and platforms.
+    let hash = path.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let app = app.get(..app.len().min(23)).unwrap_or(app);
+    format!("{app}-{hash:08x}")
+}
+
+/// The app-private mounts for the paths an image declares as volumes
+/// (its config `Volumes`) that `spec` mounts nothing at; an error names a
+/// declared path that cannot be a mount point.
+pub fn private_mounts(
+    spec: &crate::api::AppSpec,
+    declared: &[String],
+) -> Result<Vec<VolumeMount>, String> {
+    let mut mounts: Vec<VolumeMount> = Vec::new();
+    for raw in declared {
+        let path = raw.trim_end_matches('/');
+        let path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        let taken = spec.volumes.iter().chain(&mounts).any(|m| m.path == path);
+        if taken {
+            continue;
+        }
+        let mount = VolumeMount {
+            name: private_name(&spec.name, &path),
+            path,
+        };
+        mount
+            .validate()
+            .map_err(|e| format!("the image declares volume {raw:?}, which cannot be mounted: {e}"))?;
+        mounts.push(mount);
+    }
+    Ok(mounts)
+}
+
 /// The disk serial of an app's `index`-th volume (what the agent looks
 /// for in `/sys/block/vd*/serial`).
 pub fn serial(index: usize) -> String {

@@ -139,7 +139,7 @@ struct Bench {
 impl Bench {
     fn standby(&mut self) -> Result<Standby, String> {
         self.next_id += 1;
-        Standby::spawn(&self.settings, &self.record, self.next_id).map_err(|e| e.to_string())
+        Standby::spawn(&self.settings, &self.record, self.next_id, None).map_err(|e| e.to_string())
     }
 
     /// A restored instance and how long its restore took (`restore` →
