@@ -219,7 +219,10 @@ pub fn deploy(
 /// declares: made (sparse, [`volume::DEFAULT_SIZE`]) on the app's first
 /// deploy, kept across redeploys and `little rm` (as Docker keeps an
 /// anonymous volume), removed with `little volume rm`.
-fn private_volume(settings: &Settings, mount: &volume::VolumeMount) -> Result<PathBuf, DeployError> {
+fn private_volume(
+    settings: &Settings,
+    mount: &volume::VolumeMount,
+) -> Result<PathBuf, DeployError> {
     let volumes = volume::Volumes::new(&settings.home);
     match volumes.create(&mount.name, volume::DEFAULT_SIZE) {
         Ok(_) | Err(volume::VolumeError::Exists(_)) => {}

@@ -189,9 +189,9 @@ pub fn private_mounts(
             name: private_name(&spec.name, &path),
             path,
         };
-        mount
-            .validate()
-            .map_err(|e| format!("the image declares volume {raw:?}, which cannot be mounted: {e}"))?;
+        mount.validate().map_err(|e| {
+            format!("the image declares volume {raw:?}, which cannot be mounted: {e}")
+        })?;
         mounts.push(mount);
     }
     Ok(mounts)

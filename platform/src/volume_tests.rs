@@ -185,15 +185,29 @@ fn paths_an_image_declares_get_private_volumes_unless_mounted() {
     }))
     .expect("a spec without max");
     assert_eq!(spec.max, 0, "unset");
-    let declared = ["/var/lib/postgresql/data/".to_owned(), "/srv".to_owned(), "logs".to_owned()];
+    let declared = [
+        "/var/lib/postgresql/data/".to_owned(),
+        "/srv".to_owned(),
+        "logs".to_owned(),
+    ];
     let mounts = private_mounts(&spec, &declared).expect("mounts");
     let paths: Vec<&str> = mounts.iter().map(|m| m.path.as_str()).collect();
-    assert_eq!(paths, ["/var/lib/postgresql/data", "/logs"], "/srv is mounted already");
-    assert_eq!(mounts[0].name, private_name("pg", "/var/lib/postgresql/data"));
+    assert_eq!(
+        paths,
+        ["/var/lib/postgresql/data", "/logs"],
+        "/srv is mounted already"
+    );
+    assert_eq!(
+        mounts[0].name,
+        private_name("pg", "/var/lib/postgresql/data")
+    );
     spec.volumes.extend(mounts);
     spec.resolve_max();
     assert_eq!(spec.max, 1, "an app with volumes defaults to one instance");
-    assert!(private_mounts(&spec, &["/".to_owned()]).is_err(), "/ cannot be a volume");
+    assert!(
+        private_mounts(&spec, &["/".to_owned()]).is_err(),
+        "/ cannot be a volume"
+    );
     let long = "a".repeat(32);
     assert!(check_name(&private_name(&long, "/data")).is_ok());
 }

@@ -58,8 +58,8 @@
 mod platform_util;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -89,7 +89,15 @@ fn psql(port: u16, sql: &str) -> String {
     loop {
         let out = Command::new("psql")
             .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-            .args(["-p", &port.to_string(), "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-c",
+                sql,
+            ])
             .env("PGPASSWORD", PG_PASSWORD)
             .env("PGCONNECT_TIMEOUT", "300")
             .output()
@@ -158,11 +166,20 @@ fn postgres_keeps_its_rows_across_suspend_resume_and_a_killed_vmm() {
         daemon.metric("little_suspends_total{app=\"pg\"}") == 1
     });
     assert!(home.join("apps/pg/suspend.snap").exists());
-    assert_eq!(psql(port, "select string_agg(word, ',' order by n) from t"), "one,two\n");
+    assert_eq!(
+        psql(port, "select string_agg(word, ',' order by n) from t"),
+        "one,two\n"
+    );
     let start = daemon.app("pg").last_start.unwrap_or_default();
-    assert!(start.starts_with("resumed"), "start after the suspend: {start}");
+    assert!(
+        start.starts_with("resumed"),
+        "start after the suspend: {start}"
+    );
     pgbench(port, dir.path());
-    eprintln!("suspend, resume and pgbench checked after {:.1?}", started.elapsed());
+    eprintln!(
+        "suspend, resume and pgbench checked after {:.1?}",
+        started.elapsed()
+    );
 
     // 3. A committed row, then SIGKILL of the VMM: a cold boot recovers it.
     psql(port, "insert into t values (3, 'three')");
@@ -172,7 +189,10 @@ fn postgres_keeps_its_rows_across_suspend_resume_and_a_killed_vmm() {
         "one,two,three\n"
     );
     let start = daemon.app("pg").last_start.unwrap_or_default();
-    assert!(start.starts_with("booted cold"), "start after kill -9: {start}");
+    assert!(
+        start.starts_with("booted cold"),
+        "start after kill -9: {start}"
+    );
     eprintln!("kill -9 checked after {:.1?}", started.elapsed());
 }
 
@@ -234,7 +254,10 @@ fn resp_reply(stream: &mut TcpStream) -> std::io::Result<String> {
         }
     }
     let head = String::from_utf8_lossy(&reply).into_owned();
-    if let Some(n) = head.strip_prefix('$').and_then(|n| n.trim().parse::<usize>().ok()) {
+    if let Some(n) = head
+        .strip_prefix('$')
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    {
         let mut body = vec![0u8; n + 2];
         stream.read_exact(&mut body)?;
         reply.extend(body);
@@ -326,7 +349,10 @@ fn redis_with_an_append_only_file_keeps_its_keys_across_suspend_and_a_killed_vmm
     });
     redis(port, &["GET", "greeting"], "$5\r\nhello\r\n");
     let start = daemon.app("kv").last_start.unwrap_or_default();
-    assert!(start.starts_with("resumed"), "start after the suspend: {start}");
+    assert!(
+        start.starts_with("resumed"),
+        "start after the suspend: {start}"
+    );
     assert_eq!(daemon.vmm_processes().len(), 1, "the wake spawned one VMM");
 
     // A SET, SIGKILL of the VMM: a cold boot loads the append-only file.
@@ -335,7 +361,10 @@ fn redis_with_an_append_only_file_keeps_its_keys_across_suspend_and_a_killed_vmm
     redis(port, &["GET", "after"], "$4\r\nkill\r\n");
     redis(port, &["GET", "greeting"], "$5\r\nhello\r\n");
     let start = daemon.app("kv").last_start.unwrap_or_default();
-    assert!(start.starts_with("booted cold"), "start after kill -9: {start}");
+    assert!(
+        start.starts_with("booted cold"),
+        "start after kill -9: {start}"
+    );
     eprintln!("redis checked in {:.1?}", started.elapsed());
 }
 
@@ -482,11 +511,17 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
         .expect("little volume export runs");
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "export: {said}");
-    assert!(said.contains("while app web was held (1 instance(s) suspended first)"), "{said}");
+    assert!(
+        said.contains("while app web was held (1 instance(s) suspended first)"),
+        "{said}"
+    );
     assert!(daemon.app("web").instances.is_empty());
     assert_eq!(get(port, "/cgi-bin/put?three"), "stored\n");
     let start = daemon.app("web").last_start.unwrap_or_default();
-    assert!(start.starts_with("resumed"), "start after the export: {start}");
+    assert!(
+        start.starts_with("resumed"),
+        "start after the export: {start}"
+    );
     let backup_arg = backup.to_str().expect("a UTF-8 path");
     let said = little_ok(&daemon, &["volume", "import", "data", backup_arg]);
     assert!(said.contains("imported volume data"), "{said}");
@@ -498,7 +533,15 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
     );
     let junk = dir.path().join("junk.tar");
     std::fs::write(&junk, b"junk").expect("junk archive");
-    let e = little_err(&daemon, &["volume", "import", "data", junk.to_str().unwrap()]);
+    let e = little_err(
+        &daemon,
+        &[
+            "volume",
+            "import",
+            "data",
+            junk.to_str().expect("a UTF-8 path"),
+        ],
+    );
     assert!(e.contains("cannot import"), "{e}");
     eprintln!("export and import checked after {:.1?}", started.elapsed());
 
@@ -514,12 +557,18 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
     let daemon = Daemon::start(&home);
     assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
     let start = daemon.app("web").last_start.unwrap_or_default();
-    assert!(start.starts_with("resumed"), "start after a daemon restart: {start}");
+    assert!(
+        start.starts_with("resumed"),
+        "start after a daemon restart: {start}"
+    );
 
     // 6. A redeploy keeps the volume (its boot sees the data).
     little_ok(&daemon, &args(&deploy("web", "data:/data")));
     assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
-    eprintln!("restart and redeploy checked after {:.1?}", started.elapsed());
+    eprintln!(
+        "restart and redeploy checked after {:.1?}",
+        started.elapsed()
+    );
 
     // 4. One writer.
     let e = little_err(&daemon, &args(&deploy("other", "data:/data")));

@@ -196,8 +196,18 @@ fn main() {
         let deploy_start = Instant::now();
         let listen = format!("127.0.0.1:{port}");
         let mut deploy = vec![
-            "deploy", app, "--image", &image, "--port", "5432", "--memory", &memory,
-            "--listen", &listen, "--idle-timeout", "1s",
+            "deploy",
+            app,
+            "--image",
+            &image,
+            "--port",
+            "5432",
+            "--memory",
+            &memory,
+            "--listen",
+            &listen,
+            "--idle-timeout",
+            "1s",
         ];
         if app == "pg" {
             deploy.extend(["--volume", "pgdata:/var/lib/postgresql/data"]);
@@ -252,7 +262,8 @@ fn main() {
         taken.iter().map(|s| s.0 / 1024.0).collect(),
         "MiB",
     );
-    let on_disk = |p: PathBuf| std::fs::metadata(p).map_or(0, |m| m.blocks() * 512) as f64 / 1048576.0;
+    let on_disk =
+        |p: PathBuf| std::fs::metadata(p).map_or(0, |m| m.blocks() * 512) as f64 / 1048576.0;
     let apps = home.join("apps");
     println!(
         "disk: suspend file {:.1} MiB, next to the deploy snapshot {:.1} MiB ({} MiB guest)",
@@ -260,8 +271,24 @@ fn main() {
         on_disk(apps.join("pg/app.snap")),
         args.memory
     );
-    report("host side, resume from the suspend file (accept -> hand-over)", host[0].clone(), "ms");
-    report("host side, plain restore of the deploy snapshot (accept -> hand-over)", host[1].clone(), "ms");
-    report("client, resume -> first byte of the postgres reply", first[0].clone(), "ms");
-    report("client, plain restore -> first byte of the postgres reply", first[1].clone(), "ms");
+    report(
+        "host side, resume from the suspend file (accept -> hand-over)",
+        host[0].clone(),
+        "ms",
+    );
+    report(
+        "host side, plain restore of the deploy snapshot (accept -> hand-over)",
+        host[1].clone(),
+        "ms",
+    );
+    report(
+        "client, resume -> first byte of the postgres reply",
+        first[0].clone(),
+        "ms",
+    );
+    report(
+        "client, plain restore -> first byte of the postgres reply",
+        first[1].clone(),
+        "ms",
+    );
 }

@@ -223,7 +223,12 @@ pub fn kill9(pid: u32) {
     // SAFETY: kill(2) on a pid the test got from its own daemon; no
     // memory is involved.
     let killed = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    assert_eq!(killed, 0, "kill -9 {pid}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        killed,
+        0,
+        "kill -9 {pid}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// The pid of app `name`'s one running instance.
