@@ -56,3 +56,29 @@ mod tests {
         assert_eq!(percentile(&[], 50), None);
     }
 }
+
+/// The `little` binary next to the running bench (`target/release`).
+pub fn little() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("little")))
+        .unwrap_or_else(|| PathBuf::from("little"))
+}
+
+/// A free TCP port on 127.0.0.1 (`fallback` if none could be found).
+pub fn free_port(fallback: u16) -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(fallback)
+}
+
+/// A `little serve` the bench started, killed when dropped.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -19,13 +19,14 @@
 //! - client side: connect → first byte, resume vs plain restore.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use perf::{free_port, little, Daemon};
 
 /// Measure suspend and resume of a database with a volume.
 #[derive(Parser, Debug)]
@@ -42,29 +43,6 @@ struct Args {
     /// The PostgreSQL image.
     #[arg(long, default_value = "target/test-images/postgresql.oci")]
     image: PathBuf,
-}
-
-fn little() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("little")))
-        .unwrap_or_else(|| PathBuf::from("little"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(15432)
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Connect, send a StartupMessage (protocol 3.0, user and database
@@ -169,7 +147,7 @@ fn main() {
     let home = tempfile::tempdir().expect("tempdir");
     let home = home.path();
     let sock = home.join("little.sock");
-    let metrics = free_port();
+    let metrics = free_port(15432);
     let log = home.join("daemon.log");
     let _daemon = Daemon(
         Command::new(little())
@@ -190,7 +168,7 @@ fn main() {
     }
     let image = args.image.display().to_string();
     let memory = args.memory.to_string();
-    let ports = [("pg", free_port()), ("plain", free_port())];
+    let ports = [("pg", free_port(15432)), ("plain", free_port(15432))];
     little_ok(home, &["volume", "create", "pgdata", "--size", "1G"]);
     for (app, port) in ports {
         let deploy_start = Instant::now();

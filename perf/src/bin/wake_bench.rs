@@ -11,10 +11,11 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use perf::{free_port, little, Daemon};
 
 /// Measure the platform's wake and request latency.
 #[derive(Parser, Debug)]
@@ -34,20 +35,6 @@ struct Args {
     /// Its guest port.
     #[arg(long, default_value_t = 8080)]
     port: u16,
-}
-
-fn little() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("little")))
-        .unwrap_or_else(|| PathBuf::from("little"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(18080)
 }
 
 /// Connect, send a GET, wait for the first byte; then drain.
@@ -82,15 +69,6 @@ fn report(name: &str, mut v: Vec<Duration>) {
     );
 }
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn instances(sock: &std::path::Path) -> usize {
     platform::api::ps(sock)
         .ok()
@@ -102,7 +80,7 @@ fn main() {
     let args = Args::parse();
     let home = tempfile::tempdir().expect("tempdir");
     let sock = home.path().join("little.sock");
-    let metrics = free_port();
+    let metrics = free_port(18080);
     let _daemon = Daemon(
         Command::new(little())
             .arg("--home")
@@ -119,7 +97,7 @@ fn main() {
     while platform::api::ps(&sock).is_err() {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let port = free_port();
+    let port = free_port(18080);
     let deploy_start = Instant::now();
     let out = Command::new(little())
         .arg("--home")
