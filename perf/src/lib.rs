@@ -39,24 +39,6 @@ pub fn percentile(samples: &[Duration], p: u32) -> Option<Duration> {
     s.get(rank - 1).copied()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn summary_and_percentiles() {
-        let ms = |v: u64| Duration::from_millis(v);
-        let s = [ms(5), ms(1), ms(3)];
-        assert_eq!(summary(&s), Some((ms(1), ms(3), ms(5))));
-        assert_eq!(summary(&[]), None);
-        let hundred: Vec<Duration> = (1..=100).map(ms).collect();
-        assert_eq!(percentile(&hundred, 50), Some(ms(50)));
-        assert_eq!(percentile(&hundred, 99), Some(ms(99)));
-        assert_eq!(percentile(&hundred, 100), Some(ms(100)));
-        assert_eq!(percentile(&[], 50), None);
-    }
-}
-
 /// The `little` binary next to the running bench (`target/release`).
 pub fn little() -> PathBuf {
     std::env::current_exe()
@@ -80,5 +62,23 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_and_percentiles() {
+        let ms = |v: u64| Duration::from_millis(v);
+        let s = [ms(5), ms(1), ms(3)];
+        assert_eq!(summary(&s), Some((ms(1), ms(3), ms(5))));
+        assert_eq!(summary(&[]), None);
+        let hundred: Vec<Duration> = (1..=100).map(ms).collect();
+        assert_eq!(percentile(&hundred, 50), Some(ms(50)));
+        assert_eq!(percentile(&hundred, 99), Some(ms(99)));
+        assert_eq!(percentile(&hundred, 100), Some(ms(100)));
+        assert_eq!(percentile(&[], 50), None);
     }
 }
