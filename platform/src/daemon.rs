@@ -382,7 +382,8 @@ impl Daemon {
     /// Streams volume `name` as an archive (`volume-export`), made in the
     /// home's scratch folder while its app is held, then removed.
     fn export(&self, stream: &UnixStream, name: &str) {
-        let _guard = lock(&self.deploying);
+        // Held while the archive is made, not while a client reads it.
+        let guard = lock(&self.deploying);
         let scratch = self.settings.home.join("tmp");
         let archive = scratch.join(format!("export-{name}-{}.tar", std::process::id()));
         let made = crate::home::create_dir_all(&scratch)
@@ -410,6 +411,7 @@ impl Daemon {
             ))
         });
         let _ = std::fs::remove_file(&archive);
+        drop(guard);
         match opened {
             Ok((mut file, exported)) => {
                 let data = serde_json::to_value(exported).unwrap_or_default();
