@@ -35,26 +35,14 @@ pub enum Filled {
     LeftToTheGuest,
 }
 
-/// Runs `program args`, its stdout, or its stderr as the error.
+/// Runs `program args` (through the volume store's runner), its stdout.
 fn run(program: &'static str, args: &[&std::ffi::OsStr]) -> Result<String, FillError> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let out = Command::new(program)
-        .args(args)
-        .env("PATH", format!("{path}:/usr/sbin:/sbin"))
-        .output()
-        .map_err(|e| FillError::Tool(program, format!("cannot run it: {e}")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(FillError::Tool(
-            program,
-            format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ))
-    }
+    let mut command = Command::new(program);
+    command.args(args);
+    crate::volume::run_tool("", program, &mut command).map_err(|e| match e {
+        crate::volume::VolumeError::Tool(_, said) => FillError::Tool(program, said),
+        other => FillError::Tool(program, other.to_string()),
+    })
 }
 
 /// The names in folder `dir` of ext4 image `image`, from `debugfs ls -p`

@@ -160,12 +160,7 @@ impl<'a> Pairing<'a> {
     /// the snapshot durable, any suspend file (over the old `app.snap`)
     /// removed, the volumes recorded, the marker removed.
     pub fn settle_boot(&self, snapshot: &Path) -> Result<(), SuspendError> {
-        let suspended = self.suspended();
-        match std::fs::remove_file(&suspended) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SuspendError::Io(suspended.display().to_string(), e)),
-        }
+        remove_if_there(&self.suspended())?;
         sync_file(snapshot)?;
         self.settle()
     }
@@ -201,13 +196,16 @@ impl<'a> Pairing<'a> {
             .map_err(io(&pending))?;
         std::fs::rename(&pending, &record).map_err(io(&record))?;
         sync_dir(self.dir)?;
-        let marker = self.marker();
-        match std::fs::remove_file(&marker) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SuspendError::Io(marker.display().to_string(), e)),
-        }
+        remove_if_there(&self.marker())?;
         sync_dir(self.dir)
+    }
+}
+
+/// Removes `path`; one that is not there is fine.
+fn remove_if_there(path: &Path) -> Result<(), SuspendError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+        _ => Ok(()),
     }
 }
 

@@ -544,7 +544,11 @@ pub(crate) fn mkfs(name: &str, path: &Path, tree: Option<&Path>) -> Result<(), V
 }
 
 /// Runs `program` (as `command`) for volume `name`; its stdout.
-fn run_tool(name: &str, program: &str, command: &mut Command) -> Result<String, VolumeError> {
+pub(crate) fn run_tool(
+    name: &str,
+    program: &str,
+    command: &mut Command,
+) -> Result<String, VolumeError> {
     let out = command
         .env("PATH", mkfs_path())
         .output()
