@@ -19,8 +19,17 @@
 //! verbose=0                 (0 or 1; default 0)
 //! stop_grace_ms=1000        (SIGTERM-to-SIGKILL grace; default 1000, max 600000)
 //! ready_port=8080           (1..=65535: READY once 127.0.0.1:port accepts; default: at exec)
+//! ready_arg=/bin/sh         (repeatable, argv of the ready command, at most 64; see below)
+//! ready_arg=-c
+//! ready_arg=pg_isready -q
 //! volume=pg:/var/lib/data   (repeatable, SERIAL:/path, at most 16; see crate::volume)
 //! ```
+//!
+//! The ready command, when there is one, runs after `ready_port` accepts
+//! (or at exec without one), as the entrypoint's user with its environment
+//! and working directory, again and again until it exits 0: only then is
+//! the entrypoint `READY` (a server may accept before it serves, as
+//! PostgreSQL does while it starts up).
 //!
 //! A `volume=` value is the disk's serial (1 to 20 bytes of
 //! `[A-Za-z0-9_-]`), a `:`, and the rest of the value as the guest path:
@@ -49,6 +58,8 @@ pub const MAX_FILE_LEN: usize = 64 * 1024;
 pub const MAX_ARGS: usize = 1024;
 /// Most `env=` lines.
 pub const MAX_ENV: usize = 1024;
+/// Most `ready_arg=` lines.
+pub const MAX_READY_ARGS: usize = 64;
 /// Most supplementary groups (the kernel's NGROUPS_MAX is 65536; real
 /// images use a handful).
 pub const MAX_GROUPS: usize = 64;
@@ -87,6 +98,9 @@ pub struct Config {
     /// The entrypoint is ready once it accepts TCP on 127.0.0.1:port
     /// (reported to the host as `READY`); `None`: ready once exec'd.
     pub ready_port: Option<u16>,
+    /// The ready command's argv (empty: none): run until it exits 0
+    /// before `READY`.
+    pub ready_cmd: Vec<Vec<u8>>,
     /// Persistent volumes, attached in this order.
     pub volumes: Vec<Volume>,
 }
@@ -178,6 +192,7 @@ impl Default for Config {
             verbose: false,
             stop_grace_ms: DEFAULT_STOP_GRACE_MS,
             ready_port: None,
+            ready_cmd: Vec::new(),
             volumes: Vec::new(),
         }
     }
@@ -314,6 +329,15 @@ impl Config {
                         })?;
                     config.ready_port = Some(port);
                 }
+                b"ready_arg" => {
+                    if config.ready_cmd.len() == MAX_READY_ARGS {
+                        return Err(ConfigError::TooMany {
+                            line,
+                            key: "ready_arg",
+                        });
+                    }
+                    config.ready_cmd.push(value);
+                }
                 b"volume" => {
                     if config.volumes.len() == MAX_VOLUMES {
                         return Err(ConfigError::TooMany {
@@ -370,6 +394,9 @@ impl Config {
         if let Some(port) = self.ready_port {
             writeln!(out, "ready_port={port}")?;
         }
+        for arg in &self.ready_cmd {
+            write_entry(out, "ready_arg", arg)?;
+        }
         for volume in &self.volumes {
             write_entry(
                 out,
@@ -381,7 +408,9 @@ impl Config {
     }
 }
 
-fn write_entry(out: &mut impl fmt::Write, key: &str, value: &[u8]) -> fmt::Result {
+/// Writes one `key=value` line, the value escaped: how the host appends
+/// entries to a configuration it did not parse.
+pub fn write_entry(out: &mut impl fmt::Write, key: &str, value: &[u8]) -> fmt::Result {
     out.write_str(key)?;
     out.write_char('=')?;
     write_escaped(out, value)?;

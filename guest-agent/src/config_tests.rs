@@ -184,6 +184,15 @@ fn limits_are_enforced() {
             key: "env"
         })
     );
+    let mut ready = b"arg=x\n".to_vec();
+    ready.extend_from_slice(&b"ready_arg=pg_isready\n".repeat(MAX_READY_ARGS + 1));
+    assert_eq!(
+        parse(&ready),
+        Err(ConfigError::TooMany {
+            line: MAX_READY_ARGS + 2,
+            key: "ready_arg"
+        })
+    );
     let mut groups = b"arg=x\ngroups=1".to_vec();
     groups.extend_from_slice(&b",1".repeat(MAX_GROUPS));
     assert_eq!(
@@ -212,6 +221,11 @@ fn write_to_round_trips_awkward_bytes() {
         verbose: true,
         stop_grace_ms: 0,
         ready_port: Some(8080),
+        ready_cmd: vec![
+            b"/bin/sh".to_vec(),
+            b"-c".to_vec(),
+            b"pg_isready \\\n-q".to_vec(),
+        ],
         volumes: vec![
             Volume::parse(b"vol0:/var/lib/data").unwrap(),
             Volume::parse(b"v-1:/odd path/\xff\n:x").unwrap(),

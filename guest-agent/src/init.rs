@@ -2,6 +2,7 @@
 //! then restart the VM (the VMM turns the restart into its own exit).
 
 use crate::console::Console;
+use crate::ready::{Readiness, ReadyCommand};
 use crate::spawn::{spawn, Plan};
 use crate::supervise::{stop, wait_entrypoint, Signals};
 use crate::sys::{self, Errno, EBADF, O_RDWR};
@@ -170,7 +171,14 @@ fn boot(console: &mut Console) -> Result<(), Failure> {
     }
 
     // The host channel (vsock), if the VM has one and the host listens.
-    let mut link = HostLink::open(config.ready_port);
+    let command = if config.ready_cmd.is_empty() {
+        None
+    } else {
+        let plan = Plan::ready_command(&config, options.nested, true, *console)
+            .map_err(fatal("prepare the ready command"))?;
+        Some(ReadyCommand::new(plan))
+    };
+    let mut link = HostLink::open(Readiness::new(config.ready_port, command));
     let signals = Signals::open().map_err(fatal("signalfd"))?;
     let plan =
         Plan::new(&config, options.nested, true, *console).map_err(fatal("prepare entrypoint"))?;

@@ -16,6 +16,7 @@ mod copy_tree;
 mod heap;
 mod host;
 mod init;
+mod ready;
 mod spawn;
 mod supervise;
 mod switch_root;

@@ -8,7 +8,7 @@
 //! | direction | line | meaning |
 //! |---|---|---|
 //! | agent → host | `HELLO <version>` | first line after connecting; [`VERSION`] |
-//! | agent → host | `READY` | the entrypoint is ready (its `ready_port` accepts, or it was exec'd) |
+//! | agent → host | `READY` | the entrypoint is ready (its `ready_port` accepts and its ready command exits 0, or it was exec'd) |
 //! | agent → host | `EXIT status=<n>` / `EXIT signal=<n>` | the entrypoint ended; the VM restarts next |
 //! | agent → host | `PONG <nonce>` | answer to `PING`, nonce echoed |
 //! | agent → host | `RESUMED` | a `RESTORED` line was applied |

@@ -44,8 +44,30 @@ impl Plan {
     /// behaviour (switch credentials, take the console as controlling
     /// terminal); the host test mode runs as the invoking user.
     pub fn new(config: &Config, nested: bool, pid1: bool, console: Console) -> sys::Result<Self> {
+        Self::with_args(config, &config.args, nested, pid1, pid1, console)
+    }
+
+    /// Prepares `config`'s ready command: the entrypoint's user,
+    /// environment and working directory, without the console's terminal.
+    pub fn ready_command(
+        config: &Config,
+        nested: bool,
+        pid1: bool,
+        console: Console,
+    ) -> sys::Result<Self> {
+        Self::with_args(config, &config.ready_cmd, nested, pid1, false, console)
+    }
+
+    fn with_args(
+        config: &Config,
+        args: &[Vec<u8>],
+        nested: bool,
+        pid1: bool,
+        take_console: bool,
+        console: Console,
+    ) -> sys::Result<Self> {
         let env = build_env(&config.env, nested);
-        let program = config.args.first().cloned().unwrap_or_default();
+        let program = args.first().cloned().unwrap_or_default();
         let path = lookup(&env, b"PATH").unwrap_or(DEFAULT_PATH);
         let candidates = exec_candidates(&program, path)
             .into_iter()
@@ -53,7 +75,7 @@ impl Plan {
             .collect::<sys::Result<Vec<_>>>()?;
         Ok(Self {
             candidates,
-            argv: CStrArray::new(config.args.iter().map(Vec::as_slice))?,
+            argv: CStrArray::new(args.iter().map(Vec::as_slice))?,
             envp: CStrArray::new(env.iter().map(Vec::as_slice))?,
             cwd: CString::new(config.cwd.as_slice()).map_err(|_| sys::EINVAL)?,
             credentials: pid1.then(|| Credentials {
@@ -61,7 +83,7 @@ impl Plan {
                 gid: config.gid,
                 groups: config.groups.clone(),
             }),
-            take_console: pid1,
+            take_console,
             program,
             console,
         })
@@ -81,9 +103,25 @@ impl Plan {
 /// Starts the entrypoint; returns its pid once it has exec'd (or failed
 /// to, in which case it exits 127 and its SIGCHLD follows).
 pub fn spawn(plan: &Plan) -> sys::Result<i32> {
-    let stack = alloc::vec![0u8; CHILD_STACK_LEN].leak();
+    spawn_on(plan, &mut ChildStack::new())
+}
+
+/// A stack for spawned children, reusable: each child is done with it
+/// once [`spawn_on`] returns. The agent's heap frees only its latest
+/// block, so what spawns again and again keeps one of these.
+pub struct ChildStack(Vec<u8>);
+
+impl ChildStack {
+    /// A fresh stack.
+    pub fn new() -> Self {
+        Self(alloc::vec![0u8; CHILD_STACK_LEN])
+    }
+}
+
+/// [`spawn`] on `stack`.
+pub fn spawn_on(plan: &Plan, stack: &mut ChildStack) -> sys::Result<i32> {
     let arg = core::ptr::from_ref(plan) as usize;
-    sys::spawn_vfork(child_main, arg, stack)
+    sys::spawn_vfork(child_main, arg, &mut stack.0)
 }
 
 extern "C" fn child_main(arg: usize) -> ! {

@@ -28,13 +28,18 @@ impl Signals {
 /// What one round of `wait4(-1, WNOHANG)` found.
 struct Reaped {
     entrypoint: Option<ExitStatus>,
+    /// The ready command's run ended (with this status, if a normal one).
+    ready_command: Option<Option<ExitStatus>>,
     no_children: bool,
 }
 
-/// Collects every exited child; notes the entrypoint's status.
-fn reap(entrypoint: i32, console: Console) -> Reaped {
+/// Collects every exited child; notes the entrypoint's status and the
+/// ready command's (`ready_command`: the pid of its run, if one is under
+/// way).
+fn reap(entrypoint: i32, ready_command: Option<i32>, console: Console) -> Reaped {
     let mut reaped = Reaped {
         entrypoint: None,
+        ready_command: None,
         no_children: false,
     };
     loop {
@@ -42,6 +47,8 @@ fn reap(entrypoint: i32, console: Console) -> Reaped {
             Ok(Some((pid, raw))) => {
                 if pid == entrypoint {
                     reaped.entrypoint = ExitStatus::from_wait(raw);
+                } else if Some(pid) == ready_command {
+                    reaped.ready_command = Some(ExitStatus::from_wait(raw));
                 }
             }
             Ok(None) => return reaped,
@@ -73,7 +80,7 @@ pub fn wait_entrypoint(
     // A SIGCHLD raised before the signalfd read is still pending, but reap
     // once anyway: it costs one call and covers an exec failure that ended
     // the child while we were suspended in vfork.
-    if let Some(status) = reap(pid, console).entrypoint {
+    if let Some(status) = reap(pid, None, console).entrypoint {
         return Ok(status);
     }
     // Still running after vfork returned: the exec succeeded.
@@ -102,8 +109,12 @@ pub fn wait_entrypoint(
         for &signo in &batch[..n] {
             match action(signo, Some(pid)) {
                 Action::Reap => {
-                    if let Some(status) = reap(pid, console).entrypoint {
+                    let reaped = reap(pid, link.ready_command(), console);
+                    if let Some(status) = reaped.entrypoint {
                         return Ok(status);
+                    }
+                    if let Some(status) = reaped.ready_command {
+                        link.ready_command_exited(status);
                     }
                 }
                 Action::Forward { target } => {
@@ -124,13 +135,13 @@ pub fn stop(signals: &Signals, scope: Scope, grace_ms: u32, console: Console) {
     let target = scope.target();
     if sys::kill(target, SIGTERM) == Err(ESRCH) {
         // Nobody left to stop; still collect any zombie.
-        reap(0, console);
+        reap(0, None, console);
         return;
     }
     let deadline = sys::monotonic_ms().saturating_add(u64::from(grace_ms));
     let mut batch = [0i32; 16];
     loop {
-        if reap(0, console).no_children {
+        if reap(0, None, console).no_children {
             return;
         }
         let now = sys::monotonic_ms();
@@ -147,5 +158,5 @@ pub fn stop(signals: &Signals, scope: Scope, grace_ms: u32, console: Console) {
         subject: b"SIGKILL",
     });
     let _ = sys::kill(target, SIGKILL);
-    reap(0, console);
+    reap(0, None, console);
 }

@@ -7,6 +7,9 @@ use crate::sys::sock::{self, PollFd, POLLIN};
 use crate::sys::{self, Errno, O_RDWR};
 use guest_agent::protocol::{AgentMsg, HostMsg, LineReader, AGENT_PORT, HOST_CID, VERSION};
 use guest_agent::report::LineBuf;
+use guest_agent::status::ExitStatus;
+
+use crate::ready::Readiness;
 
 /// How long the agent waits for the host to hang up after `EXIT` before
 /// restarting the VM, so the line leaves the guest first.
@@ -149,11 +152,6 @@ fn restored(unix_ns: u64, entropy: &[u8]) {
     }
 }
 
-/// Interval between readiness probes of `ready_port`. The agent probes
-/// until the port accepts, the entrypoint ends or the channel is gone for
-/// good: how long to wait for readiness is the host's decision (an
-/// emulated guest may take minutes to start a database), not the agent's.
-const PROBE_MS: u64 = 10;
 /// First wait before reconnecting a lost channel; doubled after each try.
 const RECONNECT_FIRST_MS: u64 = 20;
 /// Reconnect tries before the agent carries on without a channel
@@ -172,9 +170,11 @@ struct Reconnect {
 /// loop drives them.
 pub struct HostLink {
     channel: Option<Channel>,
-    ready_port: Option<u16>,
-    /// Probing `ready_port` for readiness.
-    probing: bool,
+    /// The entrypoint's readiness checks, run until they pass, the
+    /// entrypoint ends or the channel is gone for good: how long to wait
+    /// is the host's decision (an emulated guest may take minutes to start
+    /// a database), not the agent's.
+    readiness: Readiness,
     /// The entrypoint was reported ready (said again after a reconnect).
     ready: bool,
     /// The channel broke (a snapshot restore resets every vsock stream):
@@ -187,19 +187,17 @@ impl HostLink {
     pub fn none() -> Self {
         Self {
             channel: None,
-            ready_port: None,
-            probing: false,
+            readiness: Readiness::at_exec(),
             ready: false,
             reconnect: None,
         }
     }
 
     /// Opens the channel (silently absent without device or listener).
-    pub fn open(ready_port: Option<u16>) -> Self {
+    pub fn open(readiness: Readiness) -> Self {
         Self {
             channel: Channel::open(),
-            ready_port,
-            probing: false,
+            readiness,
             ready: false,
             reconnect: None,
         }
@@ -211,12 +209,10 @@ impl HostLink {
         self.channel.is_some() || self.reconnect.is_some()
     }
 
-    /// The entrypoint was exec'd: `READY` now, or start probing.
+    /// The entrypoint was exec'd: the readiness checks start (`READY`
+    /// now if there are none).
     pub fn started(&mut self) {
-        match self.ready_port {
-            None => self.report_ready(),
-            Some(_) => self.probing = true,
-        }
+        self.readiness.start();
         self.probe();
     }
 
@@ -227,7 +223,7 @@ impl HostLink {
 
     /// How long the loop may sleep.
     pub fn timeout(&self) -> Option<u64> {
-        let probe = self.probing.then_some(PROBE_MS);
+        let probe = self.readiness.timeout();
         let reconnect = self
             .reconnect
             .map(|r| r.at.saturating_sub(sys::monotonic_ms()));
@@ -272,7 +268,7 @@ impl HostLink {
             });
         } else {
             // Nobody listens: carry on as without a channel.
-            self.probing = false;
+            self.readiness.abandon();
         }
     }
 
@@ -287,13 +283,21 @@ impl HostLink {
         )
     }
 
-    /// Checks `ready_port` once if still probing.
+    /// Runs the readiness checks that are due.
     fn probe(&mut self) {
-        let (true, Some(port)) = (self.probing, self.ready_port) else {
-            return;
-        };
-        if sock::tcp_accepts(port) {
-            self.probing = false;
+        if self.readiness.check() {
+            self.report_ready();
+        }
+    }
+
+    /// The pid of the ready command's run under way, for the reaper.
+    pub fn ready_command(&self) -> Option<i32> {
+        self.readiness.running()
+    }
+
+    /// The ready command's run ended with `status`.
+    pub fn ready_command_exited(&mut self, status: Option<ExitStatus>) {
+        if self.readiness.exited(status) {
             self.report_ready();
         }
     }
@@ -331,8 +335,8 @@ impl HostLink {
     }
 
     /// Reports the entrypoint's end (`EXIT`).
-    pub fn exited(&mut self, status: guest_agent::status::ExitStatus) {
-        self.probing = false;
+    pub fn exited(&mut self, status: ExitStatus) {
+        self.readiness.abandon();
         if let Some(r) = self.reconnect {
             // The channel was being re-opened: one last try, now.
             self.try_reconnect(sys::monotonic_ms(), r);

@@ -340,6 +340,40 @@ pub struct ContainerConfig {
     /// Paths that hold data (Docker's `VOLUME`), as keys.
     #[serde(rename = "Volumes", default)]
     pub volumes: Option<BTreeMap<String, serde_json::Value>>,
+    /// How to tell the container is healthy (Docker's `HEALTHCHECK`).
+    #[serde(rename = "Healthcheck", default)]
+    pub healthcheck: Option<Healthcheck>,
+}
+
+/// An image's `HEALTHCHECK`; only its test is used (as the ready command).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Healthcheck {
+    /// `[]`: inherit; `["NONE"]`: none; `["CMD", program, args...]`;
+    /// `["CMD-SHELL", command]`: run by `/bin/sh -c`.
+    #[serde(rename = "Test", default)]
+    pub test: Option<Vec<String>>,
+}
+
+impl Healthcheck {
+    /// The test as an argv; empty when there is none.
+    ///
+    /// ```
+    /// use image_tools::oci::Healthcheck;
+    /// let h = |t: &[&str]| Healthcheck { test: Some(t.iter().map(|s| s.to_string()).collect()) };
+    /// assert_eq!(h(&["CMD", "pg_isready", "-q"]).argv(), ["pg_isready", "-q"]);
+    /// assert_eq!(h(&["CMD-SHELL", "curl -f localhost"]).argv(), ["/bin/sh", "-c", "curl -f localhost"]);
+    /// assert!(h(&["NONE"]).argv().is_empty());
+    /// assert!(h(&["CMD-SHELL"]).argv().is_empty());
+    /// ```
+    pub fn argv(&self) -> Vec<String> {
+        match self.test.as_deref() {
+            Some([kind, args @ ..]) if kind == "CMD" => args.to_vec(),
+            Some([kind, command]) if kind == "CMD-SHELL" => {
+                vec!["/bin/sh".into(), "-c".into(), command.clone()]
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// The layers' uncompressed digests.

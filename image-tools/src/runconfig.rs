@@ -63,6 +63,10 @@ pub struct RunConfig {
     pub stop_signal: Option<String>,
     /// Paths the image declares as volumes (Docker's `VOLUME`), sorted.
     pub volumes: Vec<String>,
+    /// The image's `HEALTHCHECK` test as an argv (empty: none): the app's
+    /// default ready command.
+    #[serde(default)]
+    pub healthcheck: Vec<String>,
 }
 
 struct Passwd {
@@ -221,6 +225,11 @@ impl RunConfig {
                 .volumes
                 .as_ref()
                 .map(|v| v.keys().cloned().collect())
+                .unwrap_or_default(),
+            healthcheck: config
+                .healthcheck
+                .as_ref()
+                .map(crate::oci::Healthcheck::argv)
                 .unwrap_or_default(),
         };
         if run.entrypoint.is_empty() && run.cmd.is_empty() {

@@ -125,8 +125,12 @@ chroot "$1" runuser -u postgres -- "$bin/initdb" --pgdata="$data" \
 	--auth-host=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8 \
 	--no-sync --no-instructions >/dev/null
 rm -f "$1/tmp/pw"
+# shared_buffers fits a 128 MiB guest (the default 128MB does not); a
+# crash recovery syncs the data directory with one syncfs, not an fsync
+# of every file (each a flush of the volume on the host).
 printf "listen_addresses = \047*\047\nunix_socket_directories = \047/tmp\047\n%s\n" \
-	"dynamic_shared_memory_type = posix" >>"$1$data/postgresql.conf"
+	"dynamic_shared_memory_type = posix" "shared_buffers = 16MB" \
+	"recovery_init_sync_method = syncfs" >>"$1$data/postgresql.conf"
 printf "%s\n" "host all all 0.0.0.0/0 scram-sha-256" \
 	"host all all ::/0 scram-sha-256" >>"$1$data/pg_hba.conf"
 rm -rf "$1/var/lib/apt/lists"/* "$1/var/cache/apt"/* "$1/usr/share/doc" "$1/usr/share/man"'

@@ -152,7 +152,16 @@ pub struct AppSpec {
     /// time. Absent in records from before volumes existed.
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    /// A command the guest runs (`/bin/sh -c`, as the app's user) once
+    /// the port accepts, again until it exits 0: the app is ready, and its
+    /// snapshot taken, only then. `None`: the image's `HEALTHCHECK`, if
+    /// any; an empty string: none.
+    #[serde(default)]
+    pub ready_cmd: Option<String>,
 }
+
+/// Longest [`AppSpec::ready_cmd`].
+pub const MAX_READY_CMD: usize = 4096;
 
 fn default_ready_timeout_ms() -> u64 {
     u64::try_from(crate::deploy::READY_TIMEOUT.as_millis()).unwrap_or(u64::MAX)
@@ -185,6 +194,7 @@ impl AppSpec {
     ///     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![],
     ///     allow_host: vec!["127.0.0.1:5432".parse().unwrap()], volumes: vec![],
     ///     ready_timeout_ms: 600_000,
+    ///     ready_cmd: None,
     /// };
     /// assert!(spec.validate().is_ok());
     /// spec.name = "../etc".into();
@@ -220,6 +230,13 @@ impl AppSpec {
         }
         if self.concurrency == 0 || (self.max != 0 && self.min > self.max) {
             return Err("need concurrency >= 1 and min <= max".into());
+        }
+        if let Some(cmd) = &self.ready_cmd {
+            if cmd.len() > MAX_READY_CMD || cmd.contains('\0') {
+                return Err(format!(
+                    "the ready command must be at most {MAX_READY_CMD} bytes, without NUL"
+                ));
+            }
         }
         if let Some(bad) = self
             .env
@@ -275,6 +292,7 @@ impl AppSpec {
     /// #     listen: "127.0.0.1:0".into(), memory_mib: 128, concurrency: 10,
     /// #     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![], allow_host: vec![], volumes: vec![],
     /// #     ready_timeout_ms: 600_000,
+    /// #     ready_cmd: None,
     /// # };
     /// assert_eq!(spec.network(), "isolated");
     /// spec.allow_host = vec!["127.0.0.1:5432".parse().unwrap(), "10.1.0.0/16".parse().unwrap()];
@@ -567,6 +585,7 @@ mod tests {
             ],
             volumes: vec![],
             ready_timeout_ms: 600_000,
+            ready_cmd: None,
         }
     }
 

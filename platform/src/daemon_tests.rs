@@ -54,6 +54,7 @@ fn add_app(daemon: &Daemon, env: &[&str]) -> PathBuf {
             allow_host: vec![],
             volumes: vec![],
             ready_timeout_ms: 600_000,
+            ready_cmd: None,
         },
         listen: "127.0.0.1:0".into(),
         snapshot: dir.join("app.snap"),

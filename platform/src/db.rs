@@ -140,6 +140,7 @@ mod tests {
                 allow_host: vec!["127.0.0.1:5432".parse().unwrap()],
                 volumes: vec!["data:/data".parse().unwrap()],
                 ready_timeout_ms: 600_000,
+                ready_cmd: None,
             },
             listen: "127.0.0.1:4000".into(),
             dir: "/x".into(),

@@ -107,8 +107,9 @@ pub enum BootFailure {
     /// was closed rather than drained.
     #[error("the agent sent a line over {MAX_LINE} bytes")]
     LineTooLong,
-    /// The app did not accept on its port within the boot deadline.
-    #[error("the app did not accept on its port within {0:?} of the boot")]
+    /// The app was not ready within the boot deadline: its port did not
+    /// accept, or its ready command did not exit 0.
+    #[error("the app was not ready within {0:?} of the boot (its port must accept, then its ready command, if any, exit 0)")]
     NotReady(Duration),
     /// The app's entrypoint ended before it was ready.
     #[error("the entrypoint ended ({})", AgentMsg::Exit(*.0))]
@@ -119,26 +120,46 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DeployError + '_ {
     move |e| DeployError::Io(path.display().to_string(), e)
 }
 
-/// The agent config for `spec` from the image's run config text.
+/// The agent config for `spec` from the image's run config text and its
+/// `HEALTHCHECK` (`image_ready`, an argv; the ready command unless the
+/// spec sets its own).
 ///
 /// ```
 /// let mut spec: platform::api::AppSpec = serde_json::from_str(r#"{"name":"web",
 ///     "image":"i","port":8080,"listen":"127.0.0.1:0","memory_mib":128,
-///     "concurrency":1,"min":0,"max":1,"idle_timeout_ms":1000,"env":["A=1"]}"#).unwrap();
+///     "concurrency":1,"min":0,"max":1,"idle_timeout_ms":1000,"env":["A=1\\n"]}"#).unwrap();
 /// spec.volumes = vec!["data:/srv/data".parse().unwrap()];
 /// let base = "# from the image\narg=/bin/httpd\n";
-/// let conf = platform::deploy::app_agent_config(base, &spec);
-/// assert!(conf.ends_with("env=A=1\nready_port=8080\nvolume=vol0:/srv/data\n"));
+/// let conf = platform::deploy::app_agent_config(base, &spec, &[]);
+/// assert!(conf.ends_with("env=A=1\\\\n\nready_port=8080\nvolume=vol0:/srv/data\n"));
+/// let image_ready = ["pg_isready".to_string()];
+/// let conf = platform::deploy::app_agent_config(base, &spec, &image_ready);
+/// assert!(conf.contains("ready_port=8080\nready_arg=pg_isready\n"));
+/// spec.ready_cmd = Some("test -e /tmp/up".into());
+/// let conf = platform::deploy::app_agent_config(base, &spec, &image_ready);
+/// assert!(conf.contains("ready_arg=/bin/sh\nready_arg=-c\nready_arg=test -e /tmp/up\n"));
+/// spec.ready_cmd = Some(String::new());
+/// assert!(!platform::deploy::app_agent_config(base, &spec, &image_ready).contains("ready_arg"));
 /// ```
-pub fn app_agent_config(image_config: &str, spec: &AppSpec) -> String {
+pub fn app_agent_config(image_config: &str, spec: &AppSpec, image_ready: &[String]) -> String {
+    use guest_agent::config::write_entry;
     let mut text = image_config.to_owned();
     if !text.ends_with('\n') {
         text.push('\n');
     }
+    // Writing to a String cannot fail.
     for e in &spec.env {
-        text.push_str(&format!("env={e}\n"));
+        let _ = write_entry(&mut text, "env", e.as_bytes());
     }
     text.push_str(&format!("ready_port={}\n", spec.port));
+    let ready: Vec<String> = match spec.ready_cmd.as_deref() {
+        None => image_ready.to_vec(),
+        Some("") => Vec::new(),
+        Some(cmd) => vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+    };
+    for arg in &ready {
+        let _ = write_entry(&mut text, "ready_arg", arg.as_bytes());
+    }
     text.push_str(&volume::agent_lines(&spec.volumes));
     text
 }
@@ -175,7 +196,7 @@ pub fn deploy(
     spec.resolve_max();
     spec.validate().map_err(DeployError::Spec)?;
     let spec = &spec;
-    let config = app_agent_config(&image.run.agent_config(None)?, spec);
+    let config = app_agent_config(&image.run.agent_config(None)?, spec, &image.run.healthcheck);
     guest_agent_check(&config)?;
 
     let dir = settings.home.join("apps").join(&spec.name);

@@ -102,6 +102,13 @@ enum Cmd {
         /// deploy's, and the cold boot of an app whose volumes moved on).
         #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration_ms)]
         ready_timeout: u64,
+        /// A shell command the guest runs, as the app's user, once --port
+        /// accepts, and again until it exits 0: only then is the app ready
+        /// and its snapshot taken (`pg_isready -q`: a database that
+        /// accepts while it starts up). Default: the image's HEALTHCHECK;
+        /// '' for none.
+        #[arg(long, value_name = "COMMAND")]
+        ready_cmd: Option<String>,
     },
     /// List apps and their instances (age, connections, memory); env
     /// values are masked (`KEY=***`) unless --show-env.
@@ -308,6 +315,7 @@ fn run(cli: Cli) -> Result<(), String> {
             allow_host,
             volume: volumes,
             ready_timeout,
+            ready_cmd,
         } => {
             // The daemon resolves an unset max once it knows the volumes
             // the image declares.
@@ -341,6 +349,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 allow_host,
                 volumes,
                 ready_timeout_ms: ready_timeout,
+                ready_cmd,
             };
             spec.validate()?;
             let data = call(Request::Deploy(spec))?;

@@ -101,6 +101,7 @@ mod tests {
             allow_host: vec![],
             volumes: vec![],
             ready_timeout_ms: 600_000,
+            ready_cmd: None,
         };
         assert_eq!(
             net_policy(&spec),

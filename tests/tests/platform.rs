@@ -215,3 +215,82 @@ fn httpd_wakes_from_zero_scales_out_and_back_to_zero() {
         daemon.vmm_processes().is_empty()
     });
 }
+
+/// A ready command decides when an app is ready, and so when its snapshot
+/// is taken: the image's HEALTHCHECK by default, `--ready-cmd` over it.
+/// An app whose port accepts but whose command never passes is not
+/// deployed; one whose command passes on its second run is, after it.
+#[test]
+fn a_ready_command_decides_when_an_app_is_ready() {
+    use image_tools::oci::Healthcheck;
+    use image_tools::test_utils::{extend_layout, LayerBuilder};
+    use platform_util::{little_err, little_ok};
+
+    let Some(httpd) = test_image("httpd") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().join("home");
+    let daemon = Daemon::start(&home);
+    // The httpd image with a shell, and a HEALTHCHECK that never passes.
+    let layer = LayerBuilder::new().symlink("bin/sh", "busybox").finish();
+    let image = dir.path().join("checked.oci");
+    extend_layout(&httpd, &image, &layer, |config| {
+        config.healthcheck = Some(Healthcheck {
+            test: Some(vec!["CMD".into(), "/bin/busybox".into(), "false".into()]),
+        });
+    });
+    let image = image.to_str().expect("utf-8");
+    let port = free_port();
+    let deploy = |name: &str, extra: &[&str]| -> Vec<String> {
+        let listen = format!(
+            "127.0.0.1:{}",
+            if name == "web" { port } else { free_port() }
+        );
+        [
+            "deploy",
+            name,
+            "--image",
+            image,
+            "--port",
+            "8080",
+            "--listen",
+            listen.as_str(),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let twice = deploy(
+        "web",
+        &[
+            "--ready-cmd",
+            "if [ -e /tmp/tried ]; then echo ready-check-passed; \
+             else : >/tmp/tried; echo ready-check-failed; exit 1; fi",
+        ],
+    );
+    let deployed = Instant::now();
+    little_ok(&daemon, &platform_util::args(&twice));
+    let took = deployed.elapsed();
+    let logs = little_ok(&daemon, &["logs", "web"]);
+    let failed = logs.find("ready-check-failed");
+    let passed = logs.find("ready-check-passed");
+    assert!(
+        matches!((failed, passed), (Some(f), Some(p)) if f < p),
+        "the command failed once, then passed, in the deploy's boot:\n{logs}"
+    );
+    get_200(port);
+
+    // The image's HEALTHCHECK never passes: a deadline well past what a
+    // whole deploy took here runs out while the port accepts.
+    let deadline = format!("{}s", (took.as_secs() * 2).max(60));
+    let e = little_err(
+        &daemon,
+        &platform_util::args(&deploy("never", &["--ready-timeout", &deadline])),
+    );
+    assert!(
+        e.contains(&format!("was not ready within {deadline}")),
+        "{e}"
+    );
+}

@@ -187,14 +187,35 @@ fn diff_snapshot_suspends_and_resumes_a_clone() {
         "diff holds only dirtied pages: {small} vs {full} blocks"
     );
 
+    // The resume maps the diff's pages; a second suspend must still hold
+    // them all, the ones the guest has not written again included.
+    let sock2 = dir.path().join("resumed.sock");
+    let diff2 = dir.path().join("resumed.diff");
     let mut resumed = VmmProcess::spawn(&[
         "--snapshot",
         diff.to_str().expect("utf-8"),
         "--console-input",
+        "--api-sock",
+        sock2.to_str().expect("utf-8"),
     ]);
     resumed.send("after-resume\n");
     if let Err(e) = resumed.wait_for("got: after-resume seen=2", ceiling::GUEST) {
         panic!("the resumed guest remembers its line: {e}");
+    }
+    let reply = api(&sock2, &format!("snapshot-diff {}", diff2.display()));
+    assert!(reply.starts_with("ok "), "{reply}");
+    assert_eq!(api(&sock2, "quit"), "ok");
+    assert!(resumed.wait(ceiling::HOST).is_some_and(|s| s.success()));
+    std::fs::remove_file(&diff).expect("the first diff is no longer needed");
+
+    let mut again = VmmProcess::spawn(&[
+        "--snapshot",
+        diff2.to_str().expect("utf-8"),
+        "--console-input",
+    ]);
+    again.send("second-resume\n");
+    if let Err(e) = again.wait_for("got: second-resume seen=3", ceiling::GUEST) {
+        panic!("a guest resumed twice remembers both lines: {e}");
     }
 }
 

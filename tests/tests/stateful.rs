@@ -20,6 +20,8 @@
 //!   which start happened.
 //! - A write, then SIGKILL of the VMM: the next request boots the app cold
 //!   (the volume moved on since the last snapshot) and reads it.
+//! - A full volume: the app's write fails with "No space left on device"
+//!   and loses nothing written before; once freed, writes go on.
 //! - A backup (`volume export`) of the volume of a running app, which is
 //!   suspended for it; a later write; the backup imported over the
 //!   volume: the app boots cold with the backup's data. A junk archive is
@@ -35,7 +37,8 @@
 //! redis test images.
 //!
 //! PostgreSQL (`psql`, `pgbench`), one deploy shared by every step, the
-//! daemon with its standby pool:
+//! daemon with its standby pool, `--ready-cmd 'pg_isready'` (postgres
+//! accepts while it starts up or recovers), so no `psql` is retried:
 //! - from zero instances `psql` creates a table and inserts rows (the
 //!   deploy's snapshot restored; the volume was filled on the host with
 //!   the image's `$PGDATA`);
@@ -73,51 +76,37 @@ use platform_util::{
 /// The test image's superuser password (`image-tools/test-images`).
 const PG_PASSWORD: &str = "little";
 
-/// What postgres says while it starts or recovers: wait and ask again.
-const NOT_YET: [&str; 4] = [
-    "the database system is starting up",
-    "the database system is in recovery mode",
-    "not yet accepting connections",
-    "the database system is not yet accepting connections",
-];
+/// The ready command the postgres app is deployed with: postgres accepts
+/// on its port while it starts up or recovers, and only `pg_isready`
+/// tells when it serves.
+const PG_READY: &str = "pg_isready -q -h 127.0.0.1";
 
-/// Runs `psql -c SQL` against the app at `port` once the database accepts
-/// connections (it may be replaying its WAL after a cold boot); its
-/// output, or a panic with what psql said.
+/// Runs `psql -c SQL` against the app at `port`: its output, or a panic
+/// with what psql said. No retry: every start (restore, resume, cold
+/// boot) hands the connection over only once the app is ready.
 fn psql(port: u16, sql: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let out = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
-            .args([
-                "-p",
-                &port.to_string(),
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-At",
-                "-c",
-                sql,
-            ])
-            .env("PGPASSWORD", PG_PASSWORD)
-            .env("PGCONNECT_TIMEOUT", "300")
-            .output()
-            .expect("psql runs (scripts/setup.sh installs postgresql-client)");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        if out.status.success() {
-            return String::from_utf8_lossy(&out.stdout).into_owned();
-        }
-        assert!(
-            NOT_YET.iter().any(|n| stderr.contains(n)),
-            "psql -c {sql:?}: {}: {stderr}",
-            out.status
-        );
-        assert!(
-            start.elapsed() < ceiling::BOOT,
-            "timed out after {:.1?} waiting for postgres to accept connections: {stderr}",
-            start.elapsed()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-At",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", PG_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", &ceiling::BOOT.as_secs().to_string())
+        .output()
+        .expect("psql runs (scripts/setup.sh installs postgresql-client)");
+    assert!(
+        out.status.success(),
+        "psql -c {sql:?}: {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -148,6 +137,8 @@ fn postgres_keeps_its_rows_across_suspend_resume_and_a_killed_vmm() {
             "2s",
             "--volume",
             "pgdata:/var/lib/postgresql/data",
+            "--ready-cmd",
+            PG_READY,
         ],
     );
     eprintln!("postgres deployed after {:.1?}", started.elapsed());
@@ -378,7 +369,13 @@ echo \"$QUERY_STRING\" >>/data/log && /bin/busybox sync && echo stored\n";
 const GET_CGI: &str = "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
 /bin/busybox cat /data/seed.txt; [ -e /data/log ] && /bin/busybox cat /data/log\n";
 
-/// The httpd image with the two scripts and a seed file at /data.
+/// `GET /cgi-bin/fill`: writes zeros to /data/big until the volume is
+/// full, then removes it.
+const FILL_CGI: &str = "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
+/bin/busybox dd if=/dev/zero of=/data/big bs=1M 2>&1\n\
+/bin/busybox rm -f /data/big && /bin/busybox sync && echo freed\n";
+
+/// The httpd image with the scripts and a seed file at /data.
 fn volume_image(httpd: &Path, dir: &Path) -> PathBuf {
     let layer = LayerBuilder::new()
         .dir("data", 0o755, WEB_UID, WEB_UID)
@@ -386,6 +383,7 @@ fn volume_image(httpd: &Path, dir: &Path) -> PathBuf {
         .dir("www/cgi-bin", 0o755, 0, 0)
         .file("www/cgi-bin/put", 0o755, 0, 0, PUT_CGI.as_bytes())
         .file("www/cgi-bin/get", 0o755, 0, 0, GET_CGI.as_bytes())
+        .file("www/cgi-bin/fill", 0o755, 0, 0, FILL_CGI.as_bytes())
         .finish();
     let layout = dir.join("volume.oci");
     extend_layout(httpd, &layout, &layer, |_| {});
@@ -497,6 +495,16 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
     );
     assert_eq!(daemon.metric("little_cold_boots_total{app=\"web\"}"), 1);
     eprintln!("kill -9 checked after {:.1?}", started.elapsed());
+
+    // A full volume: the app's write fails with ENOSPC and what it wrote
+    // before stays; once it frees the space, it writes again (below).
+    let filled = get(port, "/cgi-bin/fill");
+    assert!(
+        filled.contains("No space left on device") && filled.ends_with("freed\n"),
+        "{filled}"
+    );
+    assert_eq!(get(port, "/cgi-bin/get"), "seed\none\ntwo\n");
+    eprintln!("a full volume checked after {:.1?}", started.elapsed());
 
     // 4. A backup of the running app's volume (it is suspended for it),
     //    a write, then the backup imported over the volume: the app boots

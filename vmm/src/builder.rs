@@ -271,6 +271,7 @@ pub fn build(mut config: VmConfig) -> Result<BuiltVm, Error> {
         legacy,
         carried_pit: None,
         base: None,
+        mapped_diff: Vec::new(),
         inbound,
     })
 }
@@ -424,7 +425,7 @@ pub fn build_from_snapshot(config: RestoreConfig) -> Result<BuiltVm, Error> {
             let mem =
                 memory::map_private(Arc::new(base_file), base_header.mem_offset, &state.regions)
                     .map_err(|e| SnapshotError::Memory(name.clone(), e))?;
-            memory::read_runs(&mem, &state.dirty, &file, header.mem_offset)
+            memory::map_runs(&mem, &state.dirty, &file, header.mem_offset)
                 .map_err(|e| SnapshotError::Memory(name.clone(), e))?;
             (mem, base.clone())
         }
@@ -500,6 +501,7 @@ pub fn build_from_snapshot(config: RestoreConfig) -> Result<BuiltVm, Error> {
         legacy,
         carried_pit: (!vm_has_pit).then_some(state.vm.pit),
         base: Some(base),
+        mapped_diff: state.dirty,
         inbound,
     })
 }

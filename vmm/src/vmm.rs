@@ -74,6 +74,10 @@ pub struct BuiltVm {
     pub(crate) carried_pit: Option<kvm_bindings::kvm_pit_state2>,
     /// The full snapshot a restored VM's memory is mapped from.
     pub(crate) base: Option<crate::snapshot::BaseImage>,
+    /// The image pages a restore mapped from a diff snapshot over the base:
+    /// the guest's own since the base, though `/proc/self/pagemap` counts
+    /// them as file pages until they are written.
+    pub(crate) mapped_diff: Vec<(u64, u64)>,
     /// Hands host connections to the network device (the control socket's
     /// `accept` command), when the VM has one.
     pub(crate) inbound: Option<InboundHandle>,
@@ -103,6 +107,7 @@ pub struct VmHandle {
     paused: Mutex<bool>,
     carried_pit: Option<kvm_bindings::kvm_pit_state2>,
     base: Option<crate::snapshot::BaseImage>,
+    mapped_diff: Vec<(u64, u64)>,
     /// MSRs to save, shared with the vCPU threads; fetched by the first snapshot.
     msr_indices: Arc<OnceLock<Vec<u32>>>,
 }
@@ -218,8 +223,12 @@ impl VmHandle {
         let (state_bytes, mem_written, mem_len) = match base {
             None => snapshot::write(path, &state, &self.vm.mem)?,
             Some(base) => {
-                state.dirty = snapshot::memory::dirty_pages(&self.vm.mem)
+                let written = snapshot::memory::dirty_pages(&self.vm.mem)
                     .map_err(|e| snapshot::Error::Memory(path.display().to_string(), e))?;
+                state.dirty = snapshot::memory::bound_runs(
+                    snapshot::memory::union_runs(&written, &self.mapped_diff),
+                    snapshot::memory::MAX_DIFF_RUNS,
+                );
                 state.base = Some(base);
                 snapshot::write_diff(path, &state, &self.vm.mem)?
             }
@@ -337,6 +346,7 @@ fn start(built: BuiltVm, options: RunOptions) -> Result<Vmm, Error> {
         legacy,
         carried_pit,
         base,
+        mapped_diff,
         inbound,
     } = built;
     let (tx, rx) = mpsc::channel::<Result<StopReason, vcpu::Error>>();
@@ -415,6 +425,7 @@ fn start(built: BuiltVm, options: RunOptions) -> Result<Vmm, Error> {
         paused: Mutex::new(false),
         carried_pit,
         base,
+        mapped_diff,
         msr_indices,
     });
     Ok(Vmm {

@@ -556,18 +556,16 @@ pub fn reboot_restart() -> Errno {
 /// `entry` must not return, must not allocate, and may write only to its
 /// own stack: the parent's heap and data are shared and the parent's
 /// registers and stack frames are trusted to be intact when it resumes.
-pub fn spawn_vfork(
-    entry: extern "C" fn(usize) -> !,
-    arg: usize,
-    stack: &'static mut [u8],
-) -> Result<i32> {
+pub fn spawn_vfork(entry: extern "C" fn(usize) -> !, arg: usize, stack: &mut [u8]) -> Result<i32> {
     const CLONE_VM: usize = 0x100;
     const CLONE_VFORK: usize = 0x4000;
     const SIGCHLD: usize = 17;
     let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
     // SAFETY: upheld by `raw::clone_vfork`'s contract: `top` is the
-    // 16-byte aligned end of a 'static buffer nobody else uses while the
-    // parent is suspended (CLONE_VFORK), and `entry` never returns.
+    // 16-byte aligned end of a buffer borrowed mutably for this call, so
+    // nobody else uses it, and the child is done with it (exec'd or
+    // exited) before the call returns, as CLONE_VFORK suspends the parent
+    // until then; `entry` never returns.
     let ret = unsafe { raw::clone_vfork(CLONE_VM | CLONE_VFORK | SIGCHLD, top, entry, arg) };
     check_i32(ret)
 }

@@ -480,6 +480,7 @@ fn main() -> ExitCode {
             allow_host: Vec::new(),
             volumes: Vec::new(),
             ready_timeout_ms: 600_000,
+            ready_cmd: None,
         };
         let start = Instant::now();
         // Jailed or not, every run restores the one snapshot this boot

@@ -186,6 +186,10 @@ fn main() {
             &listen,
             "--idle-timeout",
             "1s",
+            // Ready once it serves, not once it accepts: postgres accepts
+            // while it starts up.
+            "--ready-cmd",
+            "pg_isready -q -h 127.0.0.1",
         ];
         if app == "pg" {
             deploy.extend(["--volume", "pgdata:/var/lib/postgresql/data"]);
@@ -196,10 +200,6 @@ fn main() {
             args.memory,
             deploy_start.elapsed().as_secs_f64()
         );
-        // Past postgres' start-up, which the deploy snapshot may catch.
-        while first_byte(port).is_none() {
-            std::thread::sleep(Duration::from_millis(500));
-        }
     }
 
     let mut first = [Vec::new(), Vec::new()];

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,9 @@ pub enum Error {
     /// mmap of the memory image failed.
     #[error("failed to map the snapshot's memory image")]
     Map(#[source] vm_memory::mmap::MmapRegionError),
+    /// mmap of a diff snapshot's pages over its base failed.
+    #[error("failed to map a diff snapshot's pages")]
+    MapRun(#[source] std::io::Error),
     /// The mapped regions do not form a valid guest memory.
     #[error("snapshot memory regions overlap")]
     Regions(#[source] vm_memory::GuestRegionCollectionError),
@@ -269,21 +273,77 @@ pub fn dirty_pages(mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>, Error> {
     Ok(runs)
 }
 
-/// Host address and length of image pages `[page, page + count)`, if they
-/// lie within one region of `mem`.
-fn image_span(mem: &GuestMemoryMmap, page: u64, count: u64) -> Option<(*mut u8, usize)> {
+/// Most page runs a diff snapshot may hold. A resume maps each run as its
+/// own mapping, and the kernel allows a process 65530 by default.
+pub const MAX_DIFF_RUNS: usize = 16_384;
+
+/// Calls `f(host address, bytes, image page)` for each part of the image
+/// pages `[page, page + count)` that lies in one region of `mem`; an error
+/// if any of them lies outside the image.
+fn for_each_span(
+    mem: &GuestMemoryMmap,
+    page: u64,
+    count: u64,
+    mut f: impl FnMut(*mut u8, usize, u64) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let end = page.checked_add(count).ok_or(Error::Layout("dirty run"))?;
+    let mut at = page;
     let mut first = 0u64;
     for region in mem.iter() {
         let pages = region.len() / PAGE_SIZE;
-        if page >= first && page.checked_add(count)? <= first + pages {
-            let host = region.get_host_address(MemoryRegionAddress(0)).ok()?;
-            let offset = usize::try_from((page - first) * PAGE_SIZE).ok()?;
-            let len = usize::try_from(count * PAGE_SIZE).ok()?;
-            return Some((host.wrapping_add(offset), len));
+        let region_end = first + pages;
+        if at < end && at >= first && at < region_end {
+            let upto = end.min(region_end);
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(Error::Read)?;
+            let offset = usize::try_from((at - first) * PAGE_SIZE)
+                .map_err(|_| Error::Layout("dirty run"))?;
+            let len =
+                usize::try_from((upto - at) * PAGE_SIZE).map_err(|_| Error::Layout("dirty run"))?;
+            f(host.wrapping_add(offset), len, at)?;
+            at = upto;
         }
-        first += pages;
+        first = region_end;
     }
-    None
+    if at < end || count == 0 {
+        return Err(Error::Layout("dirty run"));
+    }
+    Ok(())
+}
+
+/// The union of two lists of page runs, sorted, with touching runs joined.
+pub fn union_runs(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().filter(|r| r.1 > 0).collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (start, len) in all {
+        let end = start.saturating_add(len);
+        match out.last_mut() {
+            Some((s, l)) if start <= *s + *l => *l = (*l).max(end - *s),
+            _ => out.push((start, len)),
+        }
+    }
+    out
+}
+
+/// Joins sorted `runs` across the smallest gaps until at most `max` remain.
+/// The gap pages are then saved too: harmless, as a diff may hold any
+/// page of the guest, changed or not.
+pub fn bound_runs(mut runs: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
+    let mut gap = 1u64;
+    while runs.len() > max.max(1) {
+        let mut joined: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for (start, len) in runs {
+            match joined.last_mut() {
+                Some((s, l)) if start <= *s + *l + gap => *l = start + len - *s,
+                _ => joined.push((start, len)),
+            }
+        }
+        runs = joined;
+        gap = gap.saturating_mul(2);
+    }
+    runs
 }
 
 /// Writes the pages in `runs` of a paused VM's `mem` into `file` at their
@@ -297,34 +357,69 @@ pub fn write_runs(
 ) -> Result<u64, Error> {
     let mut written = 0;
     for &(page, count) in runs {
-        let (host, len) = image_span(mem, page, count).ok_or(Error::Layout("dirty run"))?;
-        // SAFETY: `image_span` checked that the run lies inside one live
-        // region mapping; the VM is paused and the loop is this thread, so
-        // nothing writes these bytes while they are read.
-        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
-        file.write_all_at(bytes, offset + page * PAGE_SIZE)
-            .map_err(Error::Write)?;
-        written += len as u64;
+        for_each_span(mem, page, count, |host, len, at| {
+            // SAFETY: `for_each_span` gives a span inside one live region
+            // mapping; the VM is paused and the loop is this thread, so
+            // nothing writes these bytes while they are read.
+            let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+            file.write_all_at(bytes, offset + at * PAGE_SIZE)
+                .map_err(Error::Write)?;
+            written += len as u64;
+            Ok(())
+        })?;
     }
     Ok(written)
 }
 
-/// Copies the pages in `runs` from `file` (image at `offset`) into `mem`,
-/// over a base image mapped copy-on-write.
-pub fn read_runs(
+/// Maps the pages in `runs` of `file` (image at `offset`) over `mem`,
+/// private copy-on-write like the base image under them: a resume costs
+/// one mapping per run, whatever the pages hold, and reads them lazily
+/// from the page cache.
+///
+/// Pages mapped this way are file pages to `/proc/self/pagemap` until the
+/// guest writes them, so the next diff must add `runs` to
+/// [`dirty_pages`]'s (see [`union_runs`]).
+pub fn map_runs(
     mem: &GuestMemoryMmap,
     runs: &[(u64, u64)],
     file: &File,
     offset: u64,
 ) -> Result<(), Error> {
+    if runs.len() > MAX_DIFF_RUNS {
+        return Err(Error::Layout("diff run count"));
+    }
+    let file_len = file.metadata().map_err(Error::MapRun)?.len();
     for &(page, count) in runs {
-        let (host, len) = image_span(mem, page, count).ok_or(Error::Layout("dirty run"))?;
-        // SAFETY: the run lies inside one live region mapping (checked by
-        // `image_span`) and no vCPU runs yet during a restore, so nothing
-        // else touches these bytes.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
-        file.read_exact_at(bytes, offset + page * PAGE_SIZE)
-            .map_err(Error::Write)?;
+        for_each_span(mem, page, count, |host, len, at| {
+            let start = offset + at * PAGE_SIZE;
+            if start
+                .checked_add(len as u64)
+                .is_none_or(|end| end > file_len)
+            {
+                return Err(Error::Layout("dirty run past the end of the file"));
+            }
+            let start = libc::off_t::try_from(start).map_err(|_| Error::Layout("dirty run"))?;
+            // SAFETY: `[host, host + len)` lies inside one live region
+            // mapping owned by `mem` (checked by `for_each_span`), which
+            // MAP_FIXED replaces with the file's pages in place; no vCPU
+            // runs yet during a restore, and `mem` unmaps the whole region,
+            // these pages included, when it is dropped. The file range was
+            // checked to exist, so reading the pages cannot fault.
+            let mapped = unsafe {
+                libc::mmap(
+                    host.cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    start,
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                return Err(Error::MapRun(std::io::Error::last_os_error()));
+            }
+            Ok(())
+        })?;
     }
     Ok(())
 }
@@ -364,7 +459,7 @@ mod dirty_tests {
             3 * PAGE_SIZE
         );
         let fresh = map_private(file, 0, &regions).expect("map");
-        read_runs(&fresh, &runs, &diff, 0).expect("overlay");
+        map_runs(&fresh, &runs, &diff, 0).expect("overlay");
         let mut got = [0u8; 1];
         fresh
             .read_slice(&mut got, GuestAddress(40 * PAGE_SIZE + 9))
@@ -373,8 +468,71 @@ mod dirty_tests {
         fresh.read_slice(&mut got, GuestAddress(0)).expect("read");
         assert_eq!(got, [7], "untouched pages still come from the base");
         assert!(
-            read_runs(&fresh, &[(63, 2)], &diff, 0).is_err(),
-            "past the end"
+            map_runs(&fresh, &[(63, 2)], &diff, 0).is_err(),
+            "past the image"
         );
+        assert!(
+            map_runs(&fresh, &[(3, 1)], &diff, 64 * PAGE_SIZE).is_err(),
+            "past the end of the file"
+        );
+
+        // The mapped pages are the file's until written: pagemap misses
+        // them, so the next diff adds the runs mapped at its resume.
+        fresh
+            .write_slice(&[4], GuestAddress(20 * PAGE_SIZE))
+            .expect("write");
+        let seen = dirty_pages(&fresh).expect("pagemap");
+        assert_eq!(seen, vec![(20, 1)]);
+        assert_eq!(union_runs(&seen, &runs), vec![(5, 2), (20, 1), (40, 1)]);
+        let mut on_disk = [0u8; 1];
+        diff.read_exact_at(&mut on_disk, 40 * PAGE_SIZE + 9)
+            .expect("read");
+        fresh
+            .write_slice(&[9], GuestAddress(40 * PAGE_SIZE + 9))
+            .expect("write");
+        let mut still = [0u8; 1];
+        diff.read_exact_at(&mut still, 40 * PAGE_SIZE + 9)
+            .expect("read");
+        assert_eq!(
+            (on_disk, still),
+            ([3], [3]),
+            "the diff file is never written"
+        );
+    }
+
+    #[test]
+    fn runs_join_and_split_at_region_edges() {
+        assert_eq!(
+            union_runs(&[(0, 2), (10, 1)], &[(1, 3), (4, 1), (9, 1), (20, 0)]),
+            vec![(0, 5), (9, 2)]
+        );
+        let runs = vec![(0, 1), (2, 1), (4, 1), (10, 1), (30, 2)];
+        assert_eq!(bound_runs(runs.clone(), 10), runs);
+        assert_eq!(bound_runs(runs.clone(), 3), vec![(0, 5), (10, 1), (30, 2)]);
+        assert_eq!(bound_runs(runs, 1), vec![(0, 32)]);
+
+        // Two regions; a run over the edge is written as two spans.
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 4 * 4096),
+            (GuestAddress(1 << 20), 4 * 4096),
+        ])
+        .expect("mmap");
+        mem.write_slice(&[1], GuestAddress(3 * PAGE_SIZE))
+            .expect("write");
+        mem.write_slice(&[2], GuestAddress(1 << 20)).expect("write");
+        let file = tempfile::tempfile().expect("tempfile");
+        file.set_len(8 * PAGE_SIZE).expect("len");
+        assert_eq!(
+            write_runs(&mem, &[(3, 2)], &file, 0).expect("write"),
+            2 * PAGE_SIZE
+        );
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 4 * PAGE_SIZE).expect("read");
+        assert_eq!(b, [2]);
+        assert!(
+            write_runs(&mem, &[(7, 2)], &file, 0).is_err(),
+            "past the image"
+        );
+        assert!(write_runs(&mem, &[(2, 0)], &file, 0).is_err(), "empty");
     }
 }
