@@ -15,8 +15,10 @@ const COMMAND_RETRY_FIRST_MS: u64 = 50;
 /// Longest wait between runs of the ready command.
 const COMMAND_RETRY_MAX_MS: u64 = 2_000;
 /// A run of the ready command that takes longer is killed (and counts as
-/// a failure): a probe that hangs must not stall readiness for good.
-const COMMAND_LIMIT_MS: u64 = 60_000;
+/// a failure): a probe that hangs must not stall readiness for good. It
+/// is long because one run may legitimately take tens of seconds on an
+/// emulated guest kernel (a database forks a backend to answer).
+const COMMAND_LIMIT_MS: u64 = 300_000;
 
 /// The ready command and its runs.
 pub struct ReadyCommand {

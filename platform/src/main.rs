@@ -104,7 +104,7 @@ enum Cmd {
         ready_timeout: u64,
         /// A shell command the guest runs, as the app's user, once --port
         /// accepts, and again until it exits 0: only then is the app ready
-        /// and its snapshot taken (`pg_isready -q`: a database that
+        /// and its snapshot taken (`pg_isready -q -t 0`: a database that
         /// accepts while it starts up). Default: the image's HEALTHCHECK;
         /// '' for none.
         #[arg(long, value_name = "COMMAND")]

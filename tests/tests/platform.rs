@@ -224,7 +224,7 @@ fn httpd_wakes_from_zero_scales_out_and_back_to_zero() {
 fn a_ready_command_decides_when_an_app_is_ready() {
     use image_tools::oci::Healthcheck;
     use image_tools::test_utils::{extend_layout, LayerBuilder};
-    use platform_util::{little_err, little_ok};
+    use platform_util::{deploy_args, little_err, little_ok};
 
     let Some(httpd) = test_image("httpd") else {
         return;
@@ -243,24 +243,8 @@ fn a_ready_command_decides_when_an_app_is_ready() {
     let image = image.to_str().expect("utf-8");
     let port = free_port();
     let deploy = |name: &str, extra: &[&str]| -> Vec<String> {
-        let listen = format!(
-            "127.0.0.1:{}",
-            if name == "web" { port } else { free_port() }
-        );
-        [
-            "deploy",
-            name,
-            "--image",
-            image,
-            "--port",
-            "8080",
-            "--listen",
-            listen.as_str(),
-        ]
-        .iter()
-        .chain(extra)
-        .map(|a| a.to_string())
-        .collect()
+        let listen = if name == "web" { port } else { free_port() };
+        deploy_args(name, image, "8080", &format!("127.0.0.1:{listen}"), extra)
     };
     let twice = deploy(
         "web",

@@ -69,8 +69,8 @@ use std::time::{Duration, Instant};
 use image_tools::test_utils::{extend_layout, LayerBuilder};
 use little_tests::{ceiling, free_port};
 use platform_util::{
-    allocated, args, get, kill9, little_err, little_ok, only_instance, test_image, wait_for_zero,
-    wait_until, Daemon,
+    allocated, args, deploy_args, get, kill9, little_err, little_ok, only_instance, test_image,
+    wait_for_zero, wait_until, Daemon,
 };
 
 /// The test image's superuser password (`image-tools/test-images`).
@@ -79,7 +79,7 @@ const PG_PASSWORD: &str = "little";
 /// The ready command the postgres app is deployed with: postgres accepts
 /// on its port while it starts up or recovers, and only `pg_isready`
 /// tells when it serves.
-const PG_READY: &str = "pg_isready -q -h 127.0.0.1";
+const PG_READY: &str = "pg_isready -q -t 0 -h 127.0.0.1";
 
 /// Runs `psql -c SQL` against the app at `port`: its output, or a panic
 /// with what psql said. No retry: every start (restore, resume, cold
@@ -369,11 +369,15 @@ echo \"$QUERY_STRING\" >>/data/log && /bin/busybox sync && echo stored\n";
 const GET_CGI: &str = "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
 /bin/busybox cat /data/seed.txt; [ -e /data/log ] && /bin/busybox cat /data/log\n";
 
-/// `GET /cgi-bin/fill`: writes zeros to /data/big until the volume is
-/// full, then removes it.
+/// `GET /cgi-bin/fill`: fills the volume with the largest file it can
+/// allocate (`fallocate`, so nothing is written), then writes into what
+/// is left until the volume is full, then frees it all.
 const FILL_CGI: &str = "#!/bin/busybox sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n\
-/bin/busybox dd if=/dev/zero of=/data/big bs=1M 2>&1\n\
-/bin/busybox rm -f /data/big && /bin/busybox sync && echo freed\n";
+n=64; while [ $n -gt 0 ] && ! /bin/busybox fallocate -l ${n}M /data/big 2>/dev/null; \
+do n=$((n - 1)); done\n\
+echo \"allocated ${n} MiB\"\n\
+/bin/busybox dd if=/dev/zero of=/data/more bs=64k count=64 2>&1\n\
+/bin/busybox rm -f /data/big /data/more && /bin/busybox sync && echo freed\n";
 
 /// The httpd image with the scripts and a seed file at /data.
 fn volume_image(httpd: &Path, dir: &Path) -> PathBuf {
@@ -413,22 +417,13 @@ fn a_volume_keeps_an_apps_writes_across_scale_to_zero_and_kills() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let deploy = |name: &str, volume: &str| -> Vec<String> {
-        [
-            "deploy",
+        deploy_args(
             name,
-            "--image",
             image,
-            "--port",
             "8080",
-            "--listen",
             &listen,
-            "--idle-timeout",
-            "1s",
-            "--volume",
-            volume,
-        ]
-        .map(String::from)
-        .to_vec()
+            &["--idle-timeout", "1s", "--volume", volume],
+        )
     };
     let e = little_err(&daemon, &args(&deploy("web", "missing:/data")));
     assert!(e.contains("no volume named \"missing\""), "{e}");

@@ -189,7 +189,7 @@ fn main() {
             // Ready once it serves, not once it accepts: postgres accepts
             // while it starts up.
             "--ready-cmd",
-            "pg_isready -q -h 127.0.0.1",
+            "pg_isready -q -t 0 -h 127.0.0.1",
         ];
         if app == "pg" {
             deploy.extend(["--volume", "pgdata:/var/lib/postgresql/data"]);

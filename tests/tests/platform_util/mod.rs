@@ -173,6 +173,24 @@ pub fn wait_until(what: &str, ceiling: Duration, mut check: impl FnMut() -> bool
     start.elapsed()
 }
 
+/// `little deploy NAME --image IMAGE --port PORT --listen LISTEN EXTRA...`
+/// as owned arguments (see [`args`]).
+pub fn deploy_args(
+    name: &str,
+    image: &str,
+    port: &str,
+    listen: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    [
+        "deploy", name, "--image", image, "--port", port, "--listen", listen,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|a| a.to_string())
+    .collect()
+}
+
 /// `&str`s of `v`.
 pub fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
