@@ -178,6 +178,44 @@ fn check_seccomp_kill(daemon: &Daemon, name: &str, port: u16) {
     );
 }
 
+/// Sends SIGTERM to `name`'s running VMM, which is PID 1 of its jail's
+/// PID namespace (the kernel drops a signal such a process has no handler
+/// for), and checks that it stopped its VM and exited cleanly, that
+/// `little ps` says so, and that the next request on `port` is served by
+/// a new instance.
+fn check_stop_signal(daemon: &Daemon, name: &str, port: u16) {
+    let app = daemon.app(name);
+    let [instance] = app.instances.as_slice() else {
+        panic!("{name} should run one instance: {:?}", app.instances);
+    };
+    let pid = instance.pid;
+    // SAFETY: kill(2) with a pid this test read from `little ps` and a
+    // plain signal number; it touches no memory of this process.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(
+        rc,
+        0,
+        "cannot send SIGTERM to the VMM (pid {pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    wait_until(
+        &format!("little ps to report {name}'s instance (pid {pid}) stopped by SIGTERM"),
+        ceiling::HOST,
+        || {
+            daemon
+                .app(name)
+                .last_death
+                .is_some_and(|d| d.contains("exited with code 0"))
+        },
+    );
+    get(port, "/index.html");
+    let after: Vec<u32> = daemon.app(name).instances.iter().map(|i| i.pid).collect();
+    assert!(
+        !after.is_empty() && !after.contains(&pid),
+        "{name} should be served by a new instance after pid {pid} stopped: {after:?}"
+    );
+}
+
 fn read(path: impl AsRef<Path>) -> String {
     let path = path.as_ref();
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
@@ -619,12 +657,15 @@ fn apps_are_jailed_and_fenced_off_from_the_host() {
 
     // 4. A VMM that breaks its filter dies alone, and the daemon says so.
     check_seccomp_kill(&daemon, "web", web_port);
+
+    // 5. SIGTERM stops a jailed VMM cleanly.
+    check_stop_signal(&daemon, "web", web_port);
     eprintln!(
-        "jail, second daemon, modes and a seccomp kill checked after {:.1?}",
+        "jail, second daemon, modes, a seccomp kill and SIGTERM checked after {:.1?}",
         started.elapsed()
     );
 
-    // 5. From inside a guest, the host is out of reach, but for what
+    // 6. From inside a guest, the host is out of reach, but for what
     //    --allow-host opens. Each target has a listener behind it, so a
     //    refusal is the isolation's, but for cloud metadata, which is not
     //    on this host.

@@ -27,6 +27,7 @@ pub mod jail;
 pub mod logging;
 pub mod seccomp;
 pub mod snapshot;
+pub mod stop_signal;
 pub mod usernet;
 pub mod vmm;
 pub mod vstate;

@@ -30,6 +30,10 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let args = Args::parse();
     init_logging(args.log.as_deref());
+    if let Err(e) = vmm::stop_signal::install() {
+        eprintln!("vmm: error: {}", vmm::error_chain(&e));
+        return ExitCode::FAILURE;
+    }
     // Read from the host before the jail hides it.
     let wants_net = args.net || !args.publish.is_empty();
     let dns_upstream = wants_net.then(vmm::usernet::host_resolver);
@@ -158,7 +162,11 @@ fn main() -> ExitCode {
                 match exit {
                     GuestExit::Reset => "rebooted",
                     GuestExit::PowerOff => "powered off",
-                    GuestExit::Quit => "stopped on request",
+                    GuestExit::Quit => match vmm::stop_signal::received() {
+                        Some(libc::SIGINT) => "stopped by SIGINT",
+                        Some(libc::SIGTERM) => "stopped by SIGTERM",
+                        _ => "stopped on request",
+                    },
                 }
             );
             ExitCode::SUCCESS

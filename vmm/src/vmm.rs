@@ -25,6 +25,7 @@ use crate::devices::virtio::net::InboundHandle;
 use crate::devices::virtio::transport::mmio::MmioTransport;
 use crate::event_loop::{Event, EventHandler, EventLoop, Ops};
 use crate::snapshot::{self, MicrovmState};
+use crate::stop_signal::StopWatcher;
 use crate::vstate::persist;
 use crate::vstate::vcpu::{self, StopReason, Vcpu};
 use crate::vstate::vcpu_thread::{VcpuContext, VcpuThread};
@@ -48,6 +49,9 @@ pub enum Error {
     /// The device event loop failed.
     #[error("device event loop failed")]
     EventLoop(#[source] crate::event_loop::Error),
+    /// SIGINT and SIGTERM could not be routed to the event loop.
+    #[error(transparent)]
+    StopSignal(#[from] crate::stop_signal::StopSignalError),
 }
 
 /// How a guest ended.
@@ -57,7 +61,8 @@ pub enum GuestExit {
     Reset,
     /// The guest powered off or halted for good.
     PowerOff,
-    /// The control socket asked the VMM to quit.
+    /// The control socket asked the VMM to quit, or SIGINT or SIGTERM
+    /// did.
     Quit,
 }
 
@@ -225,10 +230,11 @@ impl VmHandle {
             Some(base) => {
                 let written = snapshot::memory::dirty_pages(&self.vm.mem)
                     .map_err(|e| snapshot::Error::Memory(path.display().to_string(), e))?;
-                state.dirty = snapshot::memory::bound_runs(
+                let runs = snapshot::memory::join_gaps(
                     snapshot::memory::union_runs(&written, &self.mapped_diff),
-                    snapshot::memory::MAX_DIFF_RUNS,
+                    snapshot::memory::DIFF_JOIN_GAP,
                 );
+                state.dirty = snapshot::memory::bound_runs(runs, snapshot::memory::MAX_DIFF_RUNS);
                 state.base = Some(base);
                 snapshot::write_diff(path, &state, &self.vm.mem)?
             }
@@ -362,6 +368,12 @@ fn start(built: BuiltVm, options: RunOptions) -> Result<Vmm, Error> {
             results: rx,
             outcome: outcome.clone(),
         }))
+        .map_err(Error::EventLoop)?;
+    let stopped = outcome.clone();
+    loop_handle
+        .add(Box::new(StopWatcher::new(Box::new(move || {
+            set_outcome(&stopped, Ok(GuestExit::Quit));
+        }))?))
         .map_err(Error::EventLoop)?;
     if options.console_input {
         loop_handle
