@@ -1,7 +1,7 @@
 //! The local image store and the import pipeline.
 //!
 //! ```text
-//! $LITTLE_HOME (default ~/.local/share/little)/
+//! $LITTLE_HOME (default ~/.little, the same home as `little`'s)/
 //!   images/<config sha256>/rootfs.erofs   read-only base image
 //!   images/<config sha256>/image.json     StoredImage: RunConfig, refs, sizes
 //!   tmp/                                  work directories of running imports
@@ -209,16 +209,15 @@ pub struct Store {
 }
 
 impl Store {
-    /// The store at `$LITTLE_HOME`, else `~/.local/share/little`.
+    /// The home every little.cloud tool shares (`little`'s state and
+    /// this store): `$LITTLE_HOME`, else `~/.little`.
     pub fn default_root() -> PathBuf {
         if let Some(home) = std::env::var_os("LITTLE_HOME") {
             return home.into();
         }
-        let base = std::env::var_os("XDG_DATA_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))
-            .unwrap_or_else(|| PathBuf::from("."));
-        base.join("little")
+        std::env::var_os("HOME")
+            .map(|h| Path::new(&h).join(".little"))
+            .unwrap_or_else(|| PathBuf::from(".little"))
     }
 
     /// A store rooted at `root` (created on first import).

@@ -160,6 +160,31 @@ pub struct AppSpec {
     pub ready_cmd: Option<String>,
 }
 
+/// The settings `little scale` changes on a running app; `None` keeps
+/// the current value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scale {
+    /// Instances kept running even when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    /// Most instances at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    /// Connections one instance takes at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// An instance with no connection for this long is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+}
+
+impl Scale {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Longest [`AppSpec::ready_cmd`].
 pub const MAX_READY_CMD: usize = 4096;
 
@@ -250,6 +275,36 @@ impl AppSpec {
         self.validate_volumes()
     }
 
+    /// This spec with `scale` applied, checked as a deploy's would be
+    /// (an app with a volume keeps `max` 1).
+    ///
+    /// ```
+    /// use platform::api::{AppSpec, Scale};
+    /// let spec = AppSpec {
+    ///     name: "web".into(), image: "x.tar".into(), port: 8080,
+    ///     listen: "127.0.0.1:0".into(), memory_mib: 128, concurrency: 10,
+    ///     min: 0, max: 4, idle_timeout_ms: 1000, env: vec![], allow_host: vec![],
+    ///     volumes: vec![], ready_timeout_ms: 600_000, ready_cmd: None,
+    /// };
+    /// let more = Scale { max: Some(8), min: Some(1), ..Scale::default() };
+    /// let scaled = spec.scaled(&more).unwrap();
+    /// assert_eq!((scaled.min, scaled.max, scaled.concurrency), (1, 8, 10));
+    /// assert!(spec.scaled(&Scale { min: Some(5), ..Scale::default() }).is_err());
+    /// assert!(spec.scaled(&Scale { max: Some(0), ..Scale::default() }).is_err());
+    /// ```
+    pub fn scaled(&self, scale: &Scale) -> Result<AppSpec, String> {
+        let mut spec = self.clone();
+        if scale.max == Some(0) {
+            return Err("max must be at least 1".into());
+        }
+        spec.min = scale.min.unwrap_or(spec.min);
+        spec.max = scale.max.unwrap_or(spec.max);
+        spec.concurrency = scale.concurrency.unwrap_or(spec.concurrency);
+        spec.idle_timeout_ms = scale.idle_timeout_ms.unwrap_or(spec.idle_timeout_ms);
+        spec.validate()?;
+        Ok(spec)
+    }
+
     /// Gives an unset `max` its default (see [`Self::max`]).
     pub fn resolve_max(&mut self) {
         if self.max == 0 {
@@ -331,6 +386,14 @@ pub enum Request {
         /// closes.
         #[serde(default)]
         follow: bool,
+    },
+    /// Change a running app's scaling settings without a redeploy.
+    Scale {
+        /// The app.
+        app: String,
+        /// What changes.
+        #[serde(flatten)]
+        scale: Scale,
     },
     /// Stop and forget an app.
     Rm {

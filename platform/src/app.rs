@@ -53,6 +53,27 @@ struct State {
     held: usize,
 }
 
+/// The scaling settings `little scale` changes while the app serves.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    min: usize,
+    max: usize,
+    concurrency: usize,
+    idle_timeout: Duration,
+}
+
+impl Limits {
+    fn of(spec: &crate::api::AppSpec) -> Self {
+        let count = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+        Self {
+            min: count(spec.min),
+            max: count(spec.max),
+            concurrency: count(spec.concurrency),
+            idle_timeout: Duration::from_millis(spec.idle_timeout_ms),
+        }
+    }
+}
+
 /// A served app.
 pub struct App {
     /// Its record.
@@ -62,6 +83,10 @@ pub struct App {
     /// The bound listen address.
     pub listen: SocketAddr,
     settings: Arc<Settings>,
+    /// Its spec as `little scale` last left it (`record.spec` is the
+    /// deploy's).
+    spec: Mutex<crate::api::AppSpec>,
+    limits: Mutex<Limits>,
     state: Mutex<State>,
     changed: Condvar,
     stopped: AtomicBool,
@@ -79,6 +104,8 @@ impl App {
         let listen = listener.local_addr()?;
         record.listen = listen.to_string();
         let app = Arc::new(Self {
+            spec: Mutex::new(record.spec.clone()),
+            limits: Mutex::new(Limits::of(&record.spec)),
             record,
             metrics: AppMetrics::default(),
             listen,
@@ -124,14 +151,41 @@ impl App {
         Some(chosen)
     }
 
+    fn limits(&self) -> Limits {
+        *lock(&self.limits)
+    }
+
     fn concurrency(&self) -> usize {
-        usize::try_from(self.record.spec.concurrency).unwrap_or(usize::MAX)
+        self.limits().concurrency
+    }
+
+    /// Its spec now: the deploy's, with `little scale`'s changes.
+    pub fn spec(&self) -> crate::api::AppSpec {
+        lock(&self.spec).clone()
+    }
+
+    /// Applies `scale` (checked as a deploy's settings are) once `store`
+    /// has recorded the new spec, then at once: waiting connections see
+    /// the new `max` and `concurrency`, the next [`tick`](Self::tick) the
+    /// new `min` and idle timeout. One change at a time.
+    pub fn rescale(
+        &self,
+        scale: &crate::api::Scale,
+        store: impl FnOnce(&crate::api::AppSpec) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut spec = lock(&self.spec);
+        let scaled = spec.scaled(scale)?;
+        store(&scaled)?;
+        *lock(&self.limits) = Limits::of(&scaled);
+        *spec = scaled;
+        drop(spec);
+        self.changed.notify_all();
+        Ok(())
     }
 
     /// Finds or wakes an instance for `stream` and hands the socket over.
     fn dispatch(self: Arc<Self>, stream: TcpStream, accepted: Instant) {
         let port = self.record.spec.port;
-        let max = usize::try_from(self.record.spec.max).unwrap_or(usize::MAX);
         let mut woke = false;
         while !self.stopped.load(Ordering::Acquire) {
             let mut st = lock(&self.state);
@@ -160,9 +214,10 @@ impl App {
                 }
             }
             let live = st.instances.iter().filter(|i| i.alive()).count();
-            if live + st.waking + st.suspending < max
+            let limits = self.limits();
+            if live + st.waking + st.suspending < limits.max
                 && st.held == 0
-                && st.waking * self.concurrency() <= st.waiting
+                && st.waking * limits.concurrency <= st.waiting
             {
                 st.waking += 1;
                 let standby = st.standby.pop();
@@ -222,6 +277,7 @@ impl App {
         };
         let instance = standby.restore()?;
         self.metrics.restores.fetch_add(1, Ordering::Relaxed);
+        self.metrics.restore_latency.observe(instance.restored_in);
         Ok(instance)
     }
 
@@ -311,6 +367,7 @@ impl App {
         }
         let instance = standby.restore()?;
         self.metrics.restores.fetch_add(1, Ordering::Relaxed);
+        self.metrics.restore_latency.observe(instance.restored_in);
         Ok(instance)
     }
 
@@ -421,8 +478,12 @@ impl App {
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
-        let idle_timeout = Duration::from_millis(self.record.spec.idle_timeout_ms);
-        let min = usize::try_from(self.record.spec.min).unwrap_or(usize::MAX);
+        let Limits {
+            min,
+            max,
+            idle_timeout,
+            ..
+        } = self.limits();
         let mut doomed = Vec::new();
         let mut crashed = Vec::new();
         let (short_of_min, short_of_standby) = {
@@ -444,8 +505,11 @@ impl App {
             let mut keep = Vec::new();
             let mut count = st.instances.len();
             for i in std::mem::take(&mut st.instances) {
-                let expired = lock(&i.idle_since).is_some_and(|t| now - t >= idle_timeout);
-                if expired && count > min {
+                let idle = lock(&i.idle_since).map(|t| now - t);
+                let expired = idle.is_some_and(|d| d >= idle_timeout);
+                // Over a lowered `max`, an idle instance goes at once.
+                let surplus = idle.is_some() && count > max;
+                if (expired && count > min) || surplus {
                     count -= 1;
                     doomed.push(i);
                 } else {
@@ -603,7 +667,7 @@ impl App {
     pub fn status(&self) -> AppStatus {
         let st = lock(&self.state);
         AppStatus {
-            spec: self.record.spec.clone(),
+            spec: self.spec(),
             listen: self.listen.to_string(),
             snapshot: self.record.snapshot.display().to_string(),
             instances: st

@@ -310,6 +310,10 @@ impl Daemon {
                     Err(e) => Response::error(e),
                 }
             }
+            Request::Scale { app, scale } => match self.scale(&app, &scale) {
+                Ok(status) => Response::ok(status),
+                Err(e) => Response::error(e),
+            },
             Request::Rm { app } => {
                 let removed = lock(&self.apps).remove(&app);
                 match removed {
@@ -490,6 +494,29 @@ impl Daemon {
         let mut status = app.status();
         status.spec.env = api::mask_env(&status.spec.env);
         lock(&self.apps).insert(spec.name, app);
+        serde_json::to_value(status).map_err(|e| e.to_string())
+    }
+
+    /// Changes `name`'s scaling settings while it serves: checked as a
+    /// deploy's, stored, then applied.
+    fn scale(&self, name: &str, scale: &api::Scale) -> Result<serde_json::Value, String> {
+        if scale.is_empty() {
+            return Err(
+                "nothing to change: give --min, --max, --concurrency or --idle-timeout".into(),
+            );
+        }
+        let app = lock(&self.apps)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no app named {name:?}"))?;
+        app.rescale(scale, |spec| {
+            let mut stored = app.record.clone();
+            stored.spec = spec.clone();
+            stored.listen = app.listen.to_string();
+            self.db.put(&stored).map_err(|e| error_chain(&e))
+        })?;
+        let mut status = app.status();
+        status.spec.env = api::mask_env(&status.spec.env);
         serde_json::to_value(status).map_err(|e| e.to_string())
     }
 

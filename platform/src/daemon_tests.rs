@@ -165,6 +165,49 @@ fn ps_masks_env_values_unless_asked() {
     lock(&daemon.apps).values().for_each(|a| a.stop());
 }
 
+/// `scale` changes a serving app's settings in `ps` and in the database
+/// (what a restarted daemon serves); a change a deploy would refuse, an
+/// empty one and an unknown app each get an error and change nothing.
+#[test]
+fn scale_changes_a_serving_app_and_its_record() {
+    let home = tempfile::tempdir().unwrap();
+    let daemon = Arc::new(daemon(home.path()));
+    add_app(&daemon, &[]);
+    let ask = |request: &[u8]| response(&mut BufReader::new(&connect(&daemon, request)));
+    let answer =
+        ask(b"{\"op\":\"scale\",\"app\":\"web\",\"max\":5,\"min\":1,\"idle_timeout_ms\":2500}\n");
+    assert!(answer.ok, "{:?}", answer.error);
+    let status: crate::api::AppStatus = serde_json::from_value(answer.data).unwrap();
+    let scaled = |spec: &AppSpec| (spec.min, spec.max, spec.concurrency, spec.idle_timeout_ms);
+    assert_eq!(scaled(&status.spec), (1, 5, 4, 2500));
+    let stored = |daemon: &Daemon| scaled(&daemon.db.list().unwrap()[0].spec);
+    assert_eq!(stored(&daemon), (1, 5, 4, 2500));
+    for (request, why) in [
+        (
+            &b"{\"op\":\"scale\",\"app\":\"web\",\"min\":9}\n"[..],
+            "min <= max",
+        ),
+        (
+            b"{\"op\":\"scale\",\"app\":\"web\",\"concurrency\":0}\n",
+            "concurrency >= 1",
+        ),
+        (b"{\"op\":\"scale\",\"app\":\"web\"}\n", "nothing to change"),
+        (
+            b"{\"op\":\"scale\",\"app\":\"nope\",\"max\":2}\n",
+            "no app named",
+        ),
+    ] {
+        let answer = ask(request);
+        let error = answer.error.unwrap_or_default();
+        assert!(!answer.ok && error.contains(why), "{why}: {error}");
+    }
+    assert_eq!(stored(&daemon), (1, 5, 4, 2500));
+    let ps = ask(b"{\"op\":\"ps\"}\n");
+    let apps: Vec<crate::api::AppStatus> = serde_json::from_value(ps.data).unwrap();
+    assert_eq!(scaled(&apps[0].spec), (1, 5, 4, 2500));
+    lock(&daemon.apps).values().for_each(|a| a.stop());
+}
+
 /// `logs` answers `ok`, then streams each VM's `.1` before its current
 /// file and closes; an unknown app gets an error line.
 #[test]

@@ -178,7 +178,8 @@ pub fn deploy(
     mut volume_files: Vec<PathBuf>,
 ) -> Result<AppRecord, DeployError> {
     let mut spec = spec.clone();
-    let store = Store::new(settings.home.join("images"));
+    // The same store as `little-image --store <home>`.
+    let store = Store::new(&settings.home);
     let source =
         Source::parse(&spec.image).map_err(|e| DeployError::Import(spec.image.clone(), e))?;
     let options = ImportOptions {

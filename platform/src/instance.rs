@@ -206,9 +206,10 @@ impl Standby {
         // over a second one.
         let restored = Client::connect(&api, CONTROL_TIMEOUT)
             .and_then(|mut client| client.send(&restore))
-            .and_then(|_| Client::connect(&api, CONTROL_TIMEOUT));
-        let ctl = match restored {
-            Ok(ctl) => ctl,
+            .and_then(|reply| Ok((reply, Client::connect(&api, CONTROL_TIMEOUT)?)));
+        let (restored_in, ctl) = match restored {
+            Ok((Reply::Running { elapsed }, ctl)) => (elapsed, ctl),
+            Ok((_, ctl)) => (Duration::ZERO, ctl),
             Err(e) => {
                 self.kill();
                 return Err(InstanceError::Control(id, e));
@@ -230,6 +231,7 @@ impl Standby {
             dir: self.dir,
             ctl: Mutex::new(Some(ctl)),
             started: Instant::now(),
+            restored_in,
             handed: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             counts: Mutex::new((0, 0)),
@@ -319,6 +321,8 @@ pub struct Instance {
     ctl: Mutex<Option<Client>>,
     /// When it was restored.
     pub started: Instant,
+    /// The VMM's `restore` command → its vCPUs running, as it reported.
+    pub restored_in: Duration,
     /// Connections handed over so far.
     handed: AtomicU64,
     /// Connections being handed over right now (slots reserved).

@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod app;
+pub mod appfile;
 pub mod cgroup;
 pub mod daemon;
 pub mod db;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use platform::api::{self, AppSpec, AppStatus, Request};
+use platform::api::{self, AppStatus, Request};
+use platform::appfile::{AppFile, DeployFlags};
 use platform::daemon::Daemon;
 use platform::settings::Settings;
 use platform::volume::VolumeInfo;
@@ -49,40 +50,50 @@ enum Cmd {
         #[arg(long)]
         no_jail: bool,
     },
-    /// Import an image, boot it once, snapshot it when its port accepts,
-    /// and serve it (replaces an app of the same name).
+    /// Import an image, boot it once, snapshot it when it is ready, and
+    /// serve it (replaces an app of the same name). Settings come from the
+    /// flags, else the app file (-f, or ./little.toml when there is one),
+    /// else the defaults shown.
     Deploy {
         /// App name (letters, digits, '-', '_').
-        name: String,
+        name: Option<String>,
+        /// The app file (TOML: name, image, port, listen, memory,
+        /// concurrency, min, max, idle_timeout, ready_timeout, ready_cmd,
+        /// allow_host, volumes, [env]) [default: ./little.toml if there]
+        #[arg(short = 'f', long = "file", value_name = "PATH")]
+        file: Option<PathBuf>,
         /// Image: registry reference, OCI layout directory, OCI or
         /// `docker save` archive.
         #[arg(long)]
-        image: String,
+        image: Option<String>,
         /// The port the app listens on in the guest.
         #[arg(long)]
-        port: u16,
-        /// Host address the daemon listens on for this app.
-        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:0")]
-        listen: String,
-        /// Guest memory, MiB.
-        #[arg(long, value_name = "MiB", default_value_t = 128)]
-        memory: u32,
-        /// Connections one instance serves at once.
-        #[arg(long, value_name = "N", default_value_t = 10)]
-        concurrency: u32,
-        /// Instances kept running when idle.
-        #[arg(long, value_name = "N", default_value_t = 0)]
-        min: u32,
-        /// Most instances at once (default 10; 1, the only value allowed,
-        /// for an app with a volume).
+        port: Option<u16>,
+        /// Host address the daemon listens on for this app [default:
+        /// 127.0.0.1:0, any free port; a redeploy keeps its port].
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+        /// Guest memory, MiB [default: 128].
+        #[arg(long, value_name = "MiB")]
+        memory: Option<u32>,
+        /// Connections one instance serves at once [default: 10].
+        #[arg(long, value_name = "N")]
+        concurrency: Option<u32>,
+        /// Instances kept running when idle [default: 0].
+        #[arg(long, value_name = "N")]
+        min: Option<u32>,
+        /// Most instances at once [default: 10; 1, the only value allowed,
+        /// for an app with a volume].
         #[arg(long, value_name = "N")]
         max: Option<u32>,
-        /// Stop an instance after this long without a connection (500ms, 1s, 2m).
-        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration_ms)]
-        idle_timeout: u64,
-        /// Extra environment for the app (repeatable). A bare KEY takes
-        /// its value from this command's environment, which keeps the
-        /// value off the command line other users can see in /proc.
+        /// Stop an instance after this long without a connection (500ms,
+        /// 1s, 2m) [default: 1s].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+        idle_timeout: Option<u64>,
+        /// Extra environment for the app (repeatable; sets or overrides a
+        /// key of the app file's). A bare KEY takes its value from this
+        /// command's environment, which keeps the value off the command
+        /// line other users can see in /proc.
         #[arg(long, value_name = "KEY=VALUE|KEY")]
         env: Vec<String>,
         /// Open a host-side destination to the app, whose VMs otherwise
@@ -98,10 +109,11 @@ enum Cmd {
         /// one instance at a time.
         #[arg(long, value_name = "NAME:/PATH")]
         volume: Vec<platform::volume::VolumeMount>,
-        /// How long a boot may take until the app accepts on --port (the
-        /// deploy's, and the cold boot of an app whose volumes moved on).
-        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration_ms)]
-        ready_timeout: u64,
+        /// How long a boot may take until the app is ready (the deploy's,
+        /// and the cold boot of an app whose volumes moved on) [default:
+        /// 10m].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+        ready_timeout: Option<u64>,
         /// A shell command the guest runs, as the app's user, once --port
         /// accepts, and again until it exits 0: only then is the app ready
         /// and its snapshot taken (`pg_isready -q -t 0`: a database that
@@ -129,6 +141,25 @@ enum Cmd {
         /// and new instances (like `tail -F`), until interrupted.
         #[arg(short, long)]
         follow: bool,
+    },
+    /// Change a running app's scaling settings, without a redeploy: they
+    /// apply at once (a lowered --max stops idle instances over it) and
+    /// hold across daemon restarts until the next deploy.
+    Scale {
+        /// The app.
+        app: String,
+        /// Instances kept running when idle.
+        #[arg(long, value_name = "N")]
+        min: Option<u32>,
+        /// Most instances at once (1 for an app with a volume).
+        #[arg(long, value_name = "N")]
+        max: Option<u32>,
+        /// Connections one instance serves at once.
+        #[arg(long, value_name = "N")]
+        concurrency: Option<u32>,
+        /// Stop an instance after this long without a connection (500ms, 1s, 2m).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+        idle_timeout: Option<u64>,
     },
     /// Stop an app's instances and forget it (its volumes are kept).
     Rm {
@@ -183,30 +214,14 @@ fn parse_volume_size(text: &str) -> Result<u64, String> {
     platform::volume::parse_size(text).map_err(|e| e.to_string())
 }
 
-/// `500ms`, `1s`, `2m` or bare milliseconds.
 fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let (digits, scale) = if let Some(v) = s.strip_suffix("ms") {
-        (v, 1)
-    } else if let Some(v) = s.strip_suffix('s') {
-        (v, 1000)
-    } else if let Some(v) = s.strip_suffix('m') {
-        (v, 60_000)
-    } else {
-        (s, 1)
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|v| v.checked_mul(scale))
-        .ok_or_else(|| format!("invalid duration {s:?}: expected e.g. 500ms, 1s, 2m"))
+    platform::appfile::parse_duration_ms(s)
 }
 
 fn home(cli: &Cli) -> PathBuf {
     cli.home
         .clone()
-        .or_else(|| std::env::var_os("LITTLE_HOME").map(PathBuf::from))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".little")))
-        .unwrap_or_else(|| PathBuf::from(".little"))
+        .unwrap_or_else(image_tools::store::Store::default_root)
 }
 
 fn beside_me(name: &str) -> PathBuf {
@@ -303,6 +318,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Deploy {
             name,
+            file,
             image,
             port,
             listen,
@@ -317,9 +333,21 @@ fn run(cli: Cli) -> Result<(), String> {
             ready_timeout,
             ready_cmd,
         } => {
-            // The daemon resolves an unset max once it knows the volumes
-            // the image declares.
-            let max = max.unwrap_or(0);
+            let file = match file {
+                Some(path) => Some(path),
+                None => {
+                    let here = PathBuf::from("little.toml");
+                    here.is_file().then(|| {
+                        eprintln!("little: reading ./little.toml");
+                        here
+                    })
+                }
+            };
+            let app_file = file
+                .as_deref()
+                .map(AppFile::load)
+                .transpose()
+                .map_err(|e| platform::daemon::error_chain(&e))?;
             let env = env
                 .into_iter()
                 .map(|e| {
@@ -331,27 +359,27 @@ fn run(cli: Cli) -> Result<(), String> {
                         .map_err(|_| format!("--env {e}: {e} is not set in this environment"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let image = match std::fs::canonicalize(&image) {
+            let image = image.map(|image| match std::fs::canonicalize(&image) {
                 Ok(p) => p.display().to_string(),
                 Err(_) => image,
-            };
-            let spec = AppSpec {
+            });
+            let flags = DeployFlags {
                 name,
                 image,
                 port,
                 listen,
-                memory_mib: memory,
+                memory,
                 concurrency,
                 min,
                 max,
-                idle_timeout_ms: idle_timeout,
+                idle_timeout,
+                ready_timeout,
+                ready_cmd,
                 env,
                 allow_host,
                 volumes,
-                ready_timeout_ms: ready_timeout,
-                ready_cmd,
             };
-            spec.validate()?;
+            let spec = platform::appfile::resolve(app_file, flags)?;
             let data = call(Request::Deploy(spec))?;
             let status: AppStatus = serde_json::from_value(data).map_err(|e| e.to_string())?;
             println!(
@@ -380,6 +408,32 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
                 result => result.map_err(|e| platform::daemon::error_chain(&e)),
             }
+        }
+        Cmd::Scale {
+            app,
+            min,
+            max,
+            concurrency,
+            idle_timeout,
+        } => {
+            let scale = api::Scale {
+                min,
+                max,
+                concurrency,
+                idle_timeout_ms: idle_timeout,
+            };
+            if scale.is_empty() {
+                return Err(
+                    "nothing to change: give --min, --max, --concurrency or --idle-timeout".into(),
+                );
+            }
+            let data = call(Request::Scale { app, scale })?;
+            let a: AppStatus = serde_json::from_value(data).map_err(|e| e.to_string())?;
+            println!(
+                "scaled {}: min {}, max {}, concurrency {}, idle {} ms",
+                a.spec.name, a.spec.min, a.spec.max, a.spec.concurrency, a.spec.idle_timeout_ms
+            );
+            Ok(())
         }
         Cmd::Rm { app } => {
             call(Request::Rm { app: app.clone() })?;

@@ -4,15 +4,15 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Upper bounds (seconds) of the wake-latency histogram buckets.
-pub const WAKE_BUCKETS: [f64; 12] = [
+/// Upper bounds (seconds) of the latency histograms' buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 ];
 
 /// A cumulative histogram with fixed buckets.
 #[derive(Debug, Default)]
 pub struct Histogram {
-    counts: [AtomicU64; WAKE_BUCKETS.len()],
+    counts: [AtomicU64; LATENCY_BUCKETS.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
 }
@@ -21,7 +21,7 @@ impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        for (bound, count) in WAKE_BUCKETS.iter().zip(&self.counts) {
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.counts) {
             if secs <= *bound {
                 count.fetch_add(1, Ordering::Relaxed);
             }
@@ -60,7 +60,12 @@ pub struct AppMetrics {
     pub last_start: std::sync::Mutex<Option<String>>,
     /// Connection accepted → handed to a freshly restored instance.
     pub wake_latency: Histogram,
+    /// The VMM's `restore` command → its vCPUs running, as it reports it.
+    pub restore_latency: Histogram,
 }
+
+/// A histogram's name, help text and getter.
+type Histo = (&'static str, &'static str, fn(&AppMetrics) -> &Histogram);
 
 /// A counter's name, help text and getter.
 type Counter = (&'static str, &'static str, fn(&AppMetrics) -> u64);
@@ -143,35 +148,41 @@ pub fn render(samples: &[Sample<'_>]) -> String {
     for s in samples {
         let _ = writeln!(out, "little_instances{{app=\"{}\"}} {}", s.app, s.instances);
     }
-    let _ = writeln!(
-        out,
-        "# HELP little_wake_seconds Connection accepted to handed to a restored instance.\n# TYPE little_wake_seconds histogram"
-    );
-    for s in samples {
-        let h = &s.metrics.wake_latency;
-        for (bound, count) in WAKE_BUCKETS.iter().zip(&h.counts) {
-            let _ = writeln!(
-                out,
-                "little_wake_seconds_bucket{{app=\"{}\",le=\"{bound}\"}} {}",
-                s.app,
-                count.load(Ordering::Relaxed)
-            );
+    let histograms: [Histo; 2] = [
+        (
+            "little_wake_seconds",
+            "Connection accepted to handed to a restored instance.",
+            |m| &m.wake_latency,
+        ),
+        (
+            "little_restore_seconds",
+            "The VMM's restore command to its vCPUs running.",
+            |m| &m.restore_latency,
+        ),
+    ];
+    for (name, help, get) in histograms {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for s in samples {
+            render_histogram(&mut out, name, s.app, get(s.metrics));
         }
-        let count = h.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "little_wake_seconds_bucket{{app=\"{}\",le=\"+Inf\"}} {count}",
-            s.app
-        );
-        // Microseconds to seconds for display only.
-        #[allow(clippy::cast_precision_loss)]
-        let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "little_wake_seconds_sum{{app=\"{}\"}} {sum}", s.app);
-        let _ = writeln!(
-            out,
-            "little_wake_seconds_count{{app=\"{}\"}} {count}",
-            s.app
-        );
     }
     out
+}
+
+/// One app's series of histogram `name`.
+fn render_histogram(out: &mut String, name: &str, app: &str, h: &Histogram) {
+    for (bound, count) in LATENCY_BUCKETS.iter().zip(&h.counts) {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{app=\"{app}\",le=\"{bound}\"}} {}",
+            count.load(Ordering::Relaxed)
+        );
+    }
+    let count = h.count.load(Ordering::Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{app=\"{app}\",le=\"+Inf\"}} {count}");
+    // Microseconds to seconds for display only.
+    #[allow(clippy::cast_precision_loss)]
+    let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+    let _ = writeln!(out, "{name}_sum{{app=\"{app}\"}} {sum}");
+    let _ = writeln!(out, "{name}_count{{app=\"{app}\"}} {count}");
 }

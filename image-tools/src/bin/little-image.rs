@@ -15,7 +15,8 @@ use image_tools::store::{ImportOptions, Source, Store};
 #[derive(Parser, Debug)]
 #[command(name = "little-image", version)]
 struct Args {
-    /// Image store (default: $LITTLE_HOME, else ~/.local/share/little).
+    /// The home whose `images/` is the store, shared with `little`
+    /// [default: $LITTLE_HOME, else ~/.little].
     #[arg(long, global = true, value_name = "DIR")]
     store: Option<PathBuf>,
     /// Print only results and errors: no progress bars.

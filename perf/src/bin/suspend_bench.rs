@@ -14,8 +14,13 @@
 //!   suspend with the volume and snapshot `fsync`s (the daemon), from the
 //!   daemon's log; memory written; the suspend file's size on disk next to
 //!   the deploy snapshot's;
-//! - host side of a wake: accept → socket handed to the restored instance
-//!   (`little_wake_seconds`, per app), resume vs plain restore;
+//! - host side of a wake, each woken from a waiting standby VMM: accept →
+//!   socket handed to the restored instance (`little_wake_seconds`, per
+//!   app) and the VMM's restore command → vCPUs running
+//!   (`little_restore_seconds`), resume vs plain restore, and vs `pg`'s
+//!   first start (its deploy snapshot with the volume attached: the same
+//!   app and devices, only the memory source differs); the page runs in
+//!   the last suspend file (a resume maps each one);
 //! - client side: connect → first byte, resume vs plain restore.
 
 use std::io::{Read, Write};
@@ -96,11 +101,12 @@ fn metric(port: u16, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn instances(sock: &Path, app: &str) -> usize {
+/// `app`'s (running instances, standby VMMs).
+fn instances(sock: &Path, app: &str) -> (usize, usize) {
     platform::api::ps(sock)
         .ok()
         .and_then(|apps| apps.into_iter().find(|a| a.spec.name == app))
-        .map_or(0, |a| a.instances.len())
+        .map_or((0, 0), |a| (a.instances.len(), a.standby))
 }
 
 fn little_ok(home: &Path, args: &[&str]) {
@@ -135,9 +141,20 @@ fn suspends(log: &Path) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
-/// Waits for `app` to have no instance, then for the idle pass to settle.
+/// Waits for `app` to have no instance and a standby VMM waiting for the
+/// next wake (for `pg`, once its suspend has settled: the standby restores
+/// the suspend file), so that both apps are woken the same way.
 fn wait_idle(sock: &Path, app: &str) {
-    while instances(sock, app) != 0 {
+    let began = Instant::now();
+    loop {
+        let (running, standby) = instances(sock, app);
+        if running == 0 && standby > 0 {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(600),
+            "{app}: still {running} instances and {standby} standby VMMs after 600 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -203,26 +220,43 @@ fn main() {
     }
 
     let mut first = [Vec::new(), Vec::new()];
-    let mut host = [Vec::new(), Vec::new()];
-    for _ in 0..args.cycles {
+    // [wake, restore][pg, plain]
+    let mut host = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    // [wake, restore] of pg's first start: its deploy snapshot, with the
+    // volume (every later start resumes its suspend file).
+    let mut pg_first = [Vec::new(), Vec::new()];
+    for cycle in 0..args.cycles {
         for (k, (app, port)) in ports.iter().enumerate() {
             wait_idle(&sock, app);
-            // The suspend settles and the standby VMM for it starts.
-            std::thread::sleep(Duration::from_millis(500));
-            let sum = format!("little_wake_seconds_sum{{app=\"{app}\"}}");
-            let count = format!("little_wake_seconds_count{{app=\"{app}\"}}");
-            let (s0, c0) = (metric(metrics, &sum), metric(metrics, &count));
+            let series = |name: &str| {
+                let sum = format!("{name}_sum{{app=\"{app}\"}}");
+                let count = format!("{name}_count{{app=\"{app}\"}}");
+                (metric(metrics, &sum), metric(metrics, &count))
+            };
+            let before = [
+                series("little_wake_seconds"),
+                series("little_restore_seconds"),
+            ];
             if let Some(t) = first_byte(*port) {
                 first[k].push(ms(t));
             }
-            let (s1, c1) = (metric(metrics, &sum), metric(metrics, &count));
-            if c1 > c0 {
-                host[k].push((s1 - s0) / (c1 - c0) * 1e3);
+            let after = [
+                series("little_wake_seconds"),
+                series("little_restore_seconds"),
+            ];
+            for (j, ((s0, c0), (s1, c1))) in before.into_iter().zip(after).enumerate() {
+                if c1 > c0 {
+                    let sample = (s1 - s0) / (c1 - c0) * 1e3;
+                    if k == 0 && cycle == 0 {
+                        pg_first[j].push(sample);
+                    } else {
+                        host[j][k].push(sample);
+                    }
+                }
             }
         }
     }
     wait_idle(&sock, "pg");
-    std::thread::sleep(Duration::from_millis(500));
 
     let taken = suspends(&log);
     report(
@@ -249,16 +283,43 @@ fn main() {
         on_disk(apps.join("pg/app.snap")),
         args.memory
     );
-    report(
-        "host side, resume from the suspend file (accept -> hand-over)",
-        host[0].clone(),
-        "ms",
-    );
-    report(
-        "host side, plain restore of the deploy snapshot (accept -> hand-over)",
-        host[1].clone(),
-        "ms",
-    );
+    let suspended = apps.join("pg/suspend.snap");
+    match std::fs::File::open(&suspended)
+        .map(|mut f| vmm::snapshot::format::read_state::<vmm::snapshot::MicrovmState>(&mut f))
+    {
+        Ok(Ok((_, state))) => println!(
+            "suspend file: {} page runs (each one mapping at resume), {} pages",
+            state.dirty.len(),
+            state.dirty.iter().map(|r| r.1).sum::<u64>()
+        ),
+        Ok(Err(e)) => println!("suspend file {}: {e}", suspended.display()),
+        Err(e) => println!("suspend file {}: {e}", suspended.display()),
+    }
+    for (j, what) in [
+        "accept -> hand-over",
+        "the VMM's restore command -> vCPUs running",
+    ]
+    .iter()
+    .enumerate()
+    {
+        report(
+            &format!("host side, resume from the suspend file ({what})"),
+            host[j][0].clone(),
+            "ms",
+        );
+        report(
+            &format!("host side, plain restore of the deploy snapshot ({what})"),
+            host[j][1].clone(),
+            "ms",
+        );
+        report(
+            &format!(
+                "host side, the app with the volume, first start from its deploy snapshot ({what})"
+            ),
+            pg_first[j].clone(),
+            "ms",
+        );
+    }
     report(
         "client, resume -> first byte of the postgres reply",
         first[0].clone(),

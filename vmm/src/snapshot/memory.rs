@@ -327,20 +327,43 @@ pub fn union_runs(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Joins sorted `runs` across the smallest gaps until at most `max` remain.
-/// The gap pages are then saved too: harmless, as a diff may hold any
-/// page of the guest, changed or not.
+/// Clean pages between two dirty runs that a diff writes rather than
+/// start a new run. A resume maps each run with its own `mmap` (about
+/// 5 µs with its later `munmap`, on the latency path of a wake) and a
+/// suspend writes each with its own `pwrite`, while one more 4 KiB page
+/// costs a suspend well under a microsecond to copy: joining runs across
+/// gaps up to 64 KiB cuts a resume's mappings several-fold for a few
+/// percent more bytes written.
+pub const DIFF_JOIN_GAP: u64 = 16;
+
+/// Joins sorted `runs` whose gap is at most `gap` pages. The gap pages
+/// are then saved too: harmless, as a diff may hold any page of the
+/// guest, changed or not.
+///
+/// ```
+/// use vmm::snapshot::memory::join_gaps;
+/// assert_eq!(join_gaps(vec![(0, 1), (3, 1), (10, 2)], 2), vec![(0, 4), (10, 2)]);
+/// assert_eq!(join_gaps(vec![(0, 1), (3, 1)], 0), vec![(0, 1), (3, 1)]);
+/// ```
+pub fn join_gaps(runs: Vec<(u64, u64)>, gap: u64) -> Vec<(u64, u64)> {
+    let mut joined: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (start, len) in runs {
+        match joined.last_mut() {
+            Some((s, l)) if start <= (*s + *l).saturating_add(gap) => {
+                *l = (start + len).max(*s + *l) - *s;
+            }
+            _ => joined.push((start, len)),
+        }
+    }
+    joined
+}
+
+/// Joins sorted `runs` across the smallest gaps until at most `max` remain
+/// (see [`join_gaps`]).
 pub fn bound_runs(mut runs: Vec<(u64, u64)>, max: usize) -> Vec<(u64, u64)> {
     let mut gap = 1u64;
     while runs.len() > max.max(1) {
-        let mut joined: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-        for (start, len) in runs {
-            match joined.last_mut() {
-                Some((s, l)) if start <= *s + *l + gap => *l = start + len - *s,
-                _ => joined.push((start, len)),
-            }
-        }
-        runs = joined;
+        runs = join_gaps(runs, gap);
         gap = gap.saturating_mul(2);
     }
     runs
