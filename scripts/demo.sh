@@ -17,8 +17,11 @@ DAEMON=$!
 trap 'kill $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null' EXIT
 for _ in $(seq 100); do $LITTLE ps >/dev/null 2>&1 && break; sleep 0.1; done
 echo "demo: deploying the busybox httpd image (first boot + snapshot; ~15 s on a nested, emulated KVM host)" >&2
-$LITTLE deploy hello --image "$TARGET/test-images/httpd.oci" --port 8080 \
-	--listen "127.0.0.1:$PORT" --concurrency 10 --max 4 --idle-timeout 1s
+# The app file holds the settings; --listen overrides its address (and
+# --image its image path, for a target folder of another name).
+IMAGE=()
+[ "$TARGET" = "$REPO/target" ] || IMAGE=(--image "$TARGET/test-images/httpd.oci")
+$LITTLE deploy -f "$REPO/examples/hello/little.toml" --listen "127.0.0.1:$PORT" "${IMAGE[@]}"
 echo "demo: one request from zero instances:" >&2
 curl -sS -w 'demo: HTTP %{http_code}, first byte after %{time_starttransfer} s\n' "http://127.0.0.1:$PORT/"
 $LITTLE ps

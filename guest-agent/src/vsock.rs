@@ -147,16 +147,22 @@ impl Reply {
 fn restored(unix_ns: u64, entropy: &[u8]) {
     let _ = sock::set_realtime(unix_ns);
     if let Ok(fd) = sys::open(c"/dev/urandom", O_RDWR) {
+        // The host's bytes into the input pool, then a new CRNG key from
+        // it: each clone of one snapshot draws its own stream from here.
         let _ = sock::add_entropy(fd, entropy);
+        let _ = sock::reseed_crng(fd);
         sys::close(fd);
     }
 }
 
-/// First wait before reconnecting a lost channel; doubled after each try.
+/// Wait after the first, immediate, reconnect try of a lost channel;
+/// doubled after each try.
 const RECONNECT_FIRST_MS: u64 = 20;
-/// Reconnect tries before the agent carries on without a channel
-/// (20 ms + 40 ms + ... + 1.28 s: about 2.5 s in all).
-const RECONNECT_TRIES: u8 = 7;
+/// Reconnect tries before the agent carries on without a channel (at
+/// once, then after 20 ms, 40 ms, ... 1.28 s: about 2.5 s in all). The
+/// first is immediate: after a restore the host listens already, and
+/// waits for this channel before the instance gets a connection.
+const RECONNECT_TRIES: u8 = 8;
 
 /// A lost channel being re-opened: the next try and what is left.
 #[derive(Clone, Copy)]
@@ -328,8 +334,8 @@ impl HostLink {
             sys::close(channel.fd);
         }
         self.reconnect = Some(Reconnect {
-            at: sys::monotonic_ms().saturating_add(RECONNECT_FIRST_MS),
-            delay: RECONNECT_FIRST_MS.saturating_mul(2),
+            at: sys::monotonic_ms(),
+            delay: RECONNECT_FIRST_MS,
             tries_left: RECONNECT_TRIES,
         });
     }

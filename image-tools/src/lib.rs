@@ -14,6 +14,7 @@
 // CONTRIBUTING.md: no unwrap() outside tests; tests may unwrap.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
+pub mod docker_config;
 pub mod erofs;
 pub mod initramfs;
 pub mod layer;

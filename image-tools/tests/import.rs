@@ -709,6 +709,46 @@ fn images_pull_with_basic_auth_over_https() {
     assert!(chain(&err).contains("refused the credentials"), "{err}");
     let pulled = pull(&store, &reference, with(Some("alice:s3cret"))).unwrap();
     assert_eq!(pulled.id, local_httpd(&store));
+
+    // The CLI finds the credentials where `docker login` leaves them.
+    use base64::Engine as _;
+    let docker = dir.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let cli = |config: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_little-image"))
+            .arg("--store")
+            .arg(dir.path().join("store-cli"))
+            .args(["--quiet", "import", "--ca-cert"])
+            .arg(&pki.ca)
+            .arg(&reference)
+            .env_remove("LITTLE_REGISTRY_AUTH")
+            .env("DOCKER_CONFIG", config)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&docker);
+    assert!(
+        !out.status.success(),
+        "no config.json: no credentials: {out:?}"
+    );
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+            registry.host()
+        ),
+    )
+    .unwrap();
+    let out = cli(&docker);
+    assert!(
+        out.status.success(),
+        "credentials from config.json: {out:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        pulled.id.to_string()
+    );
 }
 
 #[test]

@@ -366,12 +366,32 @@ impl AppSpec {
     }
 }
 
+/// A secret the daemon uses once and never stores or prints (its `Debug`
+/// is `***`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// A request to the daemon.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     /// Import, boot, snapshot and serve an app (replacing one of that name).
-    Deploy(AppSpec),
+    Deploy {
+        /// The app.
+        #[serde(flatten)]
+        spec: AppSpec,
+        /// `user:password` for the image's registry: used for this pull,
+        /// never stored.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        registry_auth: Option<Secret>,
+    },
     /// Every app and its instances.
     Ps {
         /// Show env values (masked otherwise).
@@ -434,6 +454,16 @@ pub enum Request {
         /// The archive, an absolute path the daemon reads.
         archive: PathBuf,
     },
+}
+
+impl Request {
+    /// A deploy of `spec` with no registry credentials.
+    pub fn deploy(spec: AppSpec) -> Self {
+        Self::Deploy {
+            spec,
+            registry_auth: None,
+        }
+    }
 }
 
 /// The response to `volume-export` (then `bytes` bytes of archive), and
@@ -672,19 +702,19 @@ mod tests {
         with.max = 1;
         with.volumes = vec!["pg:/var/lib/postgresql/data".parse().unwrap()];
         with.validate().expect("one volume, one instance");
-        let text = serde_json::to_string(&Request::Deploy(with.clone())).unwrap();
-        let Request::Deploy(back) = serde_json::from_str(&text).unwrap() else {
+        let text = serde_json::to_string(&Request::deploy(with.clone())).unwrap();
+        let Request::Deploy { spec: back, .. } = serde_json::from_str(&text).unwrap() else {
             panic!("a deploy");
         };
         assert_eq!(back, with);
     }
 
     #[test]
-    fn the_ready_timeout_defaults_to_ten_minutes_and_is_bounded() {
+    fn the_ready_timeout_defaults_to_two_minutes_and_is_bounded() {
         let mut json = serde_json::to_value(spec()).unwrap();
         json.as_object_mut().unwrap().remove("ready_timeout_ms");
         let back: AppSpec = serde_json::from_value(json).unwrap();
-        assert_eq!(back.ready_timeout_ms, 600_000);
+        assert_eq!(back.ready_timeout_ms, 120_000);
         let mut short = spec();
         short.ready_timeout_ms = 10;
         assert!(short.validate().is_err());
@@ -704,13 +734,33 @@ mod tests {
     }
 
     #[test]
+    fn registry_credentials_travel_with_a_deploy_and_never_print() {
+        let request = Request::Deploy {
+            spec: spec(),
+            registry_auth: Some(Secret("alice:s3cret".into())),
+        };
+        assert!(!format!("{request:?}").contains("s3cret"));
+        let text = serde_json::to_string(&request).unwrap();
+        let Request::Deploy {
+            spec: back,
+            registry_auth: Some(Secret(auth)),
+        } = serde_json::from_str(&text).unwrap()
+        else {
+            panic!("a deploy with credentials: {text}");
+        };
+        assert_eq!((back, auth.as_str()), (spec(), "alice:s3cret"));
+        let plain = serde_json::to_string(&Request::deploy(spec())).unwrap();
+        assert!(!plain.contains("registry_auth"), "{plain}");
+    }
+
+    #[test]
     fn a_deploy_carries_its_host_rules_as_strings() {
-        let text = serde_json::to_string(&Request::Deploy(spec())).unwrap();
+        let text = serde_json::to_string(&Request::deploy(spec())).unwrap();
         assert!(
             text.contains(r#""allow_host":["127.0.0.1:5432","10.1.0.0/16"]"#),
             "{text}"
         );
-        let Request::Deploy(back) = serde_json::from_str(&text).unwrap() else {
+        let Request::Deploy { spec: back, .. } = serde_json::from_str(&text).unwrap() else {
             panic!("a deploy");
         };
         assert_eq!(back, spec());
@@ -718,10 +768,11 @@ mod tests {
 
     #[test]
     fn a_deploy_without_host_rules_opens_nothing_and_bad_rules_are_refused() {
-        let mut json = serde_json::to_value(Request::Deploy(spec())).unwrap();
+        let mut json = serde_json::to_value(Request::deploy(spec())).unwrap();
         let fields = json.as_object_mut().unwrap();
         fields.remove("allow_host");
-        let Request::Deploy(back) = serde_json::from_value(json.clone()).unwrap() else {
+        let Request::Deploy { spec: back, .. } = serde_json::from_value(json.clone()).unwrap()
+        else {
             panic!("a deploy");
         };
         assert!(back.allow_host.is_empty());

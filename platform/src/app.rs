@@ -276,8 +276,7 @@ impl App {
             None => self.spawn_standby(None)?,
         };
         let instance = standby.restore()?;
-        self.metrics.restores.fetch_add(1, Ordering::Relaxed);
-        self.metrics.restore_latency.observe(instance.restored_in);
+        self.metrics.restored(&instance);
         Ok(instance)
     }
 
@@ -366,8 +365,7 @@ impl App {
             ));
         }
         let instance = standby.restore()?;
-        self.metrics.restores.fetch_add(1, Ordering::Relaxed);
-        self.metrics.restore_latency.observe(instance.restored_in);
+        self.metrics.restored(&instance);
         Ok(instance)
     }
 

@@ -178,38 +178,17 @@ fn absolute(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
 }
 
-/// What `little deploy`'s flags say; `None` (or empty) leaves the app
-/// file's value, then the default.
+/// What `little deploy`'s flags say: the same settings as a file's
+/// (`None` or empty leaves the file's value, then the default; its `env`
+/// map is unused), and `--env KEY=VALUE` entries, which set or override a
+/// key of the file's.
 #[derive(Clone, Debug, Default)]
 pub struct DeployFlags {
-    /// The app's name (the positional argument).
-    pub name: Option<String>,
-    /// `--image`.
-    pub image: Option<String>,
-    /// `--port`.
-    pub port: Option<u16>,
-    /// `--listen`.
-    pub listen: Option<String>,
-    /// `--memory`.
-    pub memory: Option<u32>,
-    /// `--concurrency`.
-    pub concurrency: Option<u32>,
-    /// `--min`.
-    pub min: Option<u32>,
-    /// `--max`.
-    pub max: Option<u32>,
-    /// `--idle-timeout`.
-    pub idle_timeout: Option<u64>,
-    /// `--ready-timeout`.
-    pub ready_timeout: Option<u64>,
-    /// `--ready-cmd`.
-    pub ready_cmd: Option<String>,
-    /// `--env KEY=VALUE` (set or override a key of the file's).
+    /// Every other flag, by its app-file key (`--allow-host` and
+    /// `--volume` add to the file's).
+    pub settings: AppFile,
+    /// `--env KEY=VALUE`.
     pub env: Vec<String>,
-    /// `--allow-host` (added to the file's).
-    pub allow_host: Vec<Rule>,
-    /// `--volume` (added to the file's).
-    pub volumes: Vec<VolumeMount>,
 }
 
 /// The spec to deploy: each value from the flags, else the app file,
@@ -218,7 +197,8 @@ pub struct DeployFlags {
 /// ```
 /// use platform::appfile::{resolve, AppFile, DeployFlags};
 /// let file = AppFile::parse("name = \"web\"\nimage = \"app.oci\"\nport = 80\nmax = 3\n[env]\nA = \"1\"\n", "t").unwrap();
-/// let flags = DeployFlags { max: Some(5), env: vec!["B=2".into()], ..DeployFlags::default() };
+/// let settings = AppFile { max: Some(5), ..AppFile::default() };
+/// let flags = DeployFlags { settings, env: vec!["B=2".into()] };
 /// let spec = resolve(Some(file), flags).unwrap();
 /// assert_eq!((spec.name.as_str(), spec.port, spec.max, spec.memory_mib), ("web", 80, 5, 128));
 /// assert_eq!(spec.env, ["A=1", "B=2"]);
@@ -227,6 +207,7 @@ pub struct DeployFlags {
 /// ```
 pub fn resolve(file: Option<AppFile>, flags: DeployFlags) -> Result<AppSpec, String> {
     let file = file.unwrap_or_default();
+    let (flags, flag_env) = (flags.settings, flags.env);
     let name = flags.name.or(file.name);
     let image = flags.image.or(file.image);
     let port = flags.port.or(file.port);
@@ -250,7 +231,7 @@ pub fn resolve(file: Option<AppFile>, flags: DeployFlags) -> Result<AppSpec, Str
     if let Some(bad) = env.keys().find(|k| k.is_empty() || k.contains('=')) {
         return Err(format!("invalid environment key {bad:?} in the app file"));
     }
-    for entry in flags.env {
+    for entry in flag_env {
         let (key, value) = entry
             .split_once('=')
             .ok_or_else(|| format!("invalid environment entry {entry:?}: expected KEY=VALUE"))?;

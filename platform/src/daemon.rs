@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,18 @@ pub struct Daemon {
     _home: HomeLock,
     /// The uid the API answers (besides root).
     uid: u32,
+}
+
+/// The first instance id of a daemon serving `records`: after every id
+/// that has a log, so that instance ids go on from the last daemon's and a
+/// new instance never writes over an old one's log.
+fn first_instance_id(records: &[crate::db::AppRecord]) -> u64 {
+    records
+        .iter()
+        .map(|r| crate::logs::highest_id(&crate::deploy::logs_dir(r)))
+        .max()
+        .unwrap_or(0)
+        + 1
 }
 
 impl Daemon {
@@ -112,7 +124,11 @@ impl Daemon {
         // Before any other thread starts, so that every thread inherits
         // the blocked mask and only the waiter receives these signals.
         daemon.stop_on_signals();
-        for record in daemon.db.list()? {
+        let records = daemon.db.list()?;
+        daemon
+            .next_id
+            .store(first_instance_id(&records), Ordering::Relaxed);
+        for record in records {
             let name = record.spec.name.clone();
             match App::start(record, daemon.settings.clone(), daemon.next_id.clone()) {
                 Ok(app) => {
@@ -160,7 +176,7 @@ impl Daemon {
     }
 
     /// SIGTERM, SIGINT and SIGHUP stop every instance and standby VMM,
-    /// then end the process (a restarted daemon restores on demand again).
+    /// and the VMM of any deploy in flight, then end the process (a restarted daemon restores on demand again).
     fn stop_on_signals(self: &Arc<Self>) {
         // SAFETY: sigset_t is plain data that sigemptyset initializes.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -188,6 +204,13 @@ impl Daemon {
             let apps: Vec<Arc<App>> = lock(&me.apps).values().cloned().collect();
             for app in apps {
                 app.stop();
+            }
+            // A deploy's boot or a wake under way: its VMM goes too.
+            let stopped = crate::process::stop_all();
+            if stopped > 0 {
+                eprintln!(
+                    "little: stopped {stopped} more vmm processes (deploys or wakes under way)"
+                );
             }
             if let Some(tree) = &me.settings.cgroups {
                 tree.remove();
@@ -240,7 +263,10 @@ impl Daemon {
     /// Runs one API request that has a one-line answer.
     fn handle(&self, request: Request) -> Response {
         match request {
-            Request::Deploy(spec) => match self.deploy(spec) {
+            Request::Deploy {
+                spec,
+                registry_auth,
+            } => match self.deploy(spec, registry_auth.map(|s| s.0)) {
                 Ok(status) => Response::ok(status),
                 Err(e) => Response::error(e),
             },
@@ -469,7 +495,11 @@ impl Daemon {
             .collect()
     }
 
-    fn deploy(&self, spec: AppSpec) -> Result<serde_json::Value, String> {
+    fn deploy(
+        &self,
+        spec: AppSpec,
+        registry_auth: Option<String>,
+    ) -> Result<serde_json::Value, String> {
         spec.validate()?;
         // One deploy at a time: boots are heavy and the store is shared.
         let _guard = lock(&self.deploying);
@@ -480,8 +510,9 @@ impl Daemon {
         }
         let records = self.db.list().map_err(|e| error_chain(&e))?;
         let uid = crate::jail::app_user(&records, &spec.name, crate::jail::uid_base());
-        let mut record = crate::deploy::deploy(&self.settings, &spec, uid, volume_files)
-            .map_err(|e| error_chain(&e))?;
+        let mut record =
+            crate::deploy::deploy(&self.settings, &spec, uid, volume_files, registry_auth)
+                .map_err(|e| error_chain(&e))?;
         // A redeploy keeps its port unless it names another.
         if let (Some(old), true) = (&old, spec.listen.ends_with(":0")) {
             record.listen = old.listen.to_string();

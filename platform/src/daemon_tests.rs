@@ -208,6 +208,20 @@ fn scale_changes_a_serving_app_and_its_record() {
     lock(&daemon.apps).values().for_each(|a| a.stop());
 }
 
+#[test]
+fn instance_ids_go_on_after_the_logs_of_the_last_daemon() {
+    let home = tempfile::tempdir().unwrap();
+    let daemon = daemon(home.path());
+    let logs = add_app(&daemon, &[]);
+    let records = daemon.db.list().unwrap();
+    assert_eq!(first_instance_id(&records), 1, "no instance log yet");
+    for name in ["boot", "3", "17", "9"] {
+        home::create_dir_all(&logs.join(name)).unwrap();
+    }
+    assert_eq!(first_instance_id(&records), 18);
+    lock(&daemon.apps).values().for_each(|a| a.stop());
+}
+
 /// `logs` answers `ok`, then streams each VM's `.1` before its current
 /// file and closes; an unknown app gets an error line.
 #[test]

@@ -29,11 +29,12 @@ use crate::vm;
 use crate::volume;
 
 /// How long a boot may take to `READY` unless the app says otherwise
-/// (`--ready-timeout`): 10-60 s on a nested, emulated host, several
-/// minutes on a slow one whose cores are busy (a database's start-up is
-/// emulated guest-kernel work there). The agent probes the app's port
-/// until the host's deadline ends the boot.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// (`--ready-timeout`): long enough for a server on hardware KVM, and for
+/// a small one on a nested, emulated host (10-60 s); a database there
+/// needs minutes (its start-up is emulated guest-kernel work) and says so
+/// with its own timeout. The agent probes the app's port until the host's
+/// deadline ends the boot.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the snapshot may take (it writes the guest memory out).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The kernel arguments that mount the app's base image as the root.
@@ -176,16 +177,18 @@ pub fn deploy(
     spec: &AppSpec,
     uid: u32,
     mut volume_files: Vec<PathBuf>,
+    registry_auth: Option<String>,
 ) -> Result<AppRecord, DeployError> {
     let mut spec = spec.clone();
     // The same store as `little-image --store <home>`.
     let store = Store::new(&settings.home);
     let source =
         Source::parse(&spec.image).map_err(|e| DeployError::Import(spec.image.clone(), e))?;
-    let options = ImportOptions {
+    let mut options = ImportOptions {
         quiet: true,
         ..ImportOptions::default()
     };
+    options.registry.credentials = registry_auth;
     let image = store
         .import(&source, &spec.name, &options)
         .map_err(|e| DeployError::Import(spec.image.clone(), e))?;

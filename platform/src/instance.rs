@@ -12,9 +12,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -65,7 +67,17 @@ pub enum InstanceError {
     /// The instance folder could not be prepared.
     #[error("cannot prepare {0}")]
     Dir(String, #[source] std::io::Error),
+    /// The restored guest's agent did not apply `RESTORED` (clock and
+    /// RNG) in time, so it gets no connection.
+    #[error("instance {0}: the guest agent did not acknowledge RESTORED within {1:?}")]
+    NotResumed(u64, Duration),
 }
+
+/// How long a restored guest's agent may take to reconnect and apply
+/// `RESTORED` (clock set, RNG reseeded) before the instance gets its
+/// first connection: a ceiling that only catches a guest that never gets
+/// there (an emulated guest on a loaded host takes seconds).
+const RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn path_str(p: &Path) -> String {
     p.display().to_string()
@@ -217,10 +229,25 @@ impl Standby {
         };
         let pid = self.process.id();
         let exited = Arc::new(AtomicBool::new(false));
-        let agent = self.agent.try_clone().ok();
-        if let Some(agent) = agent {
-            let exited = exited.clone();
-            std::thread::spawn(move || agent_channel(agent, exited));
+        // Clone safety: no connection before the guest has set its clock
+        // and reseeded its RNG, so two instances of one snapshot never
+        // answer with the same "random" bytes.
+        let resumed_at = Instant::now();
+        let (resumed, acked) = mpsc::sync_channel(1);
+        match self.agent.try_clone() {
+            Ok(agent) => {
+                let exited = exited.clone();
+                std::thread::spawn(move || agent_channel(agent, exited, resumed));
+            }
+            Err(e) => {
+                self.kill();
+                return Err(InstanceError::Dir(path_str(&self.dir), e));
+            }
+        }
+        if acked.recv_timeout(RESUME_TIMEOUT).is_err() {
+            exited.store(true, Ordering::Release);
+            self.kill();
+            return Err(InstanceError::NotResumed(id, RESUME_TIMEOUT));
         }
         Ok(Instance {
             id,
@@ -232,6 +259,7 @@ impl Standby {
             ctl: Mutex::new(Some(ctl)),
             started: Instant::now(),
             restored_in,
+            resumed_in: resumed_at.elapsed(),
             handed: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             counts: Mutex::new((0, 0)),
@@ -242,12 +270,13 @@ impl Standby {
     }
 }
 
-/// Answers the restored agent's `HELLO` with `RESTORED`, then watches for
-/// `EXIT` (the entrypoint ended: the instance is finished); other lines
-/// are ignored, as the protocol asks. The agent reconnects whenever its
-/// guest gets to it, which on a busy host may take a while: the wait ends
-/// when it does or when the instance is stopped.
-fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>) {
+/// Answers the restored agent's `HELLO` with `RESTORED`, tells `resumed`
+/// when the agent says `RESUMED` (it applied it), then watches for `EXIT`
+/// (the entrypoint ended: the instance is finished); other lines are
+/// ignored, as the protocol asks. The agent reconnects whenever its guest
+/// gets to it, which on a busy host may take a while: the wait ends when
+/// it does or when the instance is stopped.
+fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>, resumed: SyncSender<()>) {
     let _ = listener.set_nonblocking(true);
     let mut stream = loop {
         match listener.accept() {
@@ -256,7 +285,17 @@ fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>) {
                 if exited.load(Ordering::Acquire) {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                // Woken at once by the agent's connection (it is on the
+                // wake path), else now and then to see if the instance
+                // was stopped.
+                let mut fd = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll(2) on one pollfd that lives on this stack
+                // for the call; the listener's fd is open.
+                unsafe { libc::poll(&mut fd, 1, 100) };
             }
             Err(_) => return,
         }
@@ -277,6 +316,9 @@ fn agent_channel(listener: UnixListener, exited: Arc<AtomicBool>) {
             match line.map(AgentMsg::parse) {
                 Ok(Ok(AgentMsg::Hello { .. })) => {
                     let _ = writeln!(writer, "{}", restored_now());
+                }
+                Ok(Ok(AgentMsg::Resumed)) => {
+                    let _ = resumed.try_send(());
                 }
                 Ok(Ok(AgentMsg::Exit(_))) => exited.store(true, Ordering::Release),
                 _ => {}
@@ -323,6 +365,9 @@ pub struct Instance {
     pub started: Instant,
     /// The VMM's `restore` command → its vCPUs running, as it reported.
     pub restored_in: Duration,
+    /// The vCPUs running → its agent applied `RESTORED`: what clone
+    /// safety adds to a wake.
+    pub resumed_in: Duration,
     /// Connections handed over so far.
     handed: AtomicU64,
     /// Connections being handed over right now (slots reserved).
@@ -521,16 +566,18 @@ mod tests {
 
     /// The restored agent's side of the channel: `HELLO` gets a `RESTORED`
     /// line the agent parses (clock near now, 16 bytes of entropy); a
-    /// malformed line is ignored; `EXIT` finishes the instance.
+    /// malformed line is ignored; `RESUMED` is passed on; `EXIT`
+    /// finishes the instance.
     #[test]
-    fn the_agent_channel_answers_hello_and_notes_exit() {
+    fn the_agent_channel_answers_hello_and_notes_resumed_and_exit() {
         let dir = tempfile::tempdir().unwrap();
         let sock = vm::agent_socket(dir.path());
         let listener = UnixListener::bind(&sock).unwrap();
         let exited = Arc::new(AtomicBool::new(false));
+        let (resumed, acked) = mpsc::sync_channel(1);
         let channel = {
             let exited = exited.clone();
-            std::thread::spawn(move || agent_channel(listener, exited))
+            std::thread::spawn(move || agent_channel(listener, exited, resumed))
         };
         let mut agent = UnixStream::connect(&sock).unwrap();
         agent
@@ -555,6 +602,11 @@ mod tests {
         BufReader::new(&agent).read_line(&mut again).unwrap();
         assert!(again.starts_with("RESTORED "), "{again:?}");
         assert!(!exited.load(Ordering::Acquire));
+        assert!(acked.try_recv().is_err(), "no RESUMED yet");
+        agent.write_all(b"RESUMED\n").unwrap();
+        acked
+            .recv_timeout(Duration::from_secs(10))
+            .expect("RESUMED passed on");
         agent.write_all(b"EXIT status=0\n").unwrap();
         let start = Instant::now();
         while !exited.load(Ordering::Acquire) {
@@ -587,9 +639,10 @@ mod tests {
         let sock = vm::agent_socket(dir.path());
         let listener = UnixListener::bind(&sock).unwrap();
         let exited = Arc::new(AtomicBool::new(false));
+        let (resumed, _acked) = mpsc::sync_channel(1);
         let channel = {
             let exited = exited.clone();
-            std::thread::spawn(move || agent_channel(listener, exited))
+            std::thread::spawn(move || agent_channel(listener, exited, resumed))
         };
         let agent = UnixStream::connect(&sock).unwrap();
         let total = 64 << 20;

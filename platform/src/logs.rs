@@ -219,18 +219,30 @@ pub fn rotated(dir: &Path, name: &str) -> PathBuf {
 /// again and again keeps a bounded number of logs (each capped by its
 /// `vmm`); the first boot's log stays.
 pub fn prune(dir: &Path, keep: usize, live: &[u64]) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut ids: Vec<u64> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok()?.parse().ok())
-        .collect();
+    let mut ids = instance_ids(dir);
     ids.sort_unstable_by(|a, b| b.cmp(a));
     ids.dedup();
     for id in ids.into_iter().skip(keep).filter(|id| !live.contains(id)) {
         let _ = std::fs::remove_dir_all(dir.join(id.to_string()));
     }
+}
+
+/// The instance ids that have a log folder in `dir`.
+fn instance_ids(dir: &Path) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok()?.parse().ok())
+        .collect()
+}
+
+/// The highest instance id with a log in `dir` (0: none), so that a
+/// restarted daemon numbers its instances after it and never writes over
+/// an old instance's log.
+pub fn highest_id(dir: &Path) -> u64 {
+    instance_ids(dir).into_iter().max().unwrap_or(0)
 }
 
 fn open(path: &Path) -> Option<(File, Identity)> {

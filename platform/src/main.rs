@@ -111,7 +111,7 @@ enum Cmd {
         volume: Vec<platform::volume::VolumeMount>,
         /// How long a boot may take until the app is ready (the deploy's,
         /// and the cold boot of an app whose volumes moved on) [default:
-        /// 10m].
+        /// 2m].
         #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
         ready_timeout: Option<u64>,
         /// A shell command the guest runs, as the app's user, once --port
@@ -121,6 +121,11 @@ enum Cmd {
         /// '' for none.
         #[arg(long, value_name = "COMMAND")]
         ready_cmd: Option<String>,
+        /// Credentials for the image's registry, used for this pull and
+        /// never stored (else $LITTLE_REGISTRY_AUTH, else the registry's
+        /// entry in ~/.docker/config.json, as `docker login` wrote it).
+        #[arg(long, value_name = "USER:PASSWORD")]
+        creds: Option<String>,
     },
     /// List apps and their instances (age, connections, memory); env
     /// values are masked (`KEY=***`) unless --show-env.
@@ -216,6 +221,22 @@ fn parse_volume_size(text: &str) -> Result<u64, String> {
 
 fn parse_duration_ms(s: &str) -> Result<u64, String> {
     platform::appfile::parse_duration_ms(s)
+}
+
+/// The credentials for `image`'s registry: `--creds`, else
+/// `$LITTLE_REGISTRY_AUTH`, else Docker's client config; none for an image
+/// that is not a registry reference.
+fn registry_auth(image: &str, creds: Option<String>) -> Result<Option<String>, String> {
+    if let Some(given) = creds.or_else(|| std::env::var("LITTLE_REGISTRY_AUTH").ok()) {
+        return Ok(Some(given));
+    }
+    match image_tools::store::Source::parse(image) {
+        Ok(image_tools::store::Source::Registry(reference)) => {
+            image_tools::docker_config::credentials(&reference.registry)
+                .map_err(|e| platform::daemon::error_chain(&e))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn home(cli: &Cli) -> PathBuf {
@@ -332,6 +353,7 @@ fn run(cli: Cli) -> Result<(), String> {
             volume: volumes,
             ready_timeout,
             ready_cmd,
+            creds,
         } => {
             let file = match file {
                 Some(path) => Some(path),
@@ -364,23 +386,30 @@ fn run(cli: Cli) -> Result<(), String> {
                 Err(_) => image,
             });
             let flags = DeployFlags {
-                name,
-                image,
-                port,
-                listen,
-                memory,
-                concurrency,
-                min,
-                max,
-                idle_timeout,
-                ready_timeout,
-                ready_cmd,
+                settings: AppFile {
+                    name,
+                    image,
+                    port,
+                    listen,
+                    memory,
+                    concurrency,
+                    min,
+                    max,
+                    idle_timeout,
+                    ready_timeout,
+                    ready_cmd,
+                    env: std::collections::BTreeMap::new(),
+                    allow_host,
+                    volumes,
+                },
                 env,
-                allow_host,
-                volumes,
             };
             let spec = platform::appfile::resolve(app_file, flags)?;
-            let data = call(Request::Deploy(spec))?;
+            let registry_auth = registry_auth(&spec.image, creds)?.map(api::Secret);
+            let data = call(Request::Deploy {
+                spec,
+                registry_auth,
+            })?;
             let status: AppStatus = serde_json::from_value(data).map_err(|e| e.to_string())?;
             println!(
                 "deployed {}: http://{}  (snapshot {})",

@@ -62,6 +62,17 @@ pub struct AppMetrics {
     pub wake_latency: Histogram,
     /// The VMM's `restore` command → its vCPUs running, as it reports it.
     pub restore_latency: Histogram,
+    /// vCPUs running → the guest agent applied `RESTORED` (clock, RNG).
+    pub resume_ack_latency: Histogram,
+}
+
+impl AppMetrics {
+    /// Counts a restored instance and its restore's timings.
+    pub fn restored(&self, instance: &crate::instance::Instance) {
+        self.restores.fetch_add(1, Ordering::Relaxed);
+        self.restore_latency.observe(instance.restored_in);
+        self.resume_ack_latency.observe(instance.resumed_in);
+    }
 }
 
 /// A histogram's name, help text and getter.
@@ -148,7 +159,7 @@ pub fn render(samples: &[Sample<'_>]) -> String {
     for s in samples {
         let _ = writeln!(out, "little_instances{{app=\"{}\"}} {}", s.app, s.instances);
     }
-    let histograms: [Histo; 2] = [
+    let histograms: [Histo; 3] = [
         (
             "little_wake_seconds",
             "Connection accepted to handed to a restored instance.",
@@ -158,6 +169,11 @@ pub fn render(samples: &[Sample<'_>]) -> String {
             "little_restore_seconds",
             "The VMM's restore command to its vCPUs running.",
             |m| &m.restore_latency,
+        ),
+        (
+            "little_agent_resumed_seconds",
+            "A restored instance's vCPUs running to its guest agent having set the clock and reseeded the RNG (before its first connection).",
+            |m| &m.resume_ack_latency,
         ),
     ];
     for (name, help, get) in histograms {

@@ -5,10 +5,16 @@
 //! subreaper ([`become_subreaper`]), so that VMM becomes the daemon's own
 //! child: it is waited for and killed by pid like any child, and its pid
 //! cannot be reused while the daemon has not reaped it.
+//!
+//! Every `vmm` started here is registered until it is reaped, so that
+//! [`stop_all`] can stop them all when the daemon stops, those of a deploy
+//! or a wake still in flight included.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Stdio};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use vmm_api::launch::VmmArgs;
 
@@ -24,6 +30,34 @@ pub enum ProcessError {
     /// Waiting for or signalling the process failed.
     #[error("cannot wait for the vmm")]
     Wait(#[source] std::io::Error),
+    /// The daemon is stopping: no more VMMs start.
+    #[error("the daemon is stopping")]
+    Stopping,
+}
+
+/// Held shared while a `vmm` starts and exclusively by [`stop_all`]; true
+/// once that has run, when no more start.
+static STARTING: RwLock<bool> = RwLock::new(false);
+/// The pids of the `vmm`s started here and not yet reaped.
+static LIVE: Mutex<BTreeSet<libc::pid_t>> = Mutex::new(BTreeSet::new());
+
+fn live() -> std::sync::MutexGuard<'static, BTreeSet<libc::pid_t>> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// SIGKILLs every `vmm` started here that is not reaped yet, once those
+/// being started are registered, and refuses to start more: for a daemon
+/// about to exit, whose deploys and wakes may still be under way.
+pub fn stop_all() -> usize {
+    let mut stopping = STARTING.write().unwrap_or_else(PoisonError::into_inner);
+    *stopping = true;
+    let pids = live();
+    for &pid in pids.iter() {
+        // SAFETY: kill(2) with the pid of a child not yet reaped (its pid
+        // cannot belong to another process) and a valid signal number.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    pids.len()
 }
 
 /// How a process ended.
@@ -85,6 +119,16 @@ impl VmmProcess {
     /// guest) and returns it; the caller must be a subreaper. With
     /// `keep_stderr`, [`Self::stderr`] reads what the VMM writes there.
     pub fn spawn(vmm: &Path, args: &VmmArgs, keep_stderr: bool) -> Result<Self, ProcessError> {
+        let stopping = STARTING.read().unwrap_or_else(PoisonError::into_inner);
+        if *stopping {
+            return Err(ProcessError::Stopping);
+        }
+        let process = Self::start(vmm, args, keep_stderr)?;
+        live().insert(process.pid);
+        Ok(process)
+    }
+
+    fn start(vmm: &Path, args: &VmmArgs, keep_stderr: bool) -> Result<Self, ProcessError> {
         let jailed = args.jail.is_some();
         let mut command = args.command(vmm);
         command
@@ -120,8 +164,10 @@ impl VmmProcess {
     /// Takes over a child this process started (it must not be waited for
     /// elsewhere).
     pub fn from_child(child: &Child) -> Self {
+        let pid = libc::pid_t::try_from(child.id()).unwrap_or(libc::pid_t::MAX);
+        live().insert(pid);
         Self {
-            pid: libc::pid_t::try_from(child.id()).unwrap_or(libc::pid_t::MAX),
+            pid,
             exit: None,
             stderr: None,
         }
@@ -199,6 +245,7 @@ impl VmmProcess {
             _ => {
                 let exit = Exit::from_status(status);
                 self.exit = Some(exit);
+                live().remove(&self.pid);
                 Ok(Some(exit))
             }
         }

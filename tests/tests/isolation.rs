@@ -123,6 +123,8 @@ fn deploy(daemon: &Daemon, name: &str, image: &Path, port: u16, extra: &[&str]) 
         "1",
         "--idle-timeout",
         "30m",
+        platform_util::READY_TIMEOUT[0],
+        platform_util::READY_TIMEOUT[1],
     ];
     args.extend_from_slice(extra);
     let start = Instant::now();

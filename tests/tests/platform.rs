@@ -95,6 +95,8 @@ fn httpd_wakes_from_zero_scales_out_and_back_to_zero() {
         "5",
         "--idle-timeout",
         "1s",
+        platform_util::READY_TIMEOUT[0],
+        platform_util::READY_TIMEOUT[1],
     ]);
     assert!(
         out.status.success(),
@@ -220,6 +222,46 @@ fn httpd_wakes_from_zero_scales_out_and_back_to_zero() {
 /// is taken: the image's HEALTHCHECK by default, `--ready-cmd` over it.
 /// An app whose port accepts but whose command never passes is not
 /// deployed; one whose command passes on its second run is, after it.
+/// A CGI script: 32 bytes of the guest's /dev/urandom in hex, and its
+/// clock in Unix seconds.
+const CLONE_CGI: &str = "#!/bin/busybox sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+echo \"random $(/bin/busybox head -c 32 /dev/urandom | /bin/busybox od -An -tx1 | /bin/busybox tr -d ' \\n')\"
+echo \"clock $(/bin/busybox date +%s)\"
+";
+
+/// GET /cgi-bin/clone on `port`: the guest's random bytes, once its clock
+/// is checked to be the host's (to the second either way).
+fn clone_probe(port: u16) -> String {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs()
+    };
+    let before = now();
+    let body = platform_util::get(port, "/cgi-bin/clone");
+    let after = now();
+    let field = |key: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| panic!("no {key:?} line in the CGI's reply:\n{body}"))
+            .to_owned()
+    };
+    let random = field("random");
+    assert_eq!(random.len(), 64, "32 random bytes in hex: {body}");
+    let clock: u64 = field("clock")
+        .parse()
+        .unwrap_or_else(|_| panic!("the guest's clock is not a number: {body}"));
+    assert!(
+        clock + 1 >= before && clock <= after + 1,
+        "the restored guest's clock ({clock}) is not the host's ({before}..{after}) within 1 s"
+    );
+    random
+}
+
 #[test]
 fn a_ready_command_decides_when_an_app_is_ready() {
     use image_tools::oci::Healthcheck;
@@ -232,8 +274,13 @@ fn a_ready_command_decides_when_an_app_is_ready() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().join("home");
     let daemon = Daemon::start(&home);
-    // The httpd image with a shell, and a HEALTHCHECK that never passes.
-    let layer = LayerBuilder::new().symlink("bin/sh", "busybox").finish();
+    // The httpd image with a shell, a CGI script that shows the guest's
+    // random bytes and clock, and a HEALTHCHECK that never passes.
+    let layer = LayerBuilder::new()
+        .symlink("bin/sh", "busybox")
+        .dir("www/cgi-bin", 0o755, 0, 0)
+        .file("www/cgi-bin/clone", 0o755, 0, 0, CLONE_CGI.as_bytes())
+        .finish();
     let image = dir.path().join("checked.oci");
     extend_layout(&httpd, &image, &layer, |config| {
         config.healthcheck = Some(Healthcheck {
@@ -249,6 +296,8 @@ fn a_ready_command_decides_when_an_app_is_ready() {
     let twice = deploy(
         "web",
         &[
+            "--idle-timeout",
+            "1s",
             "--ready-cmd",
             "if [ -e /tmp/tried ]; then echo ready-check-passed; \
              else : >/tmp/tried; echo ready-check-failed; exit 1; fi",
@@ -266,6 +315,17 @@ fn a_ready_command_decides_when_an_app_is_ready() {
     );
     get_200(port);
 
+    // Clone safety: two instances restored from the one snapshot, one
+    // after the other, draw different random bytes, and each runs on the
+    // host's clock, not the snapshot's.
+    let first = clone_probe(port);
+    platform_util::wait_for_zero(&daemon, "web");
+    let second = clone_probe(port);
+    assert_ne!(
+        first, second,
+        "two instances restored from one snapshot read the same 32 bytes from /dev/urandom"
+    );
+
     // The image's HEALTHCHECK never passes: a deadline well past what a
     // whole deploy took here runs out while the port accepts.
     let deadline = format!("{}s", (took.as_secs() * 2).max(60));
@@ -276,5 +336,33 @@ fn a_ready_command_decides_when_an_app_is_ready() {
     assert!(
         e.contains(&format!("was not ready within {deadline}")),
         "{e}"
+    );
+
+    // SIGTERM to the daemon while a deploy boots: no vmm is left behind.
+    let mut daemon = daemon;
+    let before = daemon.vmm_processes();
+    let hung = deploy("hung", &["--ready-timeout", "1h"]);
+    let mut client = std::process::Command::new(little_tests::release_bin("little"))
+        .arg("--home")
+        .arg(&home)
+        .args(platform_util::args(&hung))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("little deploy runs");
+    wait_until("the deploy's boot vmm to start", ceiling::HOST, || {
+        daemon.vmm_processes().iter().any(|p| !before.contains(p))
+    });
+    let status = daemon.terminate();
+    assert!(status.success(), "the daemon's exit on SIGTERM: {status}");
+    wait_until(
+        "no vmm process of the stopped daemon left",
+        ceiling::HOST,
+        || daemon.vmm_processes().is_empty(),
+    );
+    let out = client.wait().expect("little deploy ends");
+    assert!(
+        !out.success(),
+        "the deploy cut short by the daemon's stop reported success"
     );
 }

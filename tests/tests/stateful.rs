@@ -139,6 +139,8 @@ fn postgres_keeps_its_rows_across_suspend_resume_and_a_killed_vmm() {
             "pgdata:/var/lib/postgresql/data",
             "--ready-cmd",
             PG_READY,
+            platform_util::READY_TIMEOUT[0],
+            platform_util::READY_TIMEOUT[1],
         ],
     );
     eprintln!("postgres deployed after {:.1?}", started.elapsed());
@@ -313,6 +315,8 @@ fn redis_with_an_append_only_file_keeps_its_keys_across_suspend_and_a_killed_vmm
             "256",
             "--idle-timeout",
             "1s",
+            platform_util::READY_TIMEOUT[0],
+            platform_util::READY_TIMEOUT[1],
         ],
     );
     eprintln!("redis deployed after {:.1?}", started.elapsed());

@@ -45,9 +45,26 @@ extern "C" fn on_stop(signo: libc::c_int) {
     unsafe { libc::write(fd, std::ptr::from_ref(&one).cast(), 8) };
 }
 
-/// Installs the SIGINT and SIGTERM handler (once, before any thread
-/// starts, so that every thread inherits an unblocked mask).
+/// Installs the SIGINT and SIGTERM handler and unblocks both (once,
+/// before any thread starts, so that every thread inherits the mask): a
+/// process inherits its blocked signals from its parent, and `little
+/// serve` blocks these in every thread to `sigwait` for them.
 pub fn install() -> Result<(), StopSignalError> {
+    // SAFETY: sigset_t is plain data that sigemptyset initializes; the
+    // signal numbers are valid and the old mask is not needed.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(StopSignalError::Install(
+            libc::SIGTERM,
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
     for signo in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: `sigaction` with a zeroed struct, an `extern "C"` handler
         // that only makes async-signal-safe calls, SA_RESTART so that no

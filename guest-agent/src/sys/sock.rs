@@ -196,3 +196,13 @@ pub fn add_entropy(fd: i32, bytes: &[u8]) -> Result<()> {
     })
     .map(drop)
 }
+
+/// `RNDRESEEDCRNG`: the kernel's CRNG takes a new key from its input pool
+/// now (which [`add_entropy`] just fed) instead of at its next scheduled
+/// reseed, so a restored clone stops producing its snapshot's stream.
+pub fn reseed_crng(fd: i32) -> Result<()> {
+    const RNDRESEEDCRNG: usize = 0x5207;
+    // SAFETY: an argument-less ioctl on the descriptor the caller opened;
+    // the kernel reads and writes no memory of this process.
+    check(unsafe { syscall3(nr::IOCTL, fd as usize, RNDRESEEDCRNG, 0) }).map(drop)
+}

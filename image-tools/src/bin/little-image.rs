@@ -54,7 +54,9 @@ enum Command {
         /// the ':'-separated files of $LITTLE_REGISTRY_CA).
         #[arg(long, value_name = "PATH")]
         ca_cert: Vec<PathBuf>,
-        /// Registry credentials as USER:PASSWORD (or $LITTLE_REGISTRY_AUTH).
+        /// Registry credentials as USER:PASSWORD (or $LITTLE_REGISTRY_AUTH;
+        /// else the registry's entry in Docker's ~/.docker/config.json, as
+        /// `docker login` wrote it).
         #[arg(long, value_name = "USER:PASSWORD")]
         creds: Option<String>,
     },
@@ -107,18 +109,27 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     .collect(),
                 _ => ca_cert,
             };
+            let parsed = Source::parse(&source)?;
+            let credentials = match creds.or_else(|| std::env::var("LITTLE_REGISTRY_AUTH").ok()) {
+                Some(given) => Some(given),
+                None => match &parsed {
+                    Source::Registry(reference) => {
+                        image_tools::docker_config::credentials(&reference.registry)?
+                    }
+                    _ => None,
+                },
+            };
             let options = ImportOptions {
                 registry: ClientOptions {
                     plain_http,
                     tls,
                     ca_certs,
                     certs_dir: None,
-                    credentials: creds.or_else(|| std::env::var("LITTLE_REGISTRY_AUTH").ok()),
+                    credentials,
                 },
                 quiet: args.quiet,
                 ..ImportOptions::default()
             };
-            let parsed = Source::parse(&source)?;
             let image = store.import(&parsed, name.as_deref().unwrap_or(&source), &options)?;
             if args.quiet {
                 println!("{}", image.id);

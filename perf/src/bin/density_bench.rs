@@ -485,9 +485,14 @@ fn main() -> ExitCode {
         let start = Instant::now();
         // Jailed or not, every run restores the one snapshot this boot
         // takes (jailed when any run is, so its files are the app's user's).
-        let record =
-            platform::deploy::deploy(&settings, &spec, platform::jail::uid_base(), Vec::new())
-                .map_err(|e| platform::daemon::error_chain(&e))?;
+        let record = platform::deploy::deploy(
+            &settings,
+            &spec,
+            platform::jail::uid_base(),
+            Vec::new(),
+            None,
+        )
+        .map_err(|e| platform::daemon::error_chain(&e))?;
         println!(
             "deploy {} ({} MiB guest): {:.1} s",
             args.image.display(),

@@ -207,6 +207,9 @@ fn main() {
             // while it starts up.
             "--ready-cmd",
             "pg_isready -q -t 0 -h 127.0.0.1",
+            // Minutes on a nested host, whose guest kernel is emulated.
+            "--ready-timeout",
+            "15m",
         ];
         if app == "pg" {
             deploy.extend(["--volume", "pgdata:/var/lib/postgresql/data"]);

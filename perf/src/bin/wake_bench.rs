@@ -107,6 +107,7 @@ fn main() {
         .arg(&args.image)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--idle-timeout", "200ms", "--concurrency", "10"])
+        .args(["--ready-timeout", "15m"])
         .output()
         .expect("little deploy");
     assert!(
@@ -167,15 +168,30 @@ fn main() {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0.0)
         };
-        let (sum, count) = (
-            get("little_wake_seconds_sum"),
-            get("little_wake_seconds_count"),
-        );
-        if count > 0.0 {
-            println!(
-                "daemon, accept -> socket handed to a restored instance (host side): mean {:.3} ms over {count} wakes",
-                sum / count * 1e3
+        for (series, what) in [
+            (
+                "little_wake_seconds",
+                "daemon, accept -> socket handed to a restored instance (host side)",
+            ),
+            (
+                "little_restore_seconds",
+                "of which the VMM's restore command -> vCPUs running",
+            ),
+            (
+                "little_agent_resumed_seconds",
+                "of which vCPUs running -> the guest agent applied RESTORED (clone safety)",
+            ),
+        ] {
+            let (sum, count) = (
+                get(&format!("{series}_sum")),
+                get(&format!("{series}_count")),
             );
+            if count > 0.0 {
+                println!(
+                    "{what}: mean {:.3} ms over {count} wakes",
+                    sum / count * 1e3
+                );
+            }
         }
     }
 }

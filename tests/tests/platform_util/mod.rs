@@ -89,6 +89,20 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Sends the daemon SIGTERM and waits for it to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id();
+        // SAFETY: kill(2) with the pid of this test's own unreaped child
+        // and a valid signal number.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let mut status = None;
+        wait_until("the daemon to exit on SIGTERM", ceiling::HOST, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.expect("the daemon exited")
+    }
+
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -173,8 +187,14 @@ pub fn wait_until(what: &str, ceiling: Duration, mut check: impl FnMut() -> bool
     start.elapsed()
 }
 
+/// A boot's deadline in the tests, unless one says otherwise: a ceiling
+/// that only catches a hang, for a database booting on the slowest
+/// nested, emulated host (the platform's default is 2 minutes).
+pub const READY_TIMEOUT: [&str; 2] = ["--ready-timeout", "15m"];
+
 /// `little deploy NAME --image IMAGE --port PORT --listen LISTEN EXTRA...`
-/// as owned arguments (see [`args`]).
+/// (with [`READY_TIMEOUT`] unless `extra` has its own) as owned arguments
+/// (see [`args`]).
 pub fn deploy_args(
     name: &str,
     image: &str,
@@ -182,10 +202,16 @@ pub fn deploy_args(
     listen: &str,
     extra: &[&str],
 ) -> Vec<String> {
+    let ready: &[&str] = if extra.contains(&READY_TIMEOUT[0]) {
+        &[]
+    } else {
+        &READY_TIMEOUT
+    };
     [
         "deploy", name, "--image", image, "--port", port, "--listen", listen,
     ]
     .iter()
+    .chain(ready)
     .chain(extra)
     .map(|a| a.to_string())
     .collect()
