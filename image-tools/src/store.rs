@@ -328,6 +328,17 @@ impl Store {
     }
 
     fn add_ref(&self, mut image: StoredImage, name: &str) -> Result<StoredImage, StoreError> {
+        // Imports of one image may end together (a daemon deploys apps
+        // side by side): one read-modify-write of its refs at a time.
+        static REFS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = REFS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Ok(text) = fs::read(self.image_dir(&image.id).join("image.json")) {
+            if let Ok(stored) = serde_json::from_slice::<StoredImage>(&text) {
+                image.refs = stored.refs;
+            }
+        }
         if !image.refs.iter().any(|r| r == name) {
             image.refs.push(name.to_owned());
             image.refs.sort();

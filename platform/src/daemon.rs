@@ -47,12 +47,37 @@ pub enum DaemonError {
     Missing(String, &'static str),
 }
 
+/// What a deploy under way has taken: its app's name (the map's key), the
+/// app's user and the volumes it mounts, so that deploys of different
+/// apps run side by side and never take one uid or one volume twice.
+struct Claim {
+    uid: u32,
+    volumes: Vec<String>,
+}
+
+/// Gives a deploy's [`Claim`] back when the deploy ends, however it ends.
+struct Claimed<'a> {
+    claims: &'a Mutex<BTreeMap<String, Claim>>,
+    app: String,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        lock(self.claims).remove(&self.app);
+    }
+}
+
 /// The running daemon.
 pub struct Daemon {
     settings: Arc<Settings>,
     db: Db,
     apps: Mutex<BTreeMap<String, Arc<App>>>,
+    /// Held for the short steps that check and take names, users and
+    /// volumes (a deploy's claim, volume commands), never for a boot.
     deploying: Mutex<()>,
+    /// The deploys under way, by app: what each has taken before it is in
+    /// the database.
+    claims: Mutex<BTreeMap<String, Claim>>,
     next_id: Arc<AtomicU64>,
     /// This daemon's claim on its home, held for its life.
     _home: HomeLock,
@@ -117,6 +142,7 @@ impl Daemon {
             db,
             apps: Mutex::new(BTreeMap::new()),
             deploying: Mutex::new(()),
+            claims: Mutex::new(BTreeMap::new()),
             next_id: Arc::new(AtomicU64::new(1)),
             _home: claim,
             uid: peer::my_uid(),
@@ -341,6 +367,11 @@ impl Daemon {
                 Err(e) => Response::error(e),
             },
             Request::Rm { app } => {
+                if lock(&self.claims).contains_key(&app) {
+                    return Response::error(format!(
+                        "a deploy of {app:?} is under way: remove it once it is done"
+                    ));
+                }
                 let removed = lock(&self.apps).remove(&app);
                 match removed {
                     Some(a) => {
@@ -399,6 +430,14 @@ impl Daemon {
         f: impl FnOnce() -> Result<T, String>,
     ) -> Result<(T, Option<(String, usize)>), String> {
         let user = self.volume_users()?.get(name).cloned();
+        if let Some(user) = user
+            .as_ref()
+            .filter(|a| lock(&self.claims).contains_key(*a))
+        {
+            return Err(format!(
+                "app {user:?}, which mounts volume {name:?}, is being deployed: try again once it is done"
+            ));
+        }
         let app = user.as_ref().and_then(|a| lock(&self.apps).get(a).cloned());
         match (user, app) {
             (Some(user), Some(app)) => {
@@ -462,9 +501,10 @@ impl Daemon {
 
     /// Which app mounts each volume in use, from the stored apps (an
     /// unreadable database is an error, never "unused").
+    /// Deploys under way count as users of the volumes they mount.
     fn volume_users(&self) -> Result<BTreeMap<String, String>, String> {
         let records = self.db.list().map_err(|e| error_chain(&e))?;
-        Ok(records
+        let mut users: BTreeMap<String, String> = records
             .into_iter()
             .flat_map(|r| {
                 let app = r.spec.name;
@@ -473,7 +513,13 @@ impl Daemon {
                     .into_iter()
                     .map(move |v| (v.name, app.clone()))
             })
-            .collect())
+            .collect();
+        for (app, claim) in lock(&self.claims).iter() {
+            for volume in &claim.volumes {
+                users.insert(volume.clone(), app.clone());
+            }
+        }
+        Ok(users)
     }
 
     /// The image files of `spec`'s volumes, once each is checked to exist,
@@ -501,15 +547,11 @@ impl Daemon {
         registry_auth: Option<String>,
     ) -> Result<serde_json::Value, String> {
         spec.validate()?;
-        // One deploy at a time: boots are heavy and the store is shared.
-        let _guard = lock(&self.deploying);
-        let volume_files = self.volume_files(&spec)?;
+        let (_claimed, volume_files, uid) = self.claim(&spec)?;
         let old = lock(&self.apps).remove(&spec.name);
         if let Some(old) = &old {
             old.stop();
         }
-        let records = self.db.list().map_err(|e| error_chain(&e))?;
-        let uid = crate::jail::app_user(&records, &spec.name, crate::jail::uid_base());
         let mut record =
             crate::deploy::deploy(&self.settings, &spec, uid, volume_files, registry_auth)
                 .map_err(|e| error_chain(&e))?;
@@ -526,6 +568,36 @@ impl Daemon {
         status.spec.env = api::mask_env(&status.spec.env);
         lock(&self.apps).insert(spec.name, app);
         serde_json::to_value(status).map_err(|e| e.to_string())
+    }
+
+    /// Takes `spec`'s name, user and volumes for its deploy (refused while
+    /// another deploy of that app is under way, or when a volume is
+    /// another app's), so that deploys of other apps run meanwhile.
+    fn claim(&self, spec: &AppSpec) -> Result<(Claimed<'_>, Vec<PathBuf>, u32), String> {
+        let _guard = lock(&self.deploying);
+        if lock(&self.claims).contains_key(&spec.name) {
+            return Err(format!(
+                "a deploy of {:?} is under way: try again once it is done",
+                spec.name
+            ));
+        }
+        let volume_files = self.volume_files(spec)?;
+        let records = self.db.list().map_err(|e| error_chain(&e))?;
+        let mut claims = lock(&self.claims);
+        let taken: Vec<u32> = claims.values().map(|c| c.uid).collect();
+        let uid = crate::jail::app_user(&records, &taken, &spec.name, crate::jail::uid_base());
+        claims.insert(
+            spec.name.clone(),
+            Claim {
+                uid,
+                volumes: spec.volumes.iter().map(|v| v.name.clone()).collect(),
+            },
+        );
+        let claimed = Claimed {
+            claims: &self.claims,
+            app: spec.name.clone(),
+        };
+        Ok((claimed, volume_files, uid))
     }
 
     /// Changes `name`'s scaling settings while it serves: checked as a

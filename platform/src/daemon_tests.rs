@@ -29,6 +29,7 @@ fn daemon(home: &Path) -> Daemon {
         db: Db::open(&home.join("state.redb")).unwrap(),
         apps: Mutex::new(BTreeMap::new()),
         deploying: Mutex::new(()),
+        claims: Mutex::new(BTreeMap::new()),
         next_id: Arc::new(AtomicU64::new(1)),
         _home: claim,
         uid: peer::my_uid(),
@@ -206,6 +207,45 @@ fn scale_changes_a_serving_app_and_its_record() {
     let apps: Vec<crate::api::AppStatus> = serde_json::from_value(ps.data).unwrap();
     assert_eq!(scaled(&apps[0].spec), (1, 5, 4, 2500));
     lock(&daemon.apps).values().for_each(|a| a.stop());
+}
+
+#[test]
+fn deploys_of_different_apps_claim_their_own_users_and_an_app_one_deploy() {
+    let home = tempfile::tempdir().unwrap();
+    let daemon = Arc::new(daemon(home.path()));
+    let spec = |name: &str| AppSpec {
+        name: name.into(),
+        image: "img.tar".into(),
+        port: 8080,
+        listen: "127.0.0.1:0".into(),
+        memory_mib: 64,
+        concurrency: 4,
+        min: 0,
+        max: 3,
+        idle_timeout_ms: 1000,
+        env: vec![],
+        allow_host: vec![],
+        volumes: vec![],
+        ready_timeout_ms: 600_000,
+        ready_cmd: None,
+    };
+    let (a, _, uid_a) = daemon.claim(&spec("a")).unwrap();
+    let (b, _, uid_b) = daemon.claim(&spec("b")).unwrap();
+    assert_ne!(uid_a, uid_b, "two new apps deployed side by side");
+    let again = daemon.claim(&spec("a")).err().unwrap_or_default();
+    assert!(again.contains("a deploy of \"a\" is under way"), "{again}");
+    let ask = |request: &[u8]| response(&mut BufReader::new(&connect(&daemon, request)));
+    let rm = ask(b"{\"op\":\"rm\",\"app\":\"b\"}\n");
+    assert!(
+        !rm.ok && rm.error.unwrap_or_default().contains("under way"),
+        "rm during the deploy"
+    );
+    drop(a);
+    let (_a, _, uid) = daemon
+        .claim(&spec("a"))
+        .expect("a deploy that ended gave its claim back");
+    assert_ne!(uid, uid_b);
+    drop(b);
 }
 
 #[test]

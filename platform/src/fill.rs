@@ -101,7 +101,9 @@ pub fn fill(
         return Ok(Filled::NotEmpty);
     }
     crate::home::create_dir_all(scratch).map_err(|e| io(scratch, e))?;
-    let work = scratch.join(format!("fill-{}", std::process::id()));
+    // One folder per volume: deploys of different apps (never of one
+    // volume) fill side by side.
+    let work = scratch.join(format!("fill-{label}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let result = fill_from(rootfs, guest_path, volume, label, &work);
     let _ = std::fs::remove_dir_all(&work);

@@ -72,8 +72,9 @@ pub fn uid_base() -> u32 {
 }
 
 /// The uid (and gid) for the app `name`: the one it had, else one past
-/// the highest any app has (never reused while an app holds it).
-pub fn app_user(records: &[AppRecord], name: &str, base: u32) -> u32 {
+/// the highest any app has or a deploy under way has `taken` (never
+/// reused while an app holds it).
+pub fn app_user(records: &[AppRecord], taken: &[u32], name: &str, base: u32) -> u32 {
     if let Some(r) = records
         .iter()
         .find(|r| r.spec.name == name && r.uid >= base)
@@ -83,6 +84,7 @@ pub fn app_user(records: &[AppRecord], name: &str, base: u32) -> u32 {
     records
         .iter()
         .map(|r| r.uid)
+        .chain(taken.iter().copied())
         .filter(|u| *u >= base)
         .max()
         .map_or(base, |u| u + 1)
@@ -234,12 +236,15 @@ mod tests {
     #[test]
     fn every_app_gets_its_own_user_and_keeps_it() {
         let base = 3_000_000;
-        assert_eq!(app_user(&[], "a", base), base);
+        assert_eq!(app_user(&[], &[], "a", base), base);
         let apps = [record("a", base), record("b", base + 1), record("old", 0)];
-        assert_eq!(app_user(&apps, "a", base), base);
-        assert_eq!(app_user(&apps, "b", base), base + 1);
-        assert_eq!(app_user(&apps, "c", base), base + 2);
-        assert_eq!(app_user(&apps, "old", base), base + 2);
+        assert_eq!(app_user(&apps, &[], "a", base), base);
+        assert_eq!(app_user(&apps, &[], "b", base), base + 1);
+        assert_eq!(app_user(&apps, &[], "c", base), base + 2);
+        assert_eq!(app_user(&apps, &[], "old", base), base + 2);
+        // A deploy under way holds its uid before it is in the database.
+        assert_eq!(app_user(&apps, &[base + 2], "c", base), base + 3);
+        assert_eq!(app_user(&apps, &[base + 7], "a", base), base);
     }
 
     #[test]

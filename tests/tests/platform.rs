@@ -353,6 +353,22 @@ fn a_ready_command_decides_when_an_app_is_ready() {
     wait_until("the deploy's boot vmm to start", ceiling::HOST, || {
         daemon.vmm_processes().iter().any(|p| !before.contains(p))
     });
+    // Meanwhile another app deploys and serves: deploys of different apps
+    // do not wait for each other.
+    let other_port = free_port();
+    let other = deploy_args(
+        "other",
+        image,
+        "8080",
+        &format!("127.0.0.1:{other_port}"),
+        &["--ready-cmd", ""],
+    );
+    little_ok(&daemon, &platform_util::args(&other));
+    assert!(
+        matches!(client.try_wait(), Ok(None)),
+        "the hung deploy ended while the other app deployed"
+    );
+    get_200(other_port);
     let status = daemon.terminate();
     assert!(status.success(), "the daemon's exit on SIGTERM: {status}");
     wait_until(
