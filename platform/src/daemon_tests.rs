@@ -36,27 +36,32 @@ fn daemon(home: &Path) -> Daemon {
     }
 }
 
+/// The spec of a test app `name` with `env`.
+fn spec(name: &str, env: &[&str]) -> AppSpec {
+    AppSpec {
+        name: name.into(),
+        image: "img.tar".into(),
+        port: 8080,
+        listen: "127.0.0.1:0".into(),
+        memory_mib: 64,
+        concurrency: 4,
+        min: 0,
+        max: 3,
+        idle_timeout_ms: 1000,
+        env: env.iter().map(|e| (*e).to_owned()).collect(),
+        allow_host: vec![],
+        volumes: vec![],
+        ready_timeout_ms: 600_000,
+        ready_cmd: None,
+    }
+}
+
 /// Serves an app (no instance, no standby) whose folder is `<home>/apps/web`.
 fn add_app(daemon: &Daemon, env: &[&str]) -> PathBuf {
     let dir = daemon.settings.home.join("apps/web");
     home::create_dir_all(&dir.join("logs")).unwrap();
     let record = AppRecord {
-        spec: AppSpec {
-            name: "web".into(),
-            image: "img.tar".into(),
-            port: 8080,
-            listen: "127.0.0.1:0".into(),
-            memory_mib: 64,
-            concurrency: 4,
-            min: 0,
-            max: 3,
-            idle_timeout_ms: 1000,
-            env: env.iter().map(|e| (*e).to_owned()).collect(),
-            allow_host: vec![],
-            volumes: vec![],
-            ready_timeout_ms: 600_000,
-            ready_cmd: None,
-        },
+        spec: spec("web", env),
         listen: "127.0.0.1:0".into(),
         snapshot: dir.join("app.snap"),
         rootfs: dir.join("rootfs.erofs"),
@@ -213,22 +218,7 @@ fn scale_changes_a_serving_app_and_its_record() {
 fn deploys_of_different_apps_claim_their_own_users_and_an_app_one_deploy() {
     let home = tempfile::tempdir().unwrap();
     let daemon = Arc::new(daemon(home.path()));
-    let spec = |name: &str| AppSpec {
-        name: name.into(),
-        image: "img.tar".into(),
-        port: 8080,
-        listen: "127.0.0.1:0".into(),
-        memory_mib: 64,
-        concurrency: 4,
-        min: 0,
-        max: 3,
-        idle_timeout_ms: 1000,
-        env: vec![],
-        allow_host: vec![],
-        volumes: vec![],
-        ready_timeout_ms: 600_000,
-        ready_cmd: None,
-    };
+    let spec = |name: &str| spec(name, &[]);
     let (a, _, uid_a) = daemon.claim(&spec("a")).unwrap();
     let (b, _, uid_b) = daemon.claim(&spec("b")).unwrap();
     assert_ne!(uid_a, uid_b, "two new apps deployed side by side");
