@@ -68,8 +68,9 @@ pub enum InstanceError {
     #[error("cannot prepare {0}")]
     Dir(String, #[source] std::io::Error),
     /// The restored guest's agent did not apply `RESTORED` (clock and
-    /// RNG) in time, so it gets no connection.
-    #[error("instance {0}: the guest agent did not acknowledge RESTORED within {1:?}")]
+    /// RNG): its VMM died, its channel ended or the ceiling passed; it
+    /// gets no connection.
+    #[error("instance {0}: the guest agent did not acknowledge RESTORED (gave up after {1:?})")]
     NotResumed(u64, Duration),
 }
 
@@ -244,10 +245,19 @@ impl Standby {
                 return Err(InstanceError::Dir(path_str(&self.dir), e));
             }
         }
-        if acked.recv_timeout(RESUME_TIMEOUT).is_err() {
-            exited.store(true, Ordering::Release);
-            self.kill();
-            return Err(InstanceError::NotResumed(id, RESUME_TIMEOUT));
+        // Watched in slices, so a VMM that dies meanwhile or a channel that
+        // ends fails the wake at once, not after the ceiling.
+        loop {
+            match acked.recv_timeout(Duration::from_millis(50)) {
+                Ok(()) => break,
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if self.alive() && resumed_at.elapsed() < RESUME_TIMEOUT => {}
+                Err(_) => {
+                    exited.store(true, Ordering::Release);
+                    self.kill();
+                    return Err(InstanceError::NotResumed(id, resumed_at.elapsed()));
+                }
+            }
         }
         Ok(Instance {
             id,
