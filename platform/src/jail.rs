@@ -92,13 +92,23 @@ pub fn app_user(records: &[AppRecord], taken: &[u32], name: &str, base: u32) -> 
 
 /// Makes `path` belong to `uid:gid` (when the daemon is root and the app
 /// has its own user) with `mode`.
+///
+/// A file that already is so is left alone: a change of owner or mode
+/// changes its ctime even when the values stay the same, and a volume
+/// being archived (`tar` checks ctime) gets a standby VMM meanwhile.
 pub fn give(path: &Path, user: Option<(u32, u32)>, mode: u32) -> Result<(), JailError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let err = |e| JailError::Chown(path.display().to_string(), e);
+    let meta = std::fs::metadata(path).map_err(err)?;
     if let Some((uid, gid)) = user {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(err)?;
+        if (meta.uid(), meta.gid()) != (uid, gid) {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(err)?;
+        }
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
+    if meta.mode() & 0o7777 != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// The user an app's VMMs run as: its own when the daemon is root,
@@ -245,6 +255,29 @@ mod tests {
         // A deploy under way holds its uid before it is in the database.
         assert_eq!(app_user(&apps, &[base + 2], "c", base), base + 3);
         assert_eq!(app_user(&apps, &[base + 7], "a", base), base);
+    }
+
+    #[test]
+    fn giving_a_file_what_it_has_leaves_its_ctime() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.ext4");
+        std::fs::write(&path, b"x").unwrap();
+        give(&path, None, 0o600).unwrap();
+        let ctime = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.ctime(), m.ctime_nsec(), m.mode() & 0o777)
+        };
+        let before = ctime(&path);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let me = (
+            std::fs::metadata(&path).unwrap().uid(),
+            std::fs::metadata(&path).unwrap().gid(),
+        );
+        give(&path, Some(me), 0o600).unwrap();
+        assert_eq!(ctime(&path), before, "nothing to change, nothing changed");
+        give(&path, None, 0o640).unwrap();
+        assert_eq!(ctime(&path).2, 0o640);
     }
 
     #[test]
