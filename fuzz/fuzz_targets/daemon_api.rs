@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
             serde_json::to_value(&again).expect("serializes"),
             serde_json::to_value(request).expect("serializes"),
         );
-        if let Request::Deploy(spec) = request {
+        if let Request::Deploy { spec, .. } = request {
             let _ = spec.validate();
             let _ = spec.network();
             let masked = mask_env(&spec.env);
