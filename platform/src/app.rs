@@ -86,7 +86,6 @@ pub struct App {
     /// Its spec as `little scale` last left it (`record.spec` is the
     /// deploy's).
     spec: Mutex<crate::api::AppSpec>,
-    limits: Mutex<Limits>,
     state: Mutex<State>,
     changed: Condvar,
     stopped: AtomicBool,
@@ -105,7 +104,6 @@ impl App {
         record.listen = listen.to_string();
         let app = Arc::new(Self {
             spec: Mutex::new(record.spec.clone()),
-            limits: Mutex::new(Limits::of(&record.spec)),
             record,
             metrics: AppMetrics::default(),
             listen,
@@ -152,7 +150,7 @@ impl App {
     }
 
     fn limits(&self) -> Limits {
-        *lock(&self.limits)
+        Limits::of(&lock(&self.spec))
     }
 
     fn concurrency(&self) -> usize {
@@ -176,7 +174,6 @@ impl App {
         let mut spec = lock(&self.spec);
         let scaled = spec.scaled(scale)?;
         store(&scaled)?;
-        *lock(&self.limits) = Limits::of(&scaled);
         *spec = scaled;
         drop(spec);
         self.changed.notify_all();

@@ -202,7 +202,8 @@ impl Daemon {
     }
 
     /// SIGTERM, SIGINT and SIGHUP stop every instance and standby VMM,
-    /// and the VMM of any deploy in flight, then end the process (a restarted daemon restores on demand again).
+    /// and the VMM of any deploy in flight, then end the process (a
+    /// restarted daemon restores on demand again).
     fn stop_on_signals(self: &Arc<Self>) {
         // SAFETY: sigset_t is plain data that sigemptyset initializes.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
